@@ -1,0 +1,175 @@
+"""The encoder-decoder: one decoder serves every mode through streams (model/streams.py).
+
+Reads like single-device code; tensor parallelism lives in the megatron-core layers (vocab-parallel embedding
+tied to the output projection, column/row-parallel linears) and in model/parallel.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from torch import nn
+
+from model import parallel
+from model.config import SPECIAL, ModelConfig
+from model.layers import DecoderLayer, EncoderLayer, KVCache, normal_init
+from model.streams import DecoderStreams
+
+# Decides, after decoder layer l (1-based), which rows exit there: (l, normed hidden [B, L, D]) -> bool [B, L].
+ExitRule = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Encoded:
+    states: torch.Tensor  # [B, S, D]
+    pad_mask: torch.Tensor  # [B, S] bool, True at real tokens
+
+
+@dataclass
+class DecoderOutput:
+    hidden: torch.Tensor  # [B, L, D], final norm applied; for exits, the state at each row's exit layer
+    exit_layer: torch.Tensor | None = None  # [B, L] 1-based layer each row exited at (None: all at the last)
+    layer_states: list[torch.Tensor] | None = None  # per layer, the states passed upward (tests, analysis)
+
+
+class Seq2SeqModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        parallel.ensure_initialized()
+        cfg.validate(parallel.tp_size())
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, d, init_method=normal_init(cfg.init_std),
+                                                   config=parallel.megatron_config())
+        self.embed_source_positions = nn.Embedding(cfg.max_source_positions, d)
+        # Position ids 0..max_target: the main stream uses 0..max-1, predicting slots 1..max.
+        self.embed_target_positions = nn.Embedding(cfg.max_target_positions + 1, d)
+        self.slot_embed = nn.Parameter(torch.empty(d))  # the learned mask vector of predicting/NAR slots
+        self.encoder_embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.decoder_embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        pre = cfg.norm == "pre"
+        self.encoder_final_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if pre else nn.Identity()
+        self.decoder_final_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if pre else nn.Identity()
+        self.length_head = nn.Linear(d, cfg.n_length_classes)
+        self.dropout = nn.Dropout(cfg.dropout)
+        for emb in (self.embed_source_positions, self.embed_target_positions, self.length_head):
+            nn.init.normal_(emb.weight, std=cfg.init_std)
+        nn.init.zeros_(self.length_head.bias)
+        nn.init.normal_(self.slot_embed, std=cfg.init_std)
+
+    # --- encoder -----------------------------------------------------------------------------------------
+
+    def encode(self, src_tokens: torch.Tensor) -> Encoded:
+        B, S = src_tokens.shape
+        if S > self.cfg.max_source_positions:
+            raise ValueError(f"source length {S} exceeds model.max_source_positions={self.cfg.max_source_positions}")
+        pad_mask = src_tokens != SPECIAL.pad
+        pos = torch.arange(S, device=src_tokens.device)
+        x = self.embed_tokens(src_tokens) + self.embed_source_positions(pos)[None]
+        x = self.dropout(self.encoder_embed_norm(x))
+        mask = pad_mask[:, None, :].expand(B, S, S)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return Encoded(self.encoder_final_norm(x), pad_mask)
+
+    # --- decoder -----------------------------------------------------------------------------------------
+
+    def embed_decoder(self, ids: torch.Tensor, is_slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if positions.max() > self.cfg.max_target_positions:
+            raise ValueError(f"target position {int(positions.max())} exceeds model.max_target_positions="
+                             f"{self.cfg.max_target_positions}")
+        tok = self.embed_tokens(ids)
+        tok = torch.where(is_slot[..., None], self.slot_embed.to(tok.dtype), tok)
+        x = tok + self.embed_target_positions(positions)
+        return self.dropout(self.decoder_embed_norm(x))
+
+    def decode(self, enc: Encoded, streams: DecoderStreams, exit_layers: torch.Tensor | None = None,
+               exit_rule: ExitRule | None = None, keep_layer_states: bool = False) -> DecoderOutput:
+        """Run the decoder over all streams.
+
+        exit_layers [B, K*T] (ELMER LPLM): row t exits at layer exit_layers[t] (1-based); its state there is the
+        output, and a detached copy is what later layers see, so the copies carry no gradient. exit_rule decides
+        exits on the fly instead (entropy early exit). Computation stops once every row has exited.
+        """
+        x = self.embed_decoder(streams.ids, streams.is_slot, streams.positions)
+        cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
+        if exit_layers is not None:
+            exit_rule = lambda layer, _h: exit_layers == layer  # noqa: E731
+        n_layers = len(self.decoder_layers)
+        states = [] if keep_layer_states else None
+        if exit_rule is None:
+            for layer in self.decoder_layers:
+                x, _ = layer(x, streams.attn_mask, enc.states, cross_mask)
+                if keep_layer_states:
+                    states.append(x)
+            return DecoderOutput(self.decoder_final_norm(x), None, states)
+
+        out = torch.zeros_like(x)
+        frozen = torch.zeros_like(x)
+        exited = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        exit_at = torch.full(x.shape[:2], n_layers, dtype=torch.long, device=x.device)
+        for number, layer in enumerate(self.decoder_layers, start=1):
+            x, _ = layer(x, streams.attn_mask, enc.states, cross_mask)
+            normed = self.decoder_final_norm(x)
+            now = ~exited & (exit_rule(number, normed) if number < n_layers else torch.ones_like(exited))
+            out = torch.where(now[..., None], normed, out)
+            frozen = torch.where(now[..., None], x.detach(), frozen)
+            exit_at = torch.where(now, number, exit_at)
+            exited = exited | now
+            x = torch.where(exited[..., None], frozen, x)
+            if keep_layer_states:
+                states.append(x)
+            if bool(exited.all()):
+                break
+        return DecoderOutput(out, exit_at, states)
+
+    def decode_incremental(self, enc: Encoded, cache: KVCache, ids: torch.Tensor, is_slot: torch.Tensor,
+                           positions: torch.Tensor, mask: torch.Tensor, n_cache_rows: int) -> torch.Tensor:
+        """Run new decoder rows [B, n] against the cache. mask [B, n, cache.length + n]. The first n_cache_rows
+        new rows are main-stream rows: their keys/values are appended to the cache (slots never are)."""
+        x = self.embed_decoder(ids, is_slot, positions)
+        cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
+        for i, layer in enumerate(self.decoder_layers):
+            if cache.cross_kv[i] is None:
+                cache.cross_kv[i] = layer.cross_attn.block.project_kv(enc.states)
+            past = None if cache.self_k[i] is None else (cache.self_k[i], cache.self_v[i])
+            x, (k, v) = layer(x, mask, enc.states, cross_mask, cross_kv=cache.cross_kv[i], past=past)
+            if n_cache_rows:
+                k, v = k[:, :, :n_cache_rows], v[:, :, :n_cache_rows]
+                cache.self_k[i] = k if past is None else torch.cat([past[0], k], dim=2)
+                cache.self_v[i] = v if past is None else torch.cat([past[1], v], dim=2)
+        return self.decoder_final_norm(x)
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(len(self.decoder_layers))
+
+    # --- heads -------------------------------------------------------------------------------------------
+
+    def logits_local(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits, through the tied embedding."""
+        if parallel.tp_size() > 1:
+            hidden = copy_to_tensor_model_parallel_region(hidden)
+        return F.linear(hidden, self.embed_tokens.weight)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [..., V], gathered across tensor-parallel ranks."""
+        return parallel.gather_from_tp(self.logits_local(hidden))
+
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Per-token cross entropy [...] via megatron's vocab-parallel cross entropy (pads are not masked here)."""
+        return vocab_parallel_cross_entropy(self.logits_local(hidden).float(), targets, label_smoothing)
+
+    def length_logits(self, enc: Encoded) -> torch.Tensor:
+        """Target-length classes from mean-pooled encoder states (JANUS / CMLM length prediction)."""
+        m = enc.pad_mask[..., None].to(enc.states.dtype)
+        pooled = (enc.states * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.length_head(pooled)
+
+    def forward(self, src_tokens: torch.Tensor, streams: DecoderStreams, **kwargs) -> DecoderOutput:
+        return self.decode(self.encode(src_tokens), streams, **kwargs)

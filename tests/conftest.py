@@ -1,0 +1,32 @@
+"""Shared test fixtures: where the real data lives, and a quiet, CPU-only environment."""
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path:
+    """../shared/data beside the repository (TANDEM_DATA_ROOT overrides)."""
+    return Path(os.environ.get("TANDEM_DATA_ROOT", REPO_ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = shared_data_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"shared data not found at {root}; set TANDEM_DATA_ROOT")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
