@@ -26,12 +26,13 @@ def normal_init(std: float):
 
 def column(cfg: ModelConfig, d_in: int, d_out: int) -> ColumnParallelLinear:
     return ColumnParallelLinear(d_in, d_out, config=parallel.megatron_config(), init_method=normal_init(cfg.init_std),
-                                bias=True, gather_output=False)
+                                bias=True, gather_output=False, tp_group=parallel.tp_group())
 
 
 def row(cfg: ModelConfig, d_in: int, d_out: int) -> RowParallelLinear:
     return RowParallelLinear(d_in, d_out, config=parallel.megatron_config(), init_method=normal_init(cfg.init_std),
-                             bias=True, input_is_parallel=True, skip_bias_add=False)
+                             bias=True, input_is_parallel=True, skip_bias_add=False,
+                             tp_group=parallel.tp_group())
 
 
 @dataclass

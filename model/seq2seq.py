@@ -44,7 +44,7 @@ class Seq2SeqModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, d, init_method=normal_init(cfg.init_std),
-                                                   config=parallel.megatron_config())
+                                                   config=parallel.megatron_config(), tp_group=parallel.tp_group())
         self.embed_source_positions = nn.Embedding(cfg.max_source_positions, d)
         # Position ids 0..max_target: the main stream uses 0..max-1, predicting slots 1..max.
         self.embed_target_positions = nn.Embedding(cfg.max_target_positions + 1, d)

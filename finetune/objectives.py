@@ -1,0 +1,218 @@
+"""Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.objectives).
+
+`ar` (plain main stream, or BANG's predicting stream), `nar` (mask slots + length loss), `bang_mixed` (a NAR batch
+with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR views with symmetric-KL auxiliary
+terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator; TP peers must use the
+same seed (they see the same batch), data-parallel ranks may differ.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model.config import SPECIAL
+from model.streams import build_streams
+from pretrain.objectives.base import Metrics, Objective, register
+
+AR_STREAMS = ("ar", "bang_ar")
+NAR_MODES = ("nar_bidir", "nar_causal")
+NAR_MASKING = ("all", "uniform")
+
+
+def symmetric_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """½[KL(P‖Q) + KL(Q‖P)] per row from log-probabilities [..., V]; both sides carry gradients."""
+    p, q = logp.exp(), logq.exp()
+    return 0.5 * ((p * (logp - logq)).sum(-1) + (q * (logq - logp)).sum(-1))
+
+
+def length_targets(tgt: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The class of each example's target length (real tokens incl. eos), clamped to the last class."""
+    return (tgt != SPECIAL.pad).sum(-1).clamp(max=n_classes - 1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The mean of values where mask, and its (sum, count) metric entry."""
+    mask = mask.to(values.dtype)
+    total, count = (values * mask).sum(), mask.sum()
+    return total / count.clamp(min=1), (total.detach(), count)
+
+
+class SeededObjective(Objective):
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator)
+
+
+def ar_hidden(model, batch, stream: str) -> torch.Tensor:
+    """Teacher-forced decoder states that predict each target: main stream ("ar") or predicting stream ("bang_ar")."""
+    tgt = batch["tgt_tokens"]
+    streams = build_streams(stream, prev_tokens=batch["prev_tokens"], tgt_positions=batch["tgt_positions"],
+                            tgt_mask=tgt != SPECIAL.pad)
+    hidden = model.decode(model.encode(batch["src_tokens"]), streams).hidden
+    return streams.slice(hidden, "main" if stream == "ar" else "predict0")
+
+
+@register("ar")
+class ArObjective(Objective):
+    """Next-token loss; `stream` "ar" (BART-style main stream) or "bang_ar" (BANG / JANUS predicting stream)."""
+
+    def __init__(self, stream: str = "bang_ar", label_smoothing: float = 0.1):
+        if stream not in AR_STREAMS:
+            raise ValueError(f"objective.stream={stream!r}: choose one of {AR_STREAMS}")
+        self.stream, self.label_smoothing = stream, label_smoothing
+
+    def metric_names(self) -> list[str]:
+        return ["ar/loss"]
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        tgt = batch["tgt_tokens"]
+        per_token = model.token_loss(ar_hidden(model, batch, self.stream), tgt, self.label_smoothing)
+        loss, entry = masked_mean(per_token, tgt != SPECIAL.pad)
+        return loss, {"ar/loss": entry}
+
+
+@register("nar")
+class NarObjective(SeededObjective):
+    """Mask-slot loss plus a length loss. masking="all": every target is a slot (BANG NAR, ELMER); "uniform":
+    CMLM — a uniformly drawn number of targets are slots, the rest shown (what mask-predict decoding expects)."""
+
+    def __init__(self, mode: str = "nar_bidir", masking: str = "all", label_smoothing: float = 0.1,
+                 length_weight: float = 0.1, seed: int = 0):
+        super().__init__(seed)
+        if mode not in NAR_MODES:
+            raise ValueError(f"objective.mode={mode!r}: choose one of {NAR_MODES}")
+        if masking not in NAR_MASKING:
+            raise ValueError(f"objective.masking={masking!r}: choose one of {NAR_MASKING}")
+        self.mode, self.masking = mode, masking
+        self.label_smoothing, self.length_weight = label_smoothing, length_weight
+
+    def metric_names(self) -> list[str]:
+        return ["nar/loss", "nar/token_loss", "nar/length_loss"]
+
+    def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor | None:
+        if self.masking == "all":
+            return None
+        real = tgt != SPECIAL.pad
+        n_real = real.sum(-1, keepdim=True)
+        n_mask = (self.uniform(tgt.shape[0], 1) * n_real).long().clamp(min=1)
+        scores = self.uniform(*tgt.shape).masked_fill(~real, 2.0)  # pads sort last
+        rank = scores.argsort(-1).argsort(-1)
+        return (rank < n_mask) & real
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        tgt = batch["tgt_tokens"]
+        real = tgt != SPECIAL.pad
+        masked = self.draw_masked(tgt)
+        streams = build_streams(self.mode, tgt_tokens=tgt, tgt_positions=batch["tgt_positions"], tgt_mask=real,
+                                masked=masked)
+        enc = model.encode(batch["src_tokens"])
+        per_token = model.token_loss(model.decode(enc, streams).hidden, tgt, self.label_smoothing)
+        scored = real if masked is None else masked
+        token_loss, token_entry = masked_mean(per_token, scored)
+        length_loss = F.cross_entropy(model.length_logits(enc).float(),
+                                      length_targets(tgt, model.cfg.n_length_classes))
+        loss = token_loss + self.length_weight * length_loss
+        one = length_loss.new_ones(())
+        return loss, {"nar/loss": (loss.detach(), one), "nar/token_loss": token_entry,
+                      "nar/length_loss": (length_loss.detach(), one)}
+
+
+@register("bang_mixed")
+class BangMixedObjective(SeededObjective):
+    """BANG finetuning: each batch is NAR with probability nar_ratio (0 = pure AR, 1 = pure NAR)."""
+
+    def __init__(self, nar_ratio: float = 0.5, label_smoothing: float = 0.1, length_weight: float = 0.1,
+                 seed: int = 0):
+        super().__init__(seed)
+        if not 0.0 <= nar_ratio <= 1.0:
+            raise ValueError(f"objective.nar_ratio={nar_ratio}: must be in [0, 1]")
+        self.nar_ratio = nar_ratio
+        self.ar = ArObjective("bang_ar", label_smoothing)
+        self.nar = NarObjective("nar_causal", "all", label_smoothing, length_weight)
+
+    def metric_names(self) -> list[str]:
+        return self.ar.metric_names() + self.nar.metric_names()
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        use_nar = bool(self.uniform(1) < self.nar_ratio)
+        return (self.nar if use_nar else self.ar).loss(model, batch)
+
+
+@register("janus")
+class JanusObjective(SeededObjective):
+    """JANUS (methods.md §3.2): one decoder pass over the janus streams gives P_AR (AR query stream), P_C (CMLM
+    placeholders) and P_Q (NAR query stream) for the NAR-masked targets.
+
+    L = LS(P_AR) + w_ar_c·symKL(P_AR,P_C) + w_ar_q·symKL(P_AR,P_Q) + ½[LS(P_Q) + LS(P_C)] + w_len·CE_len
+        + w_c_q·symKL(P_C,P_Q), every KL over the masked targets.
+    Targets are span-masked at `mask_ratio` with Poisson(span_lambda) spans; the final eos is never masked."""
+
+    def __init__(self, w_ar_c: float = 1.0, w_ar_q: float = 3.0, w_c_q: float = 1.0, length_weight: float = 0.1,
+                 label_smoothing: float = 0.1, mask_ratio: float = 0.7, span_lambda: float = 2.0, seed: int = 0):
+        super().__init__(seed)
+        if not 0.0 < mask_ratio <= 1.0:
+            raise ValueError(f"objective.mask_ratio={mask_ratio}: must be in (0, 1]")
+        self.w_ar_c, self.w_ar_q, self.w_c_q, self.length_weight = w_ar_c, w_ar_q, w_c_q, length_weight
+        self.label_smoothing, self.mask_ratio, self.span_lambda = label_smoothing, mask_ratio, span_lambda
+
+    def metric_names(self) -> list[str]:
+        return ["janus/loss", "janus/ar", "janus/nar_content", "janus/nar_query", "janus/length",
+                "janus/kl_ar_content", "janus/kl_ar_query", "janus/kl_content_query"]
+
+    def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor:
+        """Span masking per example until mask_ratio of the maskable targets (all real but the last) is covered."""
+        B, T = tgt.shape
+        n_real = (tgt != SPECIAL.pad).sum(-1)
+        masked = torch.zeros(B, T, dtype=torch.bool)
+        for b in range(B):
+            maskable = max(int(n_real[b]) - 1, 1)  # never the final eos (unless it is the only token)
+            goal = max(1, round(self.mask_ratio * maskable))
+            while int(masked[b, :maskable].sum()) < goal:
+                span = max(1, int(torch.poisson(torch.tensor([self.span_lambda]), generator=self.generator)))
+                start = int(torch.randint(0, maskable, (1,), generator=self.generator))
+                masked[b, start:min(start + span, maskable)] = True
+        return masked.to(tgt.device)
+
+    def forward_views(self, model, batch, masked):
+        """Log-probabilities [B, T, V] of P_AR, P_C, P_Q, and the length logits."""
+        tgt = batch["tgt_tokens"]
+        streams = build_streams("janus", prev_tokens=batch["prev_tokens"], tgt_tokens=tgt,
+                                tgt_positions=batch["tgt_positions"], tgt_mask=tgt != SPECIAL.pad, masked=masked)
+        enc = model.encode(batch["src_tokens"])
+        hidden = model.decode(enc, streams).hidden
+        views = [streams.slice(hidden, name) for name in ("ar_query", "content", "nar_query")]
+        return views, model.length_logits(enc)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        tgt = batch["tgt_tokens"]
+        real = tgt != SPECIAL.pad
+        masked = self.draw_masked(tgt) & real
+        (h_ar, h_c, h_q), length_logits = self.forward_views(model, batch, masked)
+        ls = self.label_smoothing
+        ar, ar_e = masked_mean(model.token_loss(h_ar, tgt, ls), real)
+        nar_c, c_e = masked_mean(model.token_loss(h_c, tgt, ls), masked)
+        nar_q, q_e = masked_mean(model.token_loss(h_q, tgt, ls), masked)
+        # Full log-probabilities only at the masked targets: the KL terms need every vocabulary entry.
+        logp_ar, logp_c, logp_q = (F.log_softmax(model.logits(h[masked]).float(), -1) for h in (h_ar, h_c, h_q))
+        kl_ar_c = symmetric_kl(logp_ar, logp_c).mean()
+        kl_ar_q = symmetric_kl(logp_ar, logp_q).mean()
+        kl_c_q = symmetric_kl(logp_c, logp_q).mean()
+        length = F.cross_entropy(length_logits.float(), length_targets(tgt, model.cfg.n_length_classes))
+        loss = (ar + self.w_ar_c * kl_ar_c + self.w_ar_q * kl_ar_q + 0.5 * (nar_q + nar_c)
+                + self.length_weight * length + self.w_c_q * kl_c_q)
+        one = loss.new_ones(())
+        scalar = lambda t: (t.detach(), one)  # noqa: E731
+        return loss, {"janus/loss": scalar(loss), "janus/ar": ar_e, "janus/nar_content": c_e,
+                      "janus/nar_query": q_e, "janus/length": scalar(length), "janus/kl_ar_content": scalar(kl_ar_c),
+                      "janus/kl_ar_query": scalar(kl_ar_q), "janus/kl_content_query": scalar(kl_c_q)}
