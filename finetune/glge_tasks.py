@@ -39,7 +39,7 @@ class TaskSpec:
     decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
     glge: bool = True  # counts towards the GLGE score
     lowercase: bool = False  # lower-case hypotheses and references (squadqg's eval_on_unilm_qg.py does)
-    ptb_fix: bool = False  # re-attach PTB tokens in hypotheses ("don ' t" -> "don't", "(" -> "-lrb-")
+    ptb_fix: bool = False  # re-attach PTB tokens in hypotheses ("don ' t" -> "do n't", "(" -> "-lrb-")
     digits_to_hash: bool = False  # Gigaword references write every digit as '#'
     cnndm_postprocess: bool = False  # drop short / near-duplicate summary sentences (postprocess_cnn_dm.py)
     sacrebleu_tokenize: str = "none"  # translation only

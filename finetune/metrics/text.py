@@ -35,7 +35,9 @@ def digits_to_hash(text: str) -> str:
 
 def ptb_fix(text: str) -> str:
     """Re-attach tokens the way the QG references are tokenised (PTB): brackets as -lrb-, straight double quotes as
-    `` / '', "don ' t" -> "don't", "' s" -> "'s", ". . ." -> "...", "3 , 000" -> "3,000", "3 . 5" -> "3.5"."""
+    `` / '', "don ' t" -> "do n't", "' s" -> "'s", ". . ." -> "...". The official script also re-joins "3 , 000",
+    which undoes BERT word pieces but breaks real commas ("october 9 , 2004"); sentencepiece output keeps "3,000"
+    whole, so that rule is left out."""
     toks = tokens(text)
     out: list[str] = []
     open_quote = False
@@ -58,9 +60,6 @@ def ptb_fix(text: str) -> str:
         elif tok == "." and nxt == "." and i + 2 < len(toks) and toks[i + 2] == ".":
             out.append("...")
             i += 2
-        elif tok in {",", "."} and nxt is not None and out and out[-1].isdigit() and nxt.isdigit():
-            out[-1] += tok + nxt
-            i += 1
         else:
             out.append(tok)
         i += 1
