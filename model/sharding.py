@@ -21,6 +21,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     out = {}
     for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):  # megatron's `_extra_state` entries (None): pass through
+            out[name] = tensor
+            continue
         dim = _partition_dim(params[name]) if name in params else None
         if dim is None or parallel.tp_size() == 1:
             out[name] = tensor.detach().clone()
@@ -42,7 +45,7 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], strict
         local[name] = tensor
     expected = model.state_dict()
     for name, tensor in local.items():
-        if name in expected and expected[name].shape != tensor.shape:
+        if name in expected and isinstance(tensor, torch.Tensor) and expected[name].shape != tensor.shape:
             raise ValueError(f"parameter {name}: checkpoint shape {tuple(full[name].shape)} does not match the "
                              f"model (local shard {tuple(expected[name].shape)} at TP={parallel.tp_size()})")
     model.load_state_dict(local, strict=strict)
