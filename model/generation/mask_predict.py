@@ -1,0 +1,44 @@
+"""Mask-predict (CMLM, JANUS NAR inference): nar_bidir passes over a length beam. Pass 0 predicts every slot;
+after pass t the n = floor(L * (1 - (t+1)/T)) least confident tokens are masked again and re-predicted (the
+others keep their token and probability). The candidate with the best mean log-prob wins."""
+from __future__ import annotations
+
+import torch
+
+from model.config import SPECIAL
+from model.generation.common import decoding_mode, expand_encoded, log_probs
+from model.generation.lengths import candidate_lengths, pick_best, real_slots
+from model.generation.options import DecodeOptions, DecodeResult
+from model.generation.postprocess import finish_nar
+from model.seq2seq import Seq2SeqModel
+from model.streams import build_streams
+
+
+@decoding_mode
+def mask_predict(model: Seq2SeqModel, src_tokens: torch.Tensor, options: DecodeOptions) -> DecodeResult:
+    enc = model.encode(src_tokens)
+    lengths = candidate_lengths(model, enc, src_tokens, options)
+    n_candidates = lengths.shape[1]
+    flat = lengths.reshape(-1)
+    real = real_slots(flat)
+    enc = expand_encoded(enc, n_candidates)
+    tokens = torch.full(real.shape, SPECIAL.pad, dtype=torch.long, device=real.device)
+    token_logp = torch.zeros(real.shape, device=real.device)
+    masked = real.clone()
+    passes = 0
+    T = options.iterations
+    for it in range(T):
+        streams = build_streams("nar_bidir", tgt_tokens=tokens, masked=masked, tgt_mask=real)
+        new_logp, new_tokens = log_probs(model, model.decode(enc, streams).hidden).max(-1)
+        passes += 1
+        tokens = torch.where(masked, new_tokens, tokens)
+        token_logp = torch.where(masked, new_logp, token_logp)
+        n_mask = (flat.float() * (1.0 - (it + 1) / T)).long()  # per row
+        if it == T - 1 or int(n_mask.max()) == 0:  # nothing left to re-mask: more passes change nothing
+            break
+        confidence = token_logp.masked_fill(~real, float("inf"))
+        rank = confidence.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
+        masked = rank < n_mask[:, None]
+    ids, scores = pick_best(tokens, token_logp, real, n_candidates)
+    figures = {"decoder_passes": passes, "mean_slots": float(real.sum()) / real.shape[0]}
+    return DecodeResult([finish_nar(row, options.postprocess) for row in ids], figures, scores)

@@ -1,0 +1,75 @@
+"""The typed options every decoding mode reads, and the result every mode returns."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+AR_LOGITS = ("ar", "bang_ar")
+NAR_MODES = ("nar_bidir", "nar_causal")
+LENGTH_SOURCES = ("length_head", "source", "fixed")
+
+
+@dataclass
+class DecodeOptions:
+    """One options type for all modes; each mode reads only its own fields.
+
+    Lengths count output tokens, EOS excluded: AR and semi-NAR outputs have min_len..max_len tokens (EOS is
+    banned before min_len and forced at max_len). NAR lengths count slots, EOS included (the length head's
+    class is the target length with its EOS), and are capped at max_len + 1.
+    """
+
+    # AR (ar_greedy, ar_beam); min/max length also semi_nar
+    beam_size: int = 4
+    length_penalty: float = 1.0  # fairseq: a finished hypothesis scores sum(log p) / len**length_penalty
+    min_len: int = 0
+    max_len: int = 200
+    no_repeat_ngram_size: int = 0  # 0 = off
+    ar_logits: str = "ar"  # "ar": plain main stream; "bang_ar": one predicting slot per step
+    # NAR (nar, mask_predict, early_exit)
+    nar_mode: str = "nar_bidir"  # mode "nar" only; mask_predict and early_exit are nar_bidir
+    length_source: str = "length_head"
+    length_beam: int = 1  # top-l lengths from the length head; the best candidate by mean log-prob wins
+    fixed_length: int | None = None  # slots (EOS included) when length_source == "fixed"
+    # semi_nar
+    block_size: int = 4
+    # mask_predict
+    iterations: int = 10
+    # early_exit: a slot exits at the first layer whose off-ramp entropy (nats) is below this
+    exit_entropy: float = 1.0
+    # NAR modes: cut at the first EOS once the output is non-empty and collapse repeats (BANG's
+    # post_processed_nar); semi_nar: collapse repeats. Off: plain cut at the first EOS.
+    postprocess: bool = True
+
+    def validate(self) -> "DecodeOptions":
+        def bad(name: str, why: str):
+            raise ValueError(f"decode.{name}={getattr(self, name)!r}: {why}")
+
+        for name, low in (("beam_size", 1), ("min_len", 0), ("max_len", 1), ("no_repeat_ngram_size", 0),
+                          ("length_beam", 1), ("block_size", 1), ("iterations", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                bad(name, f"must be an integer >= {low}")
+        if self.min_len > self.max_len:
+            bad("min_len", f"must not exceed max_len={self.max_len}")
+        if not isinstance(self.length_penalty, (int, float)) or math.isnan(self.length_penalty):
+            bad("length_penalty", "must be a number")
+        if not isinstance(self.exit_entropy, (int, float)) or math.isnan(self.exit_entropy):
+            bad("exit_entropy", "must be a number (inf and -inf are allowed)")
+        if self.ar_logits not in AR_LOGITS:
+            bad("ar_logits", f"must be one of {AR_LOGITS}")
+        if self.nar_mode not in NAR_MODES:
+            bad("nar_mode", f"must be one of {NAR_MODES}")
+        if self.length_source not in LENGTH_SOURCES:
+            bad("length_source", f"must be one of {LENGTH_SOURCES}")
+        if self.length_source == "fixed" and (not isinstance(self.fixed_length, int) or self.fixed_length < 1):
+            bad("fixed_length", "must be a positive integer when length_source='fixed'")
+        if not isinstance(self.postprocess, bool):
+            bad("postprocess", "must be true or false")
+        return self
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[list[int]]  # per example, in input order: EOS and pads removed, post-processed where asked
+    figures: dict[str, float] = field(default_factory=dict)  # decoder_passes, wall_s, mean_exit_layer, ...
+    scores: list[float] | None = None  # per example, the score the mode ranked by (beam, length beam)
