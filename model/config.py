@@ -7,6 +7,7 @@ from dataclasses import dataclass
 MODES = ("ar", "bang_ar", "bang", "nar_bidir", "nar_causal", "semi_nar", "janus")
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "relu")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # auto: FlexAttention block masks on CUDA, dense SDPA elsewhere
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ModelConfig:
     n_length_classes: int = 256
     init_std: float = 0.02
     layer_norm_eps: float = 1e-5
+    attention_backend: str = "auto"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -72,6 +74,8 @@ class ModelConfig:
                 bad(field, "must be in [0, 1)")
         if self.norm not in NORMS:
             bad("norm", f"must be one of {NORMS}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", f"must be one of {ATTENTION_BACKENDS}")
         if self.activation not in ACTIVATIONS:
             bad("activation", f"must be one of {ACTIVATIONS}")
         if self.d_model % self.n_heads:

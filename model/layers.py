@@ -14,6 +14,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from model import parallel
+from model.attention import attend, default_backend
 from model.config import ModelConfig
 
 
@@ -66,6 +67,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.local_heads = cfg.n_heads // parallel.tp_size()
         self.dropout = cfg.attention_dropout
+        self.backend = cfg.attention_backend
         d = cfg.d_model
         if cross:
             self.q = column(cfg, d, d)
@@ -86,7 +88,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
-        """mask: [B, L_q, L_k] bool. `past` (self-attention) are cached keys/values prepended to the new ones.
+        """mask: [B, L_q, L_k] bool (True = visible), or a FlexAttention BlockMask. `past` (self-attention) are cached keys/values prepended to the new ones.
         Returns the output and this call's own (k, v) so that callers can cache them."""
         if self.cross:
             (q,) = self._heads(self.q(x)[0], 1)
@@ -97,11 +99,14 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         p = self.dropout if self.training else 0.0
+        backend = default_backend(q.device) if self.backend == "auto" else self.backend
+        if past is not None:
+            backend = "sdpa"  # a few new rows against the cache: no tiles worth skipping
         if p > 0 and parallel.tp_size() > 1:
             with parallel.rng_tracker().fork():  # heads differ per TP rank, so must their dropout
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
+                ctx = attend(q, k, v, mask, dropout_p=p, backend=backend)
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
+            ctx = attend(q, k, v, mask, dropout_p=p, backend=backend)
         B, _, L, _ = ctx.shape
         ctx = ctx.transpose(1, 2).reshape(B, L, self.local_heads * self.head_dim)
         return self.out(ctx)[0], new_kv

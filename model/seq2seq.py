@@ -16,6 +16,7 @@ from torch import nn
 
 from model import parallel
 from model.config import SPECIAL, ModelConfig
+from model.attention import default_backend, stream_block_mask
 from model.layers import DecoderLayer, EncoderLayer, KVCache, normal_init
 from model.streams import DecoderStreams
 
@@ -99,13 +100,14 @@ class Seq2SeqModel(nn.Module):
         """
         x = self.embed_decoder(streams.ids, streams.is_slot, streams.positions)
         cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
+        self_mask = self.self_attention_mask(streams, x.device)
         if exit_layers is not None:
             exit_rule = lambda layer, _h: exit_layers == layer  # noqa: E731
         n_layers = len(self.decoder_layers)
         states = [] if keep_layer_states else None
         if exit_rule is None:
             for layer in self.decoder_layers:
-                x, _ = layer(x, streams.attn_mask, enc.states, cross_mask)
+                x, _ = layer(x, self_mask, enc.states, cross_mask)
                 if keep_layer_states:
                     states.append(x)
             return DecoderOutput(self.decoder_final_norm(x), None, states)
@@ -115,7 +117,7 @@ class Seq2SeqModel(nn.Module):
         exited = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         exit_at = torch.full(x.shape[:2], n_layers, dtype=torch.long, device=x.device)
         for number, layer in enumerate(self.decoder_layers, start=1):
-            x, _ = layer(x, streams.attn_mask, enc.states, cross_mask)
+            x, _ = layer(x, self_mask, enc.states, cross_mask)
             normed = self.decoder_final_norm(x)
             now = ~exited & (exit_rule(number, normed) if number < n_layers else torch.ones_like(exited))
             out = torch.where(now[..., None], normed, out)
@@ -128,6 +130,15 @@ class Seq2SeqModel(nn.Module):
             if bool(exited.all()):
                 break
         return DecoderOutput(out, exit_at, states)
+
+    def self_attention_mask(self, streams: DecoderStreams, device: torch.device):
+        """The dense rule for SDPA, or the same rule block-sparse for FlexAttention (skips fully masked tiles)."""
+        backend = self.cfg.attention_backend
+        if (default_backend(device) if backend == "auto" else backend) != "flex":
+            return streams.attn_mask
+        return stream_block_mask(streams.mode, streams.length, n_predict=streams.n_predict,
+                                 block_size=streams.block_size, tgt_mask=streams.tgt_mask, masked=streams.masked,
+                                 device=device)
 
     def decode_incremental(self, enc: Encoded, cache: KVCache, ids: torch.Tensor, is_slot: torch.Tensor,
                            positions: torch.Tensor, mask: torch.Tensor, n_cache_rows: int) -> torch.Tensor:

@@ -23,6 +23,11 @@ class DecoderStreams:
     is_slot: torch.Tensor  # [B, K*T] bool
     positions: torch.Tensor  # [B, K*T] position ids
     attn_mask: torch.Tensor  # [B, K*T, K*T] bool, True = visible
+    # What the rule was built from, so a structured kernel (model/attention.py) can rebuild it block-sparse.
+    n_predict: int = 1
+    block_size: int = 1
+    tgt_mask: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
 
     def index(self, name: str) -> int:
         if name not in self.names:
@@ -206,4 +211,4 @@ def build_streams(
     empty = ~attn_mask.any(-1)
     if empty.any():
         attn_mask = attn_mask | (torch.eye(attn_mask.shape[-1], dtype=torch.bool, device=dev)[None] & empty[..., None])
-    return DecoderStreams(mode, names, T, ids, is_slot, positions, attn_mask)
+    return DecoderStreams(mode, names, T, ids, is_slot, positions, attn_mask, n_predict, block_size, tgt_mask, masked)
