@@ -88,14 +88,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple]:
-        """mask: [B, L_q, L_k] bool (True = visible), or a FlexAttention BlockMask. `past` (self-attention) are cached keys/values prepended to the new ones.
-        Returns the output and this call's own (k, v) so that callers can cache them."""
+        """mask: [B, L_q, L_k] bool (True = visible), or a FlexAttention BlockMask. `past` (self-attention): cached
+        keys/values prepended to the new ones. Returns the output and the keys/values attended to (past + new), so
+        that a cache can keep a prefix of them without concatenating again."""
         if self.cross:
             (q,) = self._heads(self.q(x)[0], 1)
             k, v = kv if kv is not None else self.project_kv(memory)
         else:
             q, k, v = self._heads(self.qkv(x)[0], 3)
-        new_kv = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         p = self.dropout if self.training else 0.0
@@ -109,7 +109,7 @@ class Attention(nn.Module):
             ctx = attend(q, k, v, mask, dropout_p=p, backend=backend)
         B, _, L, _ = ctx.shape
         ctx = ctx.transpose(1, 2).reshape(B, L, self.local_heads * self.head_dim)
-        return self.out(ctx)[0], new_kv
+        return self.out(ctx)[0], (k, v)
 
 
 class FeedForward(nn.Module):
@@ -160,7 +160,7 @@ class DecoderLayer(nn.Module):
         self.ffn = Sublayer(cfg, FeedForward(cfg))
 
     def forward(self, x, self_mask, memory, cross_mask, cross_kv=None, past=None):
-        """Returns the new states and this step's self-attention (k, v)."""
+        """Returns the new states and the self-attention keys/values (cached past + this step's)."""
         x, new_kv = self.self_attn(x, self_mask, past=past)
         x, _ = self.cross_attn(x, cross_mask, memory=memory, kv=cross_kv)
         x, _ = self.ffn(x)

@@ -146,15 +146,14 @@ class Seq2SeqModel(nn.Module):
         new rows are main-stream rows: their keys/values are appended to the cache (slots never are)."""
         x = self.embed_decoder(ids, is_slot, positions)
         cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
+        keep = cache.length + n_cache_rows  # past + the new main-stream rows; the slots follow them
         for i, layer in enumerate(self.decoder_layers):
             if cache.cross_kv[i] is None:
                 cache.cross_kv[i] = layer.cross_attn.block.project_kv(enc.states)
             past = None if cache.self_k[i] is None else (cache.self_k[i], cache.self_v[i])
             x, (k, v) = layer(x, mask, enc.states, cross_mask, cross_kv=cache.cross_kv[i], past=past)
             if n_cache_rows:
-                k, v = k[:, :, :n_cache_rows], v[:, :, :n_cache_rows]
-                cache.self_k[i] = k if past is None else torch.cat([past[0], k], dim=2)
-                cache.self_v[i] = v if past is None else torch.cat([past[1], v], dim=2)
+                cache.self_k[i], cache.self_v[i] = k[:, :, :keep], v[:, :, :keep]
         return self.decoder_final_norm(x)
 
     def new_cache(self) -> KVCache:
