@@ -1,0 +1,501 @@
+"""`extract`: raw corpora -> clean plain-text documents in compressed JSONL files.
+
+Sources:
+  * Wikipedia `pages-articles` XML dumps, streamed (bz2 or plain) with mwxml; wikitext is cleaned with
+    mwparserfromhell (templates, tables, references, files, categories, interlanguage links, headings and the
+    reference/link sections are removed). Redirects and non-article namespaces are skipped and counted.
+  * Plain-text books (Project Gutenberg headers and licence footers stripped, paragraphs from blank lines,
+    wrapped lines joined); a book is one document before overlong splitting.
+  * WikiText files (one article per ` = Title = ` heading; ` @-@ ` style escapes undone).
+Output: `{out_dir}/{source}-{file stem}-{k:04d}.jsonl.gz`, one JSON object per line
+(`id`, `source`, `title`, `text`; paragraphs separated by "\\n"), and `extract_stats.json` with the counts of
+everything skipped or repaired. Re-running replaces the previous output (it never appends).
+"""
+from __future__ import annotations
+
+import bz2
+import codecs
+import collections
+import gzip
+import io
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import re
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import mwparserfromhell
+from mwparserfromhell.nodes import Argument, Comment, Heading, Tag, Template, Wikilink
+from mwparserfromhell.wikicode import Wikicode
+import mwxml
+
+from data_pipeline.config import DataConfig, to_plain
+from data_pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "extract_stats.json"
+
+# ---- bad UTF-8: decode with a counting replacement handler ---------------------------------------------------
+_BAD_UTF8 = [0]
+
+
+def _count_and_replace(exc: UnicodeDecodeError) -> tuple[str, int]:
+    _BAD_UTF8[0] += 1
+    return "\ufffd", exc.end
+
+
+codecs.register_error("tandem_count_replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """Decode, replacing invalid sequences with U+FFFD; returns (text, number of invalid sequences)."""
+    before = _BAD_UTF8[0]
+    text = data.decode("utf-8", errors="tandem_count_replace")
+    return text, _BAD_UTF8[0] - before
+
+
+class RepairingUTF8Reader:
+    """File-like wrapper for the XML parser: yields valid UTF-8 bytes and counts the invalid sequences it replaced."""
+
+    def __init__(self, raw: io.BufferedIOBase, chunk: int = 1 << 16):
+        self.raw = raw
+        self.chunk = chunk
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="tandem_count_replace")
+        self.bad = 0
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            data = self.raw.read(max(n, self.chunk) if n and n > 0 else self.chunk)
+            before = _BAD_UTF8[0]
+            text = self.decoder.decode(data, final=not data)
+            self.bad += _BAD_UTF8[0] - before
+            if text or not data:  # an empty result mid-file only means a split multi-byte character
+                return text.encode("utf-8")
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    if path.suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+# ---- documents: writing, reading, splitting ------------------------------------------------------------------
+class DocWriter:
+    """Writes documents to `{prefix}-{k:04d}.jsonl.gz`, `per_file` documents per file (gzip mtime 0: reproducible)."""
+
+    def __init__(self, out_dir: Path, prefix: str, per_file: int):
+        self.out_dir, self.prefix, self.per_file = out_dir, prefix, per_file
+        self.files: list[Path] = []
+        self._fh: Any = None
+        self._count = 0
+
+    def write(self, doc: dict) -> None:
+        if self._fh is None or self._count >= self.per_file:
+            self.close()
+            path = self.out_dir / f"{self.prefix}-{len(self.files):04d}.jsonl.gz"
+            raw = open(path, "wb")
+            self._fh = (raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0))
+            self.files.append(path)
+            self._count = 0
+        self._fh[1].write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._count += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh[1].close()
+            self._fh[0].close()
+            self._fh = None
+
+
+def read_docs(path: Path, stats: collections.Counter | None = None) -> Iterator[dict]:
+    """Documents of one JSONL(.gz) file. Undecodable or malformed lines are counted and skipped, with a warning
+    naming the file and line."""
+    stats = stats if stats is not None else collections.Counter()
+    try:
+        with open_binary(path) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                text, bad = decode_utf8(raw)
+                if bad:
+                    stats["bad_utf8_lines"] += 1
+                try:
+                    doc = json.loads(text)
+                    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                        raise ValueError("not an object with a 'text' string")
+                except ValueError as exc:
+                    stats["bad_json_lines"] += 1
+                    log.warning("%s:%d: skipped malformed document line (%s)", path, lineno, exc)
+                    continue
+                yield doc
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read document file ({exc})") from None
+
+
+def split_overlong(paragraphs: list[str], max_chars: int) -> list[list[str]]:
+    """Group paragraphs into pieces of at most max_chars; a single paragraph that is too long is cut at sentence
+    ends (or spaces). Nothing is dropped."""
+    pieces: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for para in paragraphs:
+        for part in _cut_paragraph(para, max_chars):
+            if current and size + len(part) + 1 > max_chars:
+                pieces.append(current)
+                current, size = [], 0
+            current.append(part)
+            size += len(part) + 1
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _cut_paragraph(para: str, max_chars: int) -> list[str]:
+    if len(para) <= max_chars:
+        return [para]
+    out: list[str] = []
+    current = ""
+    for sent in _SENTENCE_END.split(para):
+        while len(sent) > max_chars:  # one enormous "sentence": cut at the last space before the limit
+            cut = sent.rfind(" ", 0, max_chars)
+            cut = cut if cut > 0 else max_chars
+            if current:
+                out.append(current)
+                current = ""
+            out.append(sent[:cut].strip())
+            sent = sent[cut:].strip()
+        if current and len(current) + 1 + len(sent) > max_chars:
+            out.append(current)
+            current = sent
+        else:
+            current = f"{current} {sent}" if current else sent
+    if current:
+        out.append(current)
+    return [p for p in out if p]
+
+
+def emit_document(writer: DocWriter, stats: collections.Counter, cfg: DataConfig, doc_id: str, source: str,
+                  title: str, paragraphs: list[str]) -> None:
+    """Write one document: empty ones are counted and skipped, overlong ones are split and counted."""
+    paragraphs = [p for p in (q.strip() for q in paragraphs) if p]
+    if sum(len(p) for p in paragraphs) < cfg.extract.min_doc_chars:
+        stats["empty_docs"] += 1
+        return
+    pieces = split_overlong(paragraphs, cfg.extract.max_doc_chars)
+    if len(pieces) > 1:
+        stats["overlong_docs_split"] += 1
+        stats["overlong_pieces"] += len(pieces)
+    for i, piece in enumerate(pieces):
+        piece_id = doc_id if len(pieces) == 1 else f"{doc_id}#{i}"
+        writer.write({"id": piece_id, "source": source, "title": title, "text": "\n".join(piece)})
+        stats["docs"] += 1
+        stats["chars"] += sum(len(p) for p in piece)
+
+
+# ---- Wikipedia ------------------------------------------------------------------------------------------------
+DROP_TAGS = {
+    "ref", "references", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source",
+    "graph", "templatedata", "hiero", "chem", "ce", "mapframe", "maplink", "noinclude", "includeonly", "inputbox",
+    "categorytree", "nowiki", "pre", "code",
+}
+DROP_SECTIONS = {
+    "references", "external links", "see also", "further reading", "notes", "bibliography", "sources",
+    "footnotes", "citations", "notes and references", "works cited", "gallery",
+}
+LINK_NAMESPACES = {
+    "file", "image", "media", "category", "wikipedia", "wp", "template", "help", "portal", "special", "user",
+    "talk", "wikt", "wiktionary", "commons", "s", "q", "n", "b", "v", "voy", "species", "meta", "mw", "wikisource",
+}
+_LANGUAGE_PREFIX = re.compile(r"^[a-z]{2,3}(-[a-z]+)*$")  # interlanguage links: [[de:...]], [[zh-min-nan:...]]
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+_EMPTY_PARENS = re.compile(r"\(\s*(?:[;,]\s*)*\)")  # "( ; , )" left where pronunciation templates were
+_LEADING_PUNCT_IN_PARENS = re.compile(r"\(\s*(?:[;,]\s*)+")
+_SPACES = re.compile(r"[ \t\u00a0]+")
+# Markup the parser could not pair up (broken tables, unclosed links) survives as text; such lines are dropped.
+LEFTOVER_MARKUP = ("[[", "]]", "{{", "}}", "{|", "|}", "<ref", "</ref")
+
+
+def _drop(node: Any) -> bool:
+    if isinstance(node, (Template, Argument, Comment, Heading)):
+        return True
+    if isinstance(node, Tag):
+        return str(node.tag).strip().lower() in DROP_TAGS
+    if isinstance(node, Wikilink):
+        title = str(node.title).strip()
+        if ":" in title and not title.startswith(":"):
+            prefix = title.split(":", 1)[0].strip().lower()
+            return prefix in LINK_NAMESPACES or bool(_LANGUAGE_PREFIX.match(prefix))
+    return False
+
+
+def _filter(code: Wikicode, top: bool = False) -> None:
+    """Remove unwanted nodes from the parse tree in one walk (Wikicode.remove searches the whole tree per call,
+    which is quadratic on long articles). At the top level, whole reference/link sections are dropped."""
+    kept, skip_level = [], 0
+    for node in code.nodes:
+        if top and isinstance(node, Heading):
+            title = node.title.strip_code().strip().lower()
+            if skip_level and node.level <= skip_level:
+                skip_level = 0
+            if not skip_level and node.level == 2 and title in DROP_SECTIONS:
+                skip_level = 2
+        if skip_level or _drop(node):
+            continue
+        for child in (getattr(node, "contents", None), getattr(node, "text", None), getattr(node, "title", None)):
+            if isinstance(child, Wikicode) and not isinstance(node, Heading):
+                _filter(child)
+        kept.append(node)
+    code.nodes = kept
+
+
+def _strip_pass(text: str) -> str:
+    code = mwparserfromhell.parse(text)
+    _filter(code, top=True)
+    return code.strip_code(normalize=True, collapse=True)
+
+
+def clean_wikitext(text: str) -> tuple[list[str], int]:
+    """Wikitext -> paragraphs of plain text, and the number of lines dropped for leftover markup.
+
+    A second parser pass runs when markup is left: it catches constructs that only became parseable once their
+    broken surroundings were gone (e.g. a <ref> after an unbalanced quote)."""
+    plain = _strip_pass(text)
+    if any(m in plain for m in LEFTOVER_MARKUP):
+        plain = _strip_pass(plain)
+    plain = _MAGIC_WORD.sub("", plain)
+    paragraphs, dropped = [], 0
+    for line in plain.split("\n"):
+        line = _SPACES.sub(" ", line).strip()
+        if not line:
+            continue
+        if line.startswith(("|", "!")) or any(m in line for m in LEFTOVER_MARKUP):
+            dropped += 1
+            continue
+        line = _LEADING_PUNCT_IN_PARENS.sub("(", _EMPTY_PARENS.sub("", line))
+        line = _SPACES.sub(" ", line).strip()
+        if line:
+            paragraphs.append(line)
+    return paragraphs, dropped
+
+
+def _clean_page(item: tuple[int, str, str]) -> tuple[int, str, list[str], int]:
+    page_id, title, text = item
+    paragraphs, dropped = clean_wikitext(text)
+    return page_id, title, paragraphs, dropped
+
+
+def iter_wiki_pages(path: Path, stats: collections.Counter) -> Iterator[tuple[int, str, str]]:
+    """(page id, title, wikitext) of every article page, streamed; redirects and other namespaces are counted."""
+    raw = open_binary(path)
+    reader = RepairingUTF8Reader(raw)
+    try:
+        dump = mwxml.Dump.from_file(reader)
+        for page in dump:
+            revision = None
+            for revision in page:  # the last revision is the current text; always drain the iterator
+                pass
+            stats["wiki_pages"] += 1
+            if page.redirect:
+                stats["wiki_redirects_skipped"] += 1
+                continue
+            if page.namespace != 0:
+                stats["wiki_non_article_skipped"] += 1
+                continue
+            yield page.id, page.title, (revision.text if revision is not None and revision.text else "")
+    except (EOFError, OSError) as exc:
+        raise DataError(f"{path}: truncated or unreadable dump ({exc})") from None
+    except Exception as exc:  # XML parse errors from a broken dump
+        if type(exc).__name__ in ("ParseError", "MalformedXMLException"):
+            raise DataError(f"{path}: malformed XML ({exc})") from None
+        raise
+    finally:
+        stats["bad_utf8_sequences"] += reader.bad
+        raw.close()
+
+
+def extract_wikipedia(path: Path, cfg: DataConfig, out_dir: Path, stats: collections.Counter, pool: Any) -> list[Path]:
+    writer = DocWriter(out_dir, f"wikipedia-{_stem(path)}", cfg.extract.docs_per_file)
+    pages = iter_wiki_pages(path, stats)
+    batch_size = max(1, cfg.extract.pages_per_task) * max(1, cfg.extract.num_workers)
+    while True:  # bounded batches: Pool.imap would read the whole dump ahead of the workers
+        batch = list(itertools.islice(pages, batch_size))
+        if not batch:
+            break
+        results = pool.map(_clean_page, batch, chunksize=max(1, cfg.extract.pages_per_task // 4)) if pool \
+            else map(_clean_page, batch)
+        for page_id, title, paragraphs, dropped in results:
+            stats["markup_lines_dropped"] += dropped
+            emit_document(writer, stats, cfg, f"wiki:{page_id}", "wikipedia", title, paragraphs)
+    writer.close()
+    return writer.files
+
+
+# ---- books ---------------------------------------------------------------------------------------------------
+_GUTENBERG_START = re.compile(r"^\s*\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG", re.I)
+_GUTENBERG_END = re.compile(r"^\s*(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.I)
+_NLTK_TITLE = re.compile(r"^\[ .* \]$")  # NLTK's copies start with "[ Title by Author Year ]"
+
+
+def read_text_lines(path: Path, stats: collections.Counter) -> list[str]:
+    """Lines of a text file; invalid UTF-8 is replaced and counted per line."""
+    lines = []
+    with open_binary(path) as fh:
+        for raw in fh:
+            text, bad = decode_utf8(raw)
+            if bad:
+                stats["bad_utf8_lines"] += 1
+            lines.append(text.rstrip("\r\n"))
+    return lines
+
+
+def book_paragraphs(lines: list[str], stats: collections.Counter) -> tuple[str, list[str]]:
+    """Strip Gutenberg header/footer; paragraphs are blocks separated by blank lines, wrapped lines joined."""
+    title = ""
+    start = next((i + 1 for i, l in enumerate(lines) if _GUTENBERG_START.search(l)), 0)
+    end = next((i for i, l in enumerate(lines) if i >= start and _GUTENBERG_END.search(l)), len(lines))
+    if start or end < len(lines):
+        stats["gutenberg_boilerplate_stripped"] += 1
+    body = lines[start:end]
+    if body and _NLTK_TITLE.match(body[0].strip()):
+        title = body[0].strip()[2:-2]
+        body = body[1:]
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in body + [""]:
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    return title, paragraphs
+
+
+def extract_book(path: Path, cfg: DataConfig, out_dir: Path, stats: collections.Counter) -> list[Path]:
+    writer = DocWriter(out_dir, f"books-{_stem(path)}", cfg.extract.docs_per_file)
+    lines = read_text_lines(path, stats)
+    title, paragraphs = book_paragraphs(lines, stats)
+    if len(paragraphs) == 1 and len(paragraphs[0]) > cfg.extract.max_doc_chars:
+        # No blank lines at all (e.g. NLTK's one-sentence-per-line copies): keep line boundaries for splitting.
+        start = next((i + 1 for i, l in enumerate(lines) if _GUTENBERG_START.search(l)), 0)
+        end = next((i for i, l in enumerate(lines) if i >= start and _GUTENBERG_END.search(l)), len(lines))
+        paragraphs = [l.strip() for l in lines[start:end] if l.strip() and not _NLTK_TITLE.match(l.strip())]
+    emit_document(writer, stats, cfg, f"book:{_stem(path)}", "books", title or _stem(path), paragraphs)
+    stats["books"] += 1
+    writer.close()
+    return writer.files
+
+
+# ---- WikiText ------------------------------------------------------------------------------------------------
+_WT_TITLE = re.compile(r"^ = ([^=].*[^=]) = $")
+_WT_HEADING = re.compile(r"^ (= )+.*( =)+ $")
+_WT_ESCAPES = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
+
+
+def extract_wikitext(path: Path, cfg: DataConfig, out_dir: Path, stats: collections.Counter) -> list[Path]:
+    writer = DocWriter(out_dir, f"wikitext-{_stem(path)}", cfg.extract.docs_per_file)
+    title, paragraphs, index = "", [], 0
+
+    def flush() -> None:
+        nonlocal index
+        if title or paragraphs:
+            emit_document(writer, stats, cfg, f"wikitext:{_stem(path)}:{index}", "wikitext", title, paragraphs)
+            index += 1
+
+    for line in read_text_lines(path, stats):
+        m = _WT_TITLE.match(line)
+        if m:
+            flush()
+            title, paragraphs = m.group(1).strip(), []
+            continue
+        if _WT_HEADING.match(line) or not line.strip():
+            continue
+        for escaped, plain in _WT_ESCAPES:
+            line = line.replace(escaped, plain)
+        paragraphs.append(line.strip())
+    flush()
+    writer.close()
+    return writer.files
+
+
+# ---- driver --------------------------------------------------------------------------------------------------
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".bz2", ".gz", ".xml", ".txt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
+
+
+def run_extract(cfg: DataConfig, force: bool = False) -> dict:
+    """Extract every configured source into `extract.out_dir`; returns the stats written to extract_stats.json.
+    Skipped (returns the previous stats) when the inputs and the config are unchanged, unless force."""
+    from data_pipeline.shards import fingerprint
+
+    out_dir = cfg.in_work(cfg.extract.out_dir)
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    per_source: dict[str, collections.Counter] = {}
+    files: list[Path] = []
+    inputs = {kind: cfg.source_files(kind) for kind in ("wikipedia", "books", "wikitext")}
+    if not any(inputs.values()):
+        raise DataError(f"{cfg.config_file or 'data config'}: no sources configured (sources.wikipedia/books/wikitext)")
+    fp = fingerprint({"extract": to_plain(cfg.extract), "inputs": [
+        (str(p), p.stat().st_size, p.stat().st_mtime_ns) for v in inputs.values() for p in v]})
+    previous = out_dir / STATS_FILE
+    if not force and previous.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("fingerprint") == fp and all((out_dir / f).is_file() for f in old.get("files", [])):
+            log.info("extract: %s is up to date (same inputs and config); nothing to do", out_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            return old
+    workers = cfg.extract.num_workers
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 and inputs["wikipedia"] else None
+    try:
+        for path in inputs["wikipedia"]:
+            stats = per_source.setdefault("wikipedia", collections.Counter())
+            files += extract_wikipedia(path, cfg, staging, stats, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    for path in inputs["books"]:
+        files += extract_book(path, cfg, staging, per_source.setdefault("books", collections.Counter()))
+    for path in inputs["wikitext"]:
+        files += extract_wikitext(path, cfg, staging, per_source.setdefault("wikitext", collections.Counter()))
+    totals: collections.Counter = collections.Counter()
+    for c in per_source.values():
+        totals.update(c)
+    result = {
+        "inputs": {k: [str(p) for p in v] for k, v in inputs.items()},
+        "files": [p.name for p in files],
+        "per_source": {k: dict(v) for k, v in per_source.items()},
+        "totals": dict(totals),
+        "config": {"extract": to_plain(cfg.extract), "sources": to_plain(cfg.sources)},
+        "fingerprint": fp,
+    }
+    (staging / STATS_FILE).write_text(json.dumps(result, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)  # replace, never append: re-running does not duplicate
+    staging.rename(out_dir)
+    log.info("extract: %d documents in %d files -> %s (%s)", totals["docs"], len(files), out_dir, dict(totals))
+    return result
+
+
+def doc_files(docs_dir: Path) -> list[Path]:
+    files = sorted(docs_dir.glob("*.jsonl.gz")) + sorted(docs_dir.glob("*.jsonl"))
+    if not files:
+        raise DataError(f"{docs_dir}: no extracted documents (*.jsonl.gz); run `python -m data_pipeline extract`")
+    return files
+
+
+def iter_all_docs(files: Iterable[Path], stats: collections.Counter | None = None) -> Iterator[dict]:
+    for path in files:
+        yield from read_docs(path, stats)

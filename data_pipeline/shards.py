@@ -1,0 +1,327 @@
+"""`shard`: tokenize extracted documents and pack them into webdataset `.tar` shards plus `manifest.json`.
+
+A pretraining sample is up to `shard.seq_len` tokens of one document: a longer document is split into
+ceil(n / seq_len) near-equal samples (counted as `docs_split_into_samples`, never dropped); a document shorter
+than `shard.min_sample_tokens` is counted (`too_short_docs`) and skipped. Each sample is one tar member
+`{id:012d}.tok` holding little-endian token ids (`token_dtype` in the manifest). Sample ids are global and stable:
+shard i holds ids first_id .. first_id + samples - 1, in file order. Task shards (see tasks.py) hold `src.tok` and
+`tgt.tok` members instead.
+
+manifest.json records: shard names, sample and token counts, bytes and sha256 per shard, the lengths file
+(`lengths.npy`: one row per sample id, used to plan batches without reading shards), the tokenizer checksum, the
+creating config, the input fingerprint (a copy of the tokenizer, tokenizer.model + tokenizer.json, sits beside the
+shards so the folder can move), and the counts of everything skipped or repaired (bad UTF-8, empty docs,
+overlong docs split...). Re-running with the same inputs and config is a no-op; otherwise the folder is rebuilt in a
+staging folder and swapped in, so shards are never duplicated or mixed.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from data_pipeline.config import DataConfig, to_plain
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import META_FILE, MODEL_FILE, Tokenizer, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LENGTHS = "lengths.npy"
+FORMAT = "tandem-shards-v1"
+SHARD_PATTERN = "shard-%06d.tar"
+
+
+def token_dtype(padded_vocab_size: int) -> str:
+    return "uint16" if padded_vocab_size <= 1 << 16 else "uint32"
+
+
+def sample_key(sample_id: int) -> str:
+    return f"{sample_id:012d}"
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+@dataclass
+class WrittenShards:
+    shards: list[dict]
+    lengths: np.ndarray  # [num_samples, num_fields] token counts
+
+
+def write_shards(samples: Iterable[dict[str, np.ndarray]], out_dir: Path, fields: Sequence[str], dtype: str,
+                 maxcount: int, maxsize: int) -> WrittenShards:
+    """Write samples ({field: token array}) with webdataset's ShardWriter; sample ids are assigned 0, 1, 2, ..."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    lengths: list[list[int]] = []
+    writer = wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=maxcount, maxsize=maxsize, verbose=0,
+                             encoder=False, mtime=0)  # mtime 0: identical input gives identical bytes
+    try:
+        for sample_id, sample in enumerate(samples):
+            writer.write({"__key__": sample_key(sample_id),
+                          **{f"{f}.tok" if len(fields) > 1 else "tok": sample[f].astype(dtype).tobytes() for f in fields}})
+            index = writer.shard - 1  # ShardWriter has already advanced `shard` past the open file
+            if index == len(shards):
+                shards.append({"name": SHARD_PATTERN % index, "samples": 0, "tokens": 0, "first_id": sample_id})
+            shards[-1]["samples"] += 1
+            shards[-1]["tokens"] += int(sum(len(sample[f]) for f in fields))
+            lengths.append([len(sample[f]) for f in fields])
+    finally:
+        writer.close()
+    for extra in sorted(out_dir.glob("shard-*.tar"))[len(shards):]:  # ShardWriter opens a file before any write
+        extra.unlink()
+    for s in shards:
+        path = out_dir / s["name"]
+        s["bytes"] = path.stat().st_size
+        s["sha256"] = sha256_file(path)
+    arr = np.asarray(lengths, dtype=np.int32).reshape(-1, len(fields))
+    return WrittenShards(shards, arr)
+
+
+def write_manifest(out_dir: Path, kind: str, fields: Sequence[str], dtype: str, written: WrittenShards,
+                   tokenizer: Tokenizer, stats: dict, config: dict, fingerprint: str, extra: dict | None = None) -> dict:
+    np.save(out_dir / LENGTHS, written.lengths)
+    # A copy of the tokenizer travels with the shards (the folder can be moved); the checksum ties them together.
+    shutil.copyfile(tokenizer.path, out_dir / MODEL_FILE)
+    if tokenizer.path.with_name(META_FILE).is_file():
+        shutil.copyfile(tokenizer.path.with_name(META_FILE), out_dir / META_FILE)
+    manifest = {
+        "format": FORMAT, "kind": kind, "fields": list(fields), "token_dtype": dtype,
+        "num_samples": int(len(written.lengths)), "num_tokens": int(written.lengths.sum()),
+        "shards": written.shards,
+        "lengths_file": LENGTHS, "lengths_sha256": sha256_file(out_dir / LENGTHS),
+        "tokenizer": {"path": MODEL_FILE, "source": str(tokenizer.path), "checksum": tokenizer.checksum,
+                      "vocab_size": tokenizer.vocab_size, "padded_vocab_size": tokenizer.padded_vocab_size},
+        "stats": stats, "config": config, "fingerprint": fingerprint, **(extra or {}),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def fingerprint(parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def swap_in(staging: Path, out_dir: Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(out_dir)
+
+
+def up_to_date(out_dir: Path, fp: str) -> bool:
+    """True when out_dir already holds shards built from the same inputs and config, all present and intact."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return manifest.get("fingerprint") == fp and not check_shards(manifest, out_dir, "size")
+
+
+# ---- the `shard` command -------------------------------------------------------------------------------------
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = Tokenizer.load(model_path)
+
+
+def split_into_samples(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """ceil(n / seq_len) near-equal consecutive pieces (no tiny tail piece)."""
+    k = -(-len(ids) // seq_len)
+    return np.array_split(ids, k) if k > 1 else [ids]
+
+
+def _tokenize_file(task: tuple[str, int, int]) -> tuple[list[np.ndarray], dict]:
+    from data_pipeline.extract import read_docs
+
+    path, seq_len, min_tokens = task
+    assert _WORKER_TOKENIZER is not None
+    stats: collections.Counter = collections.Counter()
+    samples: list[np.ndarray] = []
+    docs = list(read_docs(Path(path), stats))
+    for doc, ids in zip(docs, _WORKER_TOKENIZER.encode_many([d["text"] for d in docs])):
+        stats["docs_in"] += 1
+        if len(ids) < min_tokens:
+            stats["too_short_docs"] += 1
+            continue
+        pieces = split_into_samples(np.asarray(ids, dtype=np.int64), seq_len)
+        if len(pieces) > 1:
+            stats["docs_split_into_samples"] += 1
+        samples.extend(pieces)
+    return samples, dict(stats)
+
+
+def run_shard(cfg: DataConfig, force: bool = False) -> dict:
+    """Tokenize `extract.out_dir` with the trained tokenizer into `shard.out_dir`; returns the manifest."""
+    from data_pipeline.extract import STATS_FILE, doc_files
+
+    s = cfg.shard
+    docs_dir = cfg.in_work(cfg.extract.out_dir)
+    out_dir = cfg.in_work(s.out_dir)
+    tok = Tokenizer.load(cfg.in_work(cfg.tokenizer.out_dir))
+    files = doc_files(docs_dir)
+    config = {"shard": to_plain(s), "tokenizer_config": to_plain(cfg.tokenizer), "config_file": cfg.config_file}
+    fp = fingerprint({"shard": to_plain(s), "tokenizer": tok.checksum,
+                      "inputs": [(f.name, sha256_file(f)) for f in files]})
+    if not force and up_to_date(out_dir, fp):
+        log.info("shard: %s is up to date (same inputs, tokenizer and config); nothing to do", out_dir)
+        return json.loads((out_dir / MANIFEST).read_text())
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    dtype = token_dtype(tok.padded_vocab_size)
+    stats: collections.Counter = collections.Counter()
+    tasks = [(str(f), s.seq_len, s.min_sample_tokens) for f in files]
+
+    def samples() -> Iterator[dict[str, np.ndarray]]:
+        if s.num_workers > 1:
+            ctx = mp.get_context("fork")
+            with ctx.Pool(s.num_workers, initializer=_init_worker, initargs=(str(tok.path),)) as pool:
+                results: Iterable = pool.imap(_tokenize_file, tasks)  # ordered: shard contents are deterministic
+                yield from _drain(results)
+        else:
+            _init_worker(str(tok.path))
+            yield from _drain(map(_tokenize_file, tasks))
+
+    def _drain(results: Iterable) -> Iterator[dict[str, np.ndarray]]:
+        for file_samples, file_stats in tqdm(results, total=len(tasks), desc="shard", unit="file", disable=None):
+            stats.update(file_stats)
+            for ids in file_samples:
+                yield {"tok": ids}
+
+    written = write_shards(samples(), staging, ["tok"], dtype, s.samples_per_shard, s.max_shard_bytes)
+    if not written.shards:
+        raise DataError(f"{docs_dir}: no samples produced (all documents shorter than shard.min_sample_tokens?)")
+    extract_stats = {}
+    if (docs_dir / STATS_FILE).is_file():
+        extract_stats = json.loads((docs_dir / STATS_FILE).read_text()).get("totals", {})
+    all_stats = {"extract": extract_stats, "shard": dict(stats)}
+    manifest = write_manifest(staging, "pretrain", ["tok"], dtype, written, tok, all_stats, config, fp,
+                              {"seq_len": s.seq_len})
+    swap_in(staging, out_dir)
+    # the tokenizer path is relative to the manifest's folder, which is the same after the swap
+    log.info("shard: %d samples, %d tokens in %d shards -> %s", manifest["num_samples"], manifest["num_tokens"],
+             len(manifest["shards"]), out_dir)
+    return manifest
+
+
+# ---- reading and verification (used by the training-side reader) --------------------------------------------
+def load_manifest(shard_dir: Path) -> dict:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found (run `python -m data_pipeline shard` or `tasks`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def check_shards(manifest: dict, shard_dir: Path, mode: str) -> dict[str, str]:
+    """Problems per shard name ({} when all fine): missing file, wrong size, or (mode "sha256") wrong checksum."""
+    problems: dict[str, str] = {}
+    for s in manifest["shards"]:
+        path = Path(shard_dir) / s["name"]
+        if not path.is_file():
+            problems[s["name"]] = "missing"
+        elif path.stat().st_size != s["bytes"]:
+            problems[s["name"]] = f"size {path.stat().st_size} bytes, manifest says {s['bytes']} (truncated or rewritten)"
+        elif mode == "sha256" and sha256_file(path) != s["sha256"]:
+            problems[s["name"]] = "sha256 differs from the manifest (corrupt or rewritten)"
+    return problems
+
+
+def load_lengths(manifest: dict, shard_dir: Path) -> np.ndarray:
+    path = Path(shard_dir) / manifest["lengths_file"]
+    if not path.is_file():
+        raise DataError(f"{path}: lengths file listed in {MANIFEST} is missing")
+    if sha256_file(path) != manifest["lengths_sha256"]:
+        raise DataError(f"{path}: sha256 differs from {Path(shard_dir) / MANIFEST}")
+    lengths = np.load(path)
+    if len(lengths) != manifest["num_samples"]:
+        raise DataError(f"{path}: {len(lengths)} rows but {MANIFEST} lists {manifest['num_samples']} samples")
+    return lengths
+
+
+def _member_offset(fh: Any, path: Path, member_index: int) -> int:
+    """Byte offset of the header of the member_index-th tar member (headers only: data blocks are seeked over)."""
+    fh.seek(0)
+    with tarfile.open(fileobj=fh, mode="r:") as tf:
+        for i in range(member_index + 1):
+            info = tf.next()
+            if info is None:
+                raise DataError(f"{path}: ends before member {member_index} (truncated, or does not match {MANIFEST})")
+        return info.offset
+
+
+def read_piece(path: Path, first_id: int, start: int, count: int, fields: Sequence[str],
+               dtype: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Samples start .. start+count-1 of one shard, as (sample id, {field: tokens}), read with webdataset's tar
+    iterators. Seeks to `start` by reading tar headers only. Any mismatch or read error stops with a DataError
+    naming the shard."""
+    names = [f"{f}.tok" if len(fields) > 1 else "tok" for f in fields]
+    got = 0
+    try:
+        with open(path, "rb") as fh:
+            if start:
+                fh.seek(_member_offset(fh, path, start * len(fields)))
+            files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": fh}])
+            for sample in wds.tariterators.group_by_keys(files):
+                if got == count:
+                    break
+                expected = first_id + start + got
+                if sample["__key__"] != sample_key(expected) or any(n not in sample for n in names):
+                    raise DataError(f"{path}: sample {start + got} has key {sample['__key__']!r} and members "
+                                    f"{sorted(k for k in sample if not k.startswith('__'))}, expected "
+                                    f"{sample_key(expected)} with {names}: the shard does not match {MANIFEST}")
+                yield expected, {f: np.frombuffer(sample[n], dtype=dtype).astype(np.int64) for f, n in zip(fields, names)}
+                got += 1
+    except DataError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise DataError(f"{path}: corrupt or truncated shard at sample {start + got} ({exc})") from None
+    if got < count:
+        raise DataError(f"{path}: ended after {start + got} samples, {MANIFEST} promises at least {start + count} "
+                        f"(truncated shard)")
+
+
+# ---- the `inspect` command -----------------------------------------------------------------------------------
+def inspect_shards(shard_dir: Path, shard: str | None, n: int, verify: str = "size", tokenizer: str = "") -> str:
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    tok = Tokenizer.load(tokenizer or (shard_dir / manifest["tokenizer"]["path"]))
+    lines = [f"{shard_dir / MANIFEST}: {manifest['kind']} shards, {len(manifest['shards'])} shards, "
+             f"{manifest['num_samples']} samples, {manifest['num_tokens']} tokens, fields {manifest['fields']}",
+             f"tokenizer {tok.path} vocab {tok.vocab_size} (padded {tok.padded_vocab_size}) checksum "
+             f"{'matches' if tok.checksum == manifest['tokenizer']['checksum'] else 'DIFFERS'}"]
+    lengths = load_lengths(manifest, shard_dir)
+    for i, f in enumerate(manifest["fields"]):
+        col = lengths[:, i]
+        lines.append(f"{f} length: min {col.min()} mean {col.mean():.1f} max {col.max()}")
+    lines.append("stats: " + json.dumps(manifest.get("stats", {})))
+    problems = check_shards(manifest, shard_dir, verify)
+    for s in manifest["shards"]:
+        lines.append(f"  {s['name']}: {s['samples']} samples, {s['tokens']} tokens, {s['bytes']} bytes "
+                     f"[{problems.get(s['name'], 'ok')}]")
+    entry = next((s for s in manifest["shards"] if s["name"] == shard), manifest["shards"][0]) if shard else manifest["shards"][0]
+    lines.append(f"first {n} samples of {entry['name']}:")
+    for sample_id, sample in read_piece(shard_dir / entry["name"], entry["first_id"], 0, min(n, entry["samples"]),
+                                        manifest["fields"], manifest["token_dtype"]):
+        for f in manifest["fields"]:
+            lines.append(f"  [{sample_id}] {f} ({len(sample[f])} tokens): {tok.decode(sample[f].tolist())}")
+    return "\n".join(lines)

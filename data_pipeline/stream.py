@@ -1,0 +1,300 @@
+"""The training-side reader: webdataset shards -> planned, corrupted batches, with exact mid-epoch resume.
+
+Entry points (what pretrain/ and finetune/ call):
+
+    build_pretrain_loader(cfg, *, dp_rank: int, dp_world_size: int, seed: int,
+                          objective_weights: Mapping[str, float] | Sequence[str] | str,
+                          num_workers: int) -> ShardLoader
+        cfg: a DataConfig (its `loader` section; relative paths against its work_dir), a LoaderConfig (relative
+             paths against the repository root), a path to a data YAML, or a mapping/DictConfig of either.
+        objective_weights: e.g. {"bang": 0.5, "elmer": 0.5}; "bang" or ["bang"] means weight 1.
+        Yields the batch dicts documented in corruption.py (objective, src_tokens, tgt_tokens, prev_tokens,
+        tgt_positions, span_index, sample_ids, n_tokens).
+
+    build_task_loader(shard_dir, *, dp_rank, dp_world_size, seed, num_workers, batch_size=32, max_tokens=0,
+                      shuffle=True, bucket_window=64, shuffle_buffer=512, max_source_len=0, tokenizer="",
+                      verify="size", on_corrupt_shard="error", prefetch_factor=2) -> ShardLoader
+        Reads shards written by `python -m data_pipeline tasks` (see tasks.py); batch dicts: src_tokens,
+        tgt_tokens (y + eos), prev_tokens ([bos] + y), tgt_positions (1..T, 0 at pad), sample_ids (line index in
+        the split), n_tokens.
+
+ShardLoader:
+    for batch in loader: ...        # the rest of the current epoch; when it runs out the epoch counter advances
+    loader.infinite()               # epoch after epoch, forever
+    len(loader)                     # batches in the current epoch (identical on every dp rank; may differ by a
+    loader.batches_per_epoch(e)     # few between epochs)
+    loader.epoch, loader.batches_in_epoch
+    loader.set_epoch(e)             # jump to the start of epoch e
+    sd = loader.state_dict()        # {"epoch", "batches_in_epoch", "seed", "dp_world_size", "num_workers",
+    loader.load_state_dict(sd)      #  "plan_key", ...}: the same on every dp rank at the same step
+    loader.vocab_size, loader.padded_vocab_size, loader.tokenizer, loader.skipped_shards
+
+How it works (details in batching.py): every process computes the same epoch plan from manifest.json and
+lengths.npy: shards split by the dp rank passed in (never by the global RANK, so tensor-parallel peers read
+identical data), then by DataLoader worker; a seeded shuffle buffer and length-bucketed token-budget batches per
+shard piece; equal batch counts on every rank and worker. torch's DataLoader hands out worker batches round robin,
+so global batch b of an epoch is batch b // W of stream b % W (W workers). Resuming after k batches starts
+DataLoader worker i on stream (i + k) % W, skips whole pieces that lie before k without opening them, and replays
+only the current piece (seeking inside its shard by tar headers). Samples are read with webdataset's tar
+iterators (tar_file_expander + group_by_keys) from that position; wds.WebDataset itself is not used because it can
+neither start mid-shard nor follow a plan, and its node splitter reads the global RANK. Corruption and the per-batch objective are
+seeded from (seed, epoch, sample id / batch index), so the resumed stream is identical batch for batch.
+
+Bad shards: the manifest is checked at construction (missing file, size, and with verify="sha256" the checksum;
+lengths.npy checksum; tokenizer checksum). on_corrupt_shard="error" (default) stops with a DataError naming the
+shard; "skip" leaves the shard out of every epoch's plan, logs it and lists it in `skipped_shards`. A shard that
+turns out unreadable while streaming (e.g. corrupted after the check) always stops with a DataError naming it:
+silently yielding fewer batches on one rank would hang the others.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.batching import BatchingSpec, StreamPlan, plan_epoch, plan_key
+from data_pipeline.config import REPO_ROOT, CorruptionConfig, LoaderConfig, loader_config_from, resolve, validate_loader
+from data_pipeline.corruption import CorruptionTables, PretrainCollator, normalize_weights, to_torch
+from data_pipeline.errors import ConfigError, DataError
+from data_pipeline.shards import MANIFEST, check_shards, load_lengths, load_manifest, read_piece
+from data_pipeline.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Collator = Callable[[Sequence[tuple[int, dict[str, np.ndarray]]], int, int], dict]
+
+
+def _as_is(batch: dict) -> dict:
+    """DataLoader collate_fn: keep the worker's numpy arrays (pickled through the pipe; see corruption.pad_stack)."""
+    return batch
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of one dp rank from global batch `start` on; each DataLoader worker plays one planned stream."""
+
+    def __init__(self, shard_dir: Path, shards: list[dict], fields: list[str], dtype: str,
+                 streams: list[StreamPlan], start: int, epoch: int, collate: Collator):
+        self.shard_dir, self.shards, self.fields, self.dtype = shard_dir, shards, fields, dtype
+        self.streams, self.start, self.epoch, self.collate = streams, start, epoch, collate
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = len(self.streams)
+        info = get_worker_info()
+        if info is None:  # num_workers=0: interleave the streams here exactly as the DataLoader would
+            its = [self._stream((self.start + i) % workers) for i in range(workers)]
+            while its:
+                alive = []
+                for it in its:
+                    batch = next(it, None)
+                    if batch is not None:
+                        alive.append(it)
+                        yield batch
+                its = alive
+            return
+        yield from self._stream((info.id + self.start) % workers)
+
+    def _stream(self, s: int) -> Iterator[dict]:
+        workers = len(self.streams)
+        local = 0  # local batch counter inside stream s; global index = local * workers + s
+        for piece in self.streams[s].pieces:
+            first_global = local * workers + s
+            local += len(piece.batches)
+            if (local - 1) * workers + s < self.start:
+                continue  # the whole piece lies before the resume point: never opened
+            entry = self.shards[piece.shard]
+            reader = read_piece(self.shard_dir / entry["name"], entry["first_id"], piece.start, piece.count,
+                                self.fields, self.dtype)
+            pending: dict[int, dict[str, np.ndarray]] = {}
+            for j, batch_ids in enumerate(piece.batches):
+                for sid in batch_ids:
+                    while sid not in pending:
+                        try:
+                            got_id, sample = next(reader)
+                        except StopIteration:
+                            raise DataError(f"{self.shard_dir / entry['name']}: sample {sid} planned from "
+                                            f"{MANIFEST} was not found in its piece") from None
+                        pending[got_id] = sample
+                global_index = first_global + j * workers
+                samples = [(int(sid), pending.pop(int(sid))) for sid in batch_ids]
+                if global_index >= self.start:
+                    yield self.collate(samples, self.epoch, global_index)
+            reader.close()
+
+
+class ShardLoader:
+    """Epoch-aware, resumable loader over one shard folder (see the module docstring)."""
+
+    def __init__(self, shard_dir: Path, manifest: dict, cost: np.ndarray, collate: Collator, *, spec: BatchingSpec,
+                 dp_rank: int, dp_world_size: int, seed: int, num_workers: int, prefetch_factor: int,
+                 tokenizer: Tokenizer, skipped_shards: list[str], key_extra: str = ""):
+        self.shard_dir, self.manifest, self.cost, self.collate, self.spec = shard_dir, manifest, cost, collate, spec
+        self.dp_rank, self.dp_world_size, self.seed = dp_rank, dp_world_size, seed
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.tokenizer, self.skipped_shards = tokenizer, skipped_shards
+        self.shards = [s for s in manifest["shards"] if s["name"] not in skipped_shards]
+        if not self.shards:
+            raise DataError(f"{shard_dir / MANIFEST}: no usable shards left (skipped: {skipped_shards})")
+        self.plan_key = plan_key(manifest.get("fingerprint", ""), spec,
+                                 f"{key_extra}|skip={sorted(skipped_shards)}")
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self._plans: dict[int, list[StreamPlan]] = {}
+        self._rank_plan(0)  # plan now: a data problem shows at construction, not at the first batch
+
+    # ---- planning --------------------------------------------------------------------------------------------
+    def _rank_plan(self, epoch: int) -> list[StreamPlan]:
+        if epoch not in self._plans:
+            plans = plan_epoch(self.shards, self.cost, spec=self.spec, seed=self.seed, epoch=epoch,
+                               dp_world_size=self.dp_world_size, num_workers=self.num_workers,
+                               where=str(self.shard_dir / MANIFEST))
+            self._plans = {epoch: plans[self.dp_rank]}  # keep one epoch: plans can be large
+        return self._plans[epoch]
+
+    def plan(self, epoch: int | None = None) -> list[StreamPlan]:
+        """This rank's streams for an epoch (for tests and tools)."""
+        return self._rank_plan(self.epoch if epoch is None else epoch)
+
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches of an epoch on this rank (the same on every rank). It can differ by a few between epochs: the
+        shard order changes where the rank/worker ranges cut the shards."""
+        return self._rank_plan(self.epoch if epoch is None else epoch)[0].num_batches * max(1, self.num_workers)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch()
+
+    # ---- iteration -------------------------------------------------------------------------------------------
+    def _roll_epoch(self) -> None:
+        if self.batches_in_epoch >= len(self):
+            self.epoch += 1
+            self.batches_in_epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self._roll_epoch()
+        streams = self._rank_plan(self.epoch)
+        dataset = _EpochStream(self.shard_dir, self.shards, self.manifest["fields"], self.manifest["token_dtype"],
+                               streams, self.batches_in_epoch, self.epoch, self.collate)
+        if self.num_workers > 0:
+            loader: Any = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                                     prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        else:
+            loader = dataset
+        for batch in loader:
+            self.batches_in_epoch += 1
+            yield to_torch(batch)
+        self._roll_epoch()
+
+    def infinite(self) -> Iterator[dict]:
+        while True:
+            yield from self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_in_epoch = int(epoch), 0
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        epoch, done = self.epoch, self.batches_in_epoch
+        if done >= len(self):
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_in_epoch": done, "seed": self.seed, "dp_world_size": self.dp_world_size,
+                "num_workers": self.num_workers, "plan_key": self.plan_key, "dp_rank": self.dp_rank}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume. The state of any dp rank works on every rank (all ranks are at the same batch)."""
+        for k in ("seed", "dp_world_size", "num_workers", "plan_key"):
+            if k in state and state[k] != getattr(self, k):
+                raise ConfigError(f"loader state was saved with {k}={state[k]!r} but this loader has "
+                                  f"{k}={getattr(self, k)!r}: the batch sequence would differ, so it cannot resume "
+                                  f"exactly (same data, batching, seed, dp world size and workers are needed)")
+        epoch, done = int(state["epoch"]), int(state["batches_in_epoch"])
+        if epoch < 0 or not 0 <= done <= self.batches_per_epoch(epoch):
+            raise ConfigError(f"loader state epoch={epoch} batches_in_epoch={done} is outside this data's epoch "
+                              f"(0..{self.batches_per_epoch(max(epoch, 0))} batches)")
+        self.epoch, self.batches_in_epoch = epoch, done
+
+    # ---- facts for the trainer -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.tokenizer.padded_vocab_size
+
+
+# ---- construction --------------------------------------------------------------------------------------------
+def _check_rank(dp_rank: int, dp_world_size: int, num_workers: int, seed: int) -> None:
+    if seed < 0:
+        raise ConfigError(f"seed={seed} must be >= 0 (it seeds numpy SeedSequences)")
+    if dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
+        raise ConfigError(f"dp_rank={dp_rank} must be in [0, dp_world_size={dp_world_size})")
+    if num_workers < 0:
+        raise ConfigError(f"num_workers={num_workers} must be >= 0")
+
+
+def open_shard_dir(shard_dir: Path, kind: str, tokenizer_path: str | Path, verify: str,
+                   on_corrupt_shard: str) -> tuple[dict, np.ndarray, Tokenizer, list[str]]:
+    """Load and check a shard folder: manifest, shards, lengths and the tokenizer checksum."""
+    manifest = load_manifest(shard_dir)
+    if manifest["kind"] != kind:
+        raise DataError(f"{shard_dir / MANIFEST}: holds {manifest['kind']!r} shards, expected {kind!r}")
+    tok_path = Path(tokenizer_path) if tokenizer_path else (shard_dir / manifest["tokenizer"]["path"]).resolve()
+    tok = Tokenizer.load(tok_path)
+    if tok.checksum != manifest["tokenizer"]["checksum"]:
+        raise DataError(f"tokenizer checksum mismatch: {tok.path} has {tok.checksum[:16]}..., but "
+                        f"{shard_dir / MANIFEST} was written with {manifest['tokenizer']['checksum'][:16]}...")
+    problems = check_shards(manifest, shard_dir, verify)
+    if problems and on_corrupt_shard == "error":
+        name, why = next(iter(problems.items()))
+        raise DataError(f"{shard_dir / name}: {why} (checked against {shard_dir / MANIFEST}; "
+                        f"{len(problems)} bad shard(s) in total; loader.on_corrupt_shard=skip leaves them out)")
+    for name, why in problems.items():
+        log.warning("%s: %s -- skipped (loader.on_corrupt_shard=skip)", shard_dir / name, why)
+    lengths = load_lengths(manifest, shard_dir)
+    return manifest, lengths, tok, sorted(problems)
+
+
+def build_pretrain_loader(cfg: Any, *, dp_rank: int, dp_world_size: int, seed: int,
+                          objective_weights: Mapping[str, float] | Sequence[str] | str,
+                          num_workers: int) -> ShardLoader:
+    lc, base = loader_config_from(cfg)
+    _check_rank(dp_rank, dp_world_size, num_workers, seed)
+    weights = normalize_weights(objective_weights)
+    shard_dir = resolve(lc.shard_dir, base)
+    tok_path = resolve(lc.tokenizer, base) if lc.tokenizer else ""
+    manifest, lengths, tok, skipped = open_shard_dir(shard_dir, "pretrain", tok_path, lc.verify, lc.on_corrupt_shard)
+    cost = lengths[:, 0].astype(np.int64) + 1  # + EOS for ELMER targets
+    spec = BatchingSpec(lc.batch_size, lc.max_tokens, lc.shuffle, lc.shuffle_buffer, lc.bucket_window)
+    collate = PretrainCollator(lc.corruption, CorruptionTables.from_tokenizer(tok), weights, seed, dp_rank)
+    extra = f"weights={sorted(weights.items())}|corruption={sorted(lc.corruption.__dict__.items())}"
+    return ShardLoader(shard_dir, manifest, cost, collate, spec=spec, dp_rank=dp_rank, dp_world_size=dp_world_size,
+                       seed=seed, num_workers=num_workers, prefetch_factor=lc.prefetch_factor, tokenizer=tok,
+                       skipped_shards=skipped, key_extra=extra)
+
+
+def build_task_loader(shard_dir: str | Path, *, dp_rank: int, dp_world_size: int, seed: int, num_workers: int,
+                      batch_size: int = 32, max_tokens: int = 0, shuffle: bool = True, bucket_window: int = 64,
+                      shuffle_buffer: int = 512, max_source_len: int = 0, tokenizer: str | Path = "",
+                      verify: str = "size", on_corrupt_shard: str = "error", prefetch_factor: int = 2) -> ShardLoader:
+    from data_pipeline.tasks import TaskCollator
+
+    lc = LoaderConfig(shard_dir=str(shard_dir), tokenizer=str(tokenizer), batch_size=batch_size,
+                      max_tokens=max_tokens, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                      bucket_window=bucket_window, verify=verify, on_corrupt_shard=on_corrupt_shard,
+                      prefetch_factor=prefetch_factor, corruption=CorruptionConfig())
+    validate_loader(lc, prefix="task loader")
+    _check_rank(dp_rank, dp_world_size, num_workers, seed)
+    sdir = resolve(shard_dir, REPO_ROOT)
+    manifest, lengths, tok, skipped = open_shard_dir(sdir, "task", resolve(tokenizer, REPO_ROOT) if tokenizer else "",
+                                                     verify, on_corrupt_shard)
+    src_len = lengths[:, 0].astype(np.int64)
+    if max_source_len > 0:
+        src_len = np.minimum(src_len, max_source_len)
+    cost = np.maximum(src_len, lengths[:, 1].astype(np.int64) + 1)
+    spec = BatchingSpec(batch_size, max_tokens, shuffle, shuffle_buffer, bucket_window)
+    return ShardLoader(sdir, manifest, cost, TaskCollator(max_source_len), spec=spec, dp_rank=dp_rank,
+                       dp_world_size=dp_world_size, seed=seed, num_workers=num_workers,
+                       prefetch_factor=prefetch_factor, tokenizer=tok, skipped_shards=skipped,
+                       key_extra=f"max_source_len={max_source_len}")

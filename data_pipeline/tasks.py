@@ -1,0 +1,205 @@
+"""Finetuning data: GLGE tasks and IWSLT14 De-En, as plain text (`read_task_split`) and as task shards.
+
+Layouts understood by `read_task_split(path, task, split, level=None)`:
+  * official GLGE: `{path}/[{level}/]{task}_data/org_data/{train,dev,test}.{src,tgt}` (also `path` pointing at
+    `{task}_data` or `org_data` itself);
+  * the sample layout in ../shared/data/glge: `{path}/{task}/{train,valid,test}.{src,tgt}`;
+  * IWSLT14 (task "iwslt14"): `{path}/[iwslt14-de-en/]{train,valid,test}.{de,en}` (German source, English target).
+Split names: "train", "valid" (= GLGE's "dev") and "test". When a task folder holds exactly one split, it is a
+pool split deterministically: "train" is its first 90% (1 - holdout_fraction) and "valid"/"test" its last 10%.
+Mismatched source/target line counts, unknown tasks and missing splits are DataErrors naming the files.
+
+`tasks` command: every configured task and split -> `{tasks.out_dir}/{task}/{split}/` shards (members `src.tok`,
+`tgt.tok`; sample id = line index in the split) + manifest.json (kind "task", truncation counts). GLGE's literal
+"[SEP]" segment markers are encoded as the <sep> id. Targets are stored without EOS; the collator adds it.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from data_pipeline.config import DataConfig, to_plain
+from data_pipeline.corruption import pad_stack
+from data_pipeline.errors import DataError
+from data_pipeline.extract import decode_utf8
+from data_pipeline.shards import fingerprint, swap_in, token_dtype, up_to_date, write_manifest, write_shards
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+GLGE_TASKS = ("cnndm", "gigaword", "xsum", "msnews", "squadqg", "msqg", "coqa", "personachat")
+IWSLT_TASKS = ("iwslt14", "iwslt14-de-en", "iwslt14_de_en")
+SPLITS = ("train", "valid", "test")
+_SPLIT_ALIASES = {"train": "train", "valid": "valid", "dev": "valid", "validation": "valid", "test": "test"}
+_OFFICIAL_NAME = {"train": "train", "valid": "dev", "test": "test"}
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    text, bad = decode_utf8(data)
+    if bad:
+        log.warning("%s: %d invalid UTF-8 sequences replaced with U+FFFD", path, bad)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline does not start another example
+    return [l.rstrip("\r") for l in lines]
+
+
+def _task_folder(root: Path, task: str, level: str | None) -> tuple[Path, dict[str, str], tuple[str, str]]:
+    """(folder, {split: file stem}, (source ext, target ext)) for a task under root, whichever layout it uses."""
+    if task in IWSLT_TASKS:
+        exts = ("de", "en")
+        for folder in (root, root / "iwslt14-de-en", root / "iwslt14.tokenized.de-en"):
+            stems = {s: s for s in SPLITS if (folder / f"{s}.de").is_file() or (folder / f"{s}.en").is_file()}
+            if stems:
+                return folder, stems, exts
+        raise DataError(f"{root}: no IWSLT14 files ({{train,valid,test}}.{{de,en}})")
+    exts = ("src", "tgt")
+    official = [root / f"{task}_data" / "org_data", root / "org_data", root]
+    if level:
+        official.insert(0, root / level / f"{task}_data" / "org_data")
+    for folder in official:
+        stems = {s: _OFFICIAL_NAME[s] for s in SPLITS if (folder / f"{_OFFICIAL_NAME[s]}.src").is_file()}
+        if stems and (folder.name == "org_data" or "dev" in stems.values()):
+            return folder, stems, exts
+    for folder in (root / task, root):
+        stems = {s: s for s in SPLITS if (folder / f"{s}.src").is_file() or (folder / f"{s}.tgt").is_file()}
+        if stems:
+            return folder, stems, exts
+    levels = [d.name for d in root.glob("*") if d.name in ("easy", "medium", "hard") and (d / f"{task}_data").is_dir()]
+    hint = f" (found levels {levels}: pass level=...)" if levels and not level else ""
+    raise DataError(f"{root}: no data for task {task!r}: looked for {task}_data/org_data/{{train,dev,test}}.src "
+                    f"and {task}/{{train,valid,test}}.src{hint}")
+
+
+def read_task_split(task_dir_or_root: str | Path, task: str, split: str, level: str | None = None,
+                    holdout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """Source and target lines of one split of a GLGE task or IWSLT14 (see the module docstring)."""
+    task = task.lower()
+    if task not in GLGE_TASKS and task not in IWSLT_TASKS:
+        raise DataError(f"unknown task {task!r}; known: {', '.join(GLGE_TASKS + IWSLT_TASKS[:1])}")
+    if split not in _SPLIT_ALIASES:
+        raise DataError(f"unknown split {split!r} for task {task}; use train, valid (or dev) or test")
+    split = _SPLIT_ALIASES[split]
+    root = Path(task_dir_or_root)
+    if not root.is_dir():
+        raise DataError(f"{root}: task data folder not found")
+    folder, stems, (src_ext, tgt_ext) = _task_folder(root, task, level)
+    pooled = len(stems) == 1
+    stem = next(iter(stems.values())) if pooled else stems.get(split)
+    if stem is None:
+        raise DataError(f"{folder}: task {task} has no {split!r} split (found: {', '.join(sorted(stems))})")
+    src_path, tgt_path = folder / f"{stem}.{src_ext}", folder / f"{stem}.{tgt_ext}"
+    for p in (src_path, tgt_path):
+        if not p.is_file():
+            raise DataError(f"{p}: missing (its pair {src_path if p == tgt_path else tgt_path} exists)")
+    sources, targets = _read_lines(src_path), _read_lines(tgt_path)
+    if len(sources) != len(targets):
+        raise DataError(f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}: "
+                        f"source and target must pair line by line")
+    if pooled:
+        cut = len(sources) - max(1, round(holdout_fraction * len(sources))) if len(sources) > 1 else len(sources)
+        sl = slice(0, cut) if split == "train" else slice(cut, None)
+        sources, targets = sources[sl], targets[sl]
+    return sources, targets
+
+
+# ---- collation -----------------------------------------------------------------------------------------------
+@dataclass
+class TaskCollator:
+    """src: source tokens (truncated to max_source_len if > 0); tgt: y + eos; prev: bos + y; positions 1..T."""
+
+    max_source_len: int = 0
+
+    def __call__(self, samples: Sequence[tuple[int, dict[str, np.ndarray]]], epoch: int, batch_index: int) -> dict:
+        srcs = [s["src"][: self.max_source_len] if self.max_source_len > 0 else s["src"] for _, s in samples]
+        tgts = [np.append(s["tgt"], EOS_ID) for _, s in samples]
+        return {
+            "src_tokens": pad_stack(srcs, 0),
+            "tgt_tokens": pad_stack(tgts, 0),
+            "prev_tokens": pad_stack([np.concatenate([[BOS_ID], t[:-1]]) for t in tgts], 0),
+            "tgt_positions": pad_stack([np.arange(1, len(t) + 1) for t in tgts], 0),
+            "sample_ids": np.asarray([sid for sid, _ in samples], dtype=np.int64),
+            "n_tokens": int(sum(len(t) for t in tgts)),
+        }
+
+
+# ---- the `tasks` command -------------------------------------------------------------------------------------
+def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tokenizer, *, max_source_len: int,
+                      max_target_len: int, level: str | None = None, holdout_fraction: float = 0.1,
+                      samples_per_shard: int = 5000, force: bool = False) -> dict:
+    """Tokenize one split into `out_dir` (idempotent: same inputs, tokenizer and settings -> nothing to do)."""
+    sources, targets = read_task_split(root, task, split, level, holdout_fraction)
+    settings = {"task": task, "split": split, "max_source_len": max_source_len, "max_target_len": max_target_len,
+                "level": level, "holdout_fraction": holdout_fraction, "samples_per_shard": samples_per_shard}
+    fp = fingerprint({**settings, "tokenizer": tok.checksum, "data": fingerprint([sources, targets])})
+    if not force and up_to_date(out_dir, fp):
+        return json.loads((out_dir / "manifest.json").read_text())
+    stats: collections.Counter = collections.Counter()
+    dtype = token_dtype(tok.padded_vocab_size)
+
+    def samples():
+        for src, tgt in zip(sources, targets):
+            s = np.asarray(tok.encode_with_sep(src), dtype=np.int64)
+            t = np.asarray(tok.encode(tgt), dtype=np.int64)
+            if len(s) > max_source_len:
+                stats["sources_truncated"] += 1
+            if len(t) > max_target_len:
+                stats["targets_truncated"] += 1
+            if len(s) == 0 or len(t) == 0:
+                stats["empty_source_or_target"] += 1  # kept: ids stay equal to line numbers
+            yield {"src": s[:max_source_len], "tgt": t[:max_target_len]}
+
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    written = write_shards(samples(), staging, ["src", "tgt"], dtype, samples_per_shard, 1 << 30)
+    if not written.shards:
+        raise DataError(f"{root}: task {task} split {split} is empty")
+    manifest = write_manifest(staging, "task", ["src", "tgt"], dtype, written, tok, dict(stats), settings, fp,
+                              {"task": task, "split": split})
+    swap_in(staging, out_dir)
+    return manifest
+
+
+def run_tasks(cfg: DataConfig, force: bool = False) -> dict[str, dict[str, int]]:
+    """Shards for every configured GLGE task (and IWSLT14 if tasks.iwslt_root is set); returns sample counts."""
+    k = cfg.tasks
+    tok = Tokenizer.load(cfg.in_work(cfg.tokenizer.out_dir))
+    out = cfg.in_work(k.out_dir)
+    jobs = [(cfg.root() / k.root, t) for t in k.tasks]
+    if k.iwslt_root:
+        jobs.append((cfg.root() / k.iwslt_root, "iwslt14"))
+    counts: dict[str, dict[str, int]] = {}
+    for root, task in jobs:
+        if task not in GLGE_TASKS and task not in IWSLT_TASKS:
+            raise DataError(f"{cfg.config_file or 'data config'}: tasks.tasks: unknown task {task!r}; "
+                            f"known: {', '.join(GLGE_TASKS)} (and iwslt14 via tasks.iwslt_root)")
+        for split in SPLITS:
+            try:
+                read_task_split(root, task, split, k.level or None, k.holdout_fraction)
+            except DataError as exc:
+                if "has no" in str(exc):
+                    log.info("tasks: %s", exc)
+                    continue
+                raise
+            m = build_task_shards(root, task, split, out / task / split, tok, max_source_len=k.max_source_len,
+                                  max_target_len=k.max_target_len, level=k.level or None,
+                                  holdout_fraction=k.holdout_fraction, samples_per_shard=k.samples_per_shard,
+                                  force=force)
+            counts.setdefault(task, {})[split] = m["num_samples"]
+            log.info("tasks: %s/%s: %d pairs (%s)", task, split, m["num_samples"], m["stats"])
+    (out / "tasks.json").write_text(json.dumps({"counts": counts, "config": to_plain(k)}, indent=1))
+    return counts
+
+
+__all__ = ["read_task_split", "build_task_shards", "run_tasks", "TaskCollator", "GLGE_TASKS"]
