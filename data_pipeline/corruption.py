@@ -1,7 +1,8 @@
 """Pretraining corruption (BANG span masking, ELMER/BART sentence permutation + span infilling) and the collator
 that turns a planned batch of samples into the pretraining batch dict. Runs inside the loader workers.
 
-Randomness is explicit: the objective of a batch comes from (seed, epoch, dp_rank, batch index), and each sample's
+Randomness is explicit: the objective of a batch comes from (seed, epoch, batch index) — the same on every
+data-parallel rank, as ZeRO-3 needs — and each sample's
 corruption from (seed, epoch, sample id, objective). Nothing uses a global RNG, so a resumed run reproduces every
 batch exactly.
 
@@ -50,12 +51,14 @@ def sample_rng(seed: int, epoch: int, sample_id: int, objective: str) -> np.rand
     return np.random.default_rng([seed, epoch, int(sample_id), _OBJECTIVE_CODE[objective]])
 
 
-def choose_objective(weights: Mapping[str, float], seed: int, epoch: int, dp_rank: int, batch_index: int) -> str:
+def choose_objective(weights: Mapping[str, float], seed: int, epoch: int, batch_index: int) -> str:
+    """The objective of global step `batch_index`. Deliberately the same on every data-parallel rank: under ZeRO-3
+    all ranks must run the same modules in the same order, since parameters are gathered module by module."""
     names = sorted(weights)
     if len(names) == 1:
         return names[0]
     p = np.asarray([weights[n] for n in names], dtype=np.float64)
-    rng = np.random.default_rng([seed, epoch, dp_rank, batch_index, 0x0B])
+    rng = np.random.default_rng([seed, epoch, batch_index, 0x0B])
     return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
@@ -194,10 +197,9 @@ class PretrainCollator:
     tables: CorruptionTables
     weights: dict[str, float]
     seed: int
-    dp_rank: int
 
     def __call__(self, samples: Sequence[tuple[int, dict[str, np.ndarray]]], epoch: int, batch_index: int) -> dict:
-        objective = choose_objective(self.weights, self.seed, epoch, self.dp_rank, batch_index)
+        objective = choose_objective(self.weights, self.seed, epoch, batch_index)
         fn = CORRUPT[objective]
         out = [fn(s["tok"], sample_rng(self.seed, epoch, sid, objective), self.cfg, self.tables) for sid, s in samples]
         return {

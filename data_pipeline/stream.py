@@ -267,7 +267,7 @@ def build_pretrain_loader(cfg: Any, *, dp_rank: int, dp_world_size: int, seed: i
     manifest, lengths, tok, skipped = open_shard_dir(shard_dir, "pretrain", tok_path, lc.verify, lc.on_corrupt_shard)
     cost = lengths[:, 0].astype(np.int64) + 1  # + EOS for ELMER targets
     spec = BatchingSpec(lc.batch_size, lc.max_tokens, lc.shuffle, lc.shuffle_buffer, lc.bucket_window)
-    collate = PretrainCollator(lc.corruption, CorruptionTables.from_tokenizer(tok), weights, seed, dp_rank)
+    collate = PretrainCollator(lc.corruption, CorruptionTables.from_tokenizer(tok), weights, seed)
     extra = f"weights={sorted(weights.items())}|corruption={sorted(lc.corruption.__dict__.items())}"
     return ShardLoader(shard_dir, manifest, cost, collate, spec=spec, dp_rank=dp_rank, dp_world_size=dp_world_size,
                        seed=seed, num_workers=num_workers, prefetch_factor=lc.prefetch_factor, tokenizer=tok,

@@ -14,7 +14,8 @@ class WarmupDecay:
     """lr(step) = peak * factor(step), where `step` counts optimizer updates already taken (0 for the first).
 
     Warmup rises linearly to 1 over `warmup_steps` updates (the first update uses 1/warmup_steps, never 0).
-    Then: constant; linear or cosine down to `min_ratio` at `total_steps`; or inverse_sqrt (fairseq's).
+    Then: constant; linear or cosine towards `min_ratio` (reached just after the last of `total_steps`
+    updates); or inverse_sqrt (fairseq's).
     """
 
     decay: str
@@ -30,7 +31,8 @@ class WarmupDecay:
             return 1.0
         if self.decay == "inverse_sqrt":
             return math.sqrt(max(self.warmup_steps, 1) / n)
-        span = max(self.total_steps - self.warmup_steps, 1)
+        # The last update of the run still gets a little more than min_ratio.
+        span = max(self.total_steps - self.warmup_steps, 0) + 1
         progress = min((n - self.warmup_steps) / span, 1.0)
         if self.decay == "linear":
             shape = 1.0 - progress
@@ -42,5 +44,7 @@ class WarmupDecay:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, factor: WarmupDecay) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR DeepSpeed steps once per optimizer update and saves in its checkpoints."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """A LambdaLR DeepSpeed steps once per optimizer update and saves in its checkpoints. The factor goes in as a
+    plain function, which LambdaLR does not save: a resumed run restores the step count and follows the schedule
+    of its current config (the same one, for an exact continuation; a longer one, to extend a run)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))

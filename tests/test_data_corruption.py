@@ -142,20 +142,29 @@ def test_corruption_is_reproducible_per_sample_and_epoch(samples, tables):
 
 def test_objective_mix_follows_the_weights(samples, tables):
     for weights, expect in (({"bang": 0.5, "elmer": 0.5}, 0.5), ({"bang": 0.8, "elmer": 0.2}, 0.8), ({"bang": 1.0}, 1.0)):
-        picks = [choose_objective(weights, 3, 0, 1, b) for b in range(4000)]
+        picks = [choose_objective(weights, 3, 0, b) for b in range(4000)]
         frac = picks.count("bang") / len(picks)
         assert abs(frac - expect) < 4 * math.sqrt(expect * (1 - expect) / 4000) + 1e-9
-    # seeded by (seed, epoch, dp rank, batch index) only
-    assert [choose_objective({"bang": 1, "elmer": 1}, 3, 0, 1, b) for b in range(50)] == \
-           [choose_objective({"bang": 1, "elmer": 1}, 3, 0, 1, b) for b in range(50)]
-    assert [choose_objective({"bang": 1, "elmer": 1}, 3, 0, 0, b) for b in range(50)] != \
-           [choose_objective({"bang": 1, "elmer": 1}, 3, 0, 1, b) for b in range(50)]
+    # seeded by (seed, epoch, batch index) only: a new seed or epoch changes the sequence
+    mix = {"bang": 1, "elmer": 1}
+    assert [choose_objective(mix, 3, 0, b) for b in range(50)] == [choose_objective(mix, 3, 0, b) for b in range(50)]
+    assert [choose_objective(mix, 3, 0, b) for b in range(50)] != [choose_objective(mix, 4, 0, b) for b in range(50)]
+    assert [choose_objective(mix, 3, 0, b) for b in range(50)] != [choose_objective(mix, 3, 1, b) for b in range(50)]
+
+
+def test_the_collator_mixes_objectives_per_batch(samples, tables):
+    """The objective depends on no rank (see choose_objective); test_data_stream checks it across real DP ranks."""
+    mix = {"bang": 0.5, "elmer": 0.5}
+    batch_samples = [(sid, {"tok": x}) for sid, x in samples[:4]]
+    collate = PretrainCollator(CorruptionConfig(), tables, mix, seed=1)
+    picks = [collate(batch_samples, 0, b)["objective"] for b in range(20)]
+    assert set(picks) == {"bang", "elmer"}
 
 
 def test_collated_pretraining_batch_contract(samples, tables):
     batch_samples = [(sid, {"tok": x}) for sid, x in samples[:8]]
     for weights in ({"bang": 1.0}, {"elmer": 1.0}):
-        collate = PretrainCollator(CorruptionConfig(), tables, weights, seed=1, dp_rank=0)
+        collate = PretrainCollator(CorruptionConfig(), tables, weights, seed=1)
         b = to_torch(collate(batch_samples, epoch=0, batch_index=0))
         B = len(batch_samples)
         assert b["objective"] == next(iter(weights))

@@ -78,11 +78,12 @@ def assert_same_batches(a, b):
 
 def test_every_sample_exactly_once_across_2_dp_ranks_x_2_workers(small):
     n = load_manifest(small.in_work("small_shards"))["num_samples"]
-    seen, counts = [], []
+    seen, counts, objectives = [], [], []
     for rank in (0, 1):
         loader = make_loader(small, rank=rank, world=2, workers=2)
         batches = list(loader)
         counts.append(len(batches))
+        objectives.append([b["objective"] for b in batches])
         assert len(batches) == len(loader)
         # DataLoader round robin over workers: global batch b is local batch b // 2 of stream b % 2
         streams = loader.plan(0)
@@ -92,6 +93,8 @@ def test_every_sample_exactly_once_across_2_dp_ranks_x_2_workers(small):
         seen += [i for batch in batches for i in batch["sample_ids"].tolist()]
     assert counts[0] == counts[1]
     assert len(seen) == n and sorted(seen) == list(range(n))  # every sample exactly once, none skipped
+    # ZeRO-3 needs every DP rank to run the same objective at each step.
+    assert objectives[0] == objectives[1] and len(set(objectives[0])) == 2
 
 
 def test_uneven_shards_give_equal_batch_counts_per_rank(small):

@@ -1,0 +1,18 @@
+"""python -m pretrain --config configs/pretrain/<name>.yaml [--resume] [key=value ...]
+
+Started by the deepspeed launcher (`deepspeed --num_gpus 2 --module pretrain ...`), by torchrun, or plainly for one
+process. See pretrain/run.py for what it builds.
+"""
+import os
+import sys
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+if __name__ == "__main__":
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pretrain.run import main
+
+    sys.exit(main(sys.argv[1:]))

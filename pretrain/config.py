@@ -1,0 +1,326 @@
+"""Typed pretraining config: omegaconf structured dataclasses, a YAML file, `key=value` overrides, validation.
+
+`EngineConfig` holds what the training engine reads (train loop, optimizer, schedule, DeepSpeed, parallel
+layout, checkpoints, evaluation, tracking); finetuning configs extend it. `PretrainConfig` adds the model,
+the data and the objective. Relative paths are relative to the working directory (the repository root).
+
+`validate()` runs before any process group starts and raises ConfigError naming the field (and file) at fault.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.schedule import DECAYS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field or the file."""
+
+
+# --- engine sections (shared with finetuning) ------------------------------------------------------------
+
+@dataclass
+class TrainSection:
+    steps: int = 100  # optimizer updates in the whole run
+    grad_accum: int = 1  # micro-batches per update on each data-parallel rank
+    log_every: int = 10
+    seed: int = 1234
+    activation_checkpointing: bool = False  # recompute each encoder/decoder layer in backward
+    record_sample_ids: bool = False  # write <output_dir>/samples/rank_N.jsonl: which samples each step saw
+    progress_bar: bool = True
+
+
+@dataclass
+class OptimSection:
+    impl: str = "torch"  # "torch": torch.optim.AdamW; "deepspeed": DeepSpeed's AdamW (fused on GPU, JIT CPU Adam)
+    lr: float = 3e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # not applied to biases, norms or the mask vector (1-d parameters)
+    clip_grad: float = 1.0  # global gradient-norm clipping (0 = off)
+
+
+@dataclass
+class ScheduleSection:
+    decay: str = "linear"  # one of constant, linear, cosine, inverse_sqrt
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of the peak
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "configs/deepspeed/zero1.json"  # ZeRO stage, offload, bucket sizes
+    precision: str = "auto"  # fp32, bf16, or auto (bf16 where the hardware supports it)
+
+
+@dataclass
+class ParallelSection:
+    tensor_parallel: int = 1  # megatron-core TP size; data parallel = world size / tensor_parallel
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""  # empty: <output_dir>/checkpoints
+    every_steps: int = 0  # 0: only at the end of the run
+    keep_last: int = 2  # complete checkpoints kept (0 = all)
+    resume: bool = False  # continue from the checkpoint `latest` names (the --resume flag)
+    save_at_end: bool = True
+    # Full (TP-merged, ZeRO-gathered) model weights + model config at the end, <output_dir>/final_model.pt:
+    # what finetuning starts from, at any TP size or ZeRO stage (model.sharding.load_full_state_dict).
+    export_final: bool = True
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 0  # 0: only at the end of the run
+    batches: int = 4  # held-out batches per objective and data-parallel rank
+    at_end: bool = True
+
+
+@dataclass
+class TrackingSection:
+    mlflow: bool = True
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = "tandem-pretrain"
+    run_name: str = ""  # empty: the config name
+
+
+@dataclass
+class EngineConfig:
+    name: str = "run"
+    output_dir: str = "runs/pretrain/run"
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    config_file: str = ""  # filled by load(); used in error messages
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+
+# --- pretraining sections -------------------------------------------------------------------------------
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # model.config presets: tiny, base
+    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field; vocab_size comes from the data
+
+
+@dataclass
+class DataSection:
+    config: str = "configs/data/tiny.yaml"  # the data pipeline's config: shards, tokenizer, loader, corruption
+    overrides: list[str] = field(default_factory=list)  # key=value applied to that config
+    # Held-out text for evaluation: more key=value applied on top (e.g. another loader.shard_dir); empty: none.
+    eval_overrides: list[str] = field(default_factory=list)
+    num_workers: int = 0  # loader worker processes per rank
+
+
+@dataclass
+class BangSection:
+    n_streams: int = 0  # 0: the model's n_predict
+    stream_weights: list[float] = field(default_factory=list)  # empty: 1.0 each (BANG weighs streams equally)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ElmerSection:
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ObjectiveSection:
+    name: str = "mix"  # bang, elmer or mix
+    weights: dict[str, float] = field(default_factory=lambda: {"bang": 0.5, "elmer": 0.5})  # mix: per-batch odds
+    bang: BangSection = field(default_factory=BangSection)
+    elmer: ElmerSection = field(default_factory=ElmerSection)
+
+    def active(self) -> dict[str, float]:
+        """The objectives the loader samples, with their weights."""
+        if self.name == "mix":
+            return {k: float(v) for k, v in self.weights.items() if v > 0}
+        return {self.name: 1.0}
+
+
+@dataclass
+class PretrainConfig(EngineConfig):
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+
+
+# --- loading --------------------------------------------------------------------------------------------
+
+def load(path: str | Path, overrides: Sequence[str] = (), schema: type = PretrainConfig):
+    """YAML file + `key=value` overrides -> a typed config object (not yet validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax
+        raise ConfigError(f"{path}: cannot parse: {err}") from None
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), file_cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # unknown key or wrong type; omegaconf names the key
+        raise ConfigError(f"{path}: {err}") from None
+    cfg.config_file = str(path)
+    return cfg
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# --- validation of the engine sections -----------------------------------------------------------------
+
+def _fail(cfg: EngineConfig, field_name: str, why: str):
+    where = f"{cfg.config_file}: " if cfg.config_file else ""
+    raise ConfigError(f"{where}{field_name}: {why}")
+
+
+DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def read_deepspeed_json(cfg: EngineConfig) -> dict[str, Any]:
+    path = Path(cfg.deepspeed.config)
+    if not path.is_file():
+        _fail(cfg, "deepspeed.config", f"file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        _fail(cfg, "deepspeed.config", f"{path} is not valid JSON: {err}")
+    owned = [k for k in DS_OWNED_KEYS if k in ds]
+    if owned:
+        _fail(cfg, "deepspeed.config", f"{path} sets {owned}; batch sizes, clipping, precision, optimizer and "
+                                       "schedule come from the typed config (train/optim/schedule/deepspeed.precision)")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        _fail(cfg, "deepspeed.config", f"{path}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    return ds
+
+
+def zero_stage(cfg: EngineConfig) -> int:
+    return int(read_deepspeed_json(cfg).get("zero_optimization", {}).get("stage", 0))
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(cfg: EngineConfig) -> str:
+    import torch
+
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def validate_engine(cfg: EngineConfig, world_size: int) -> None:
+    t, o, s, c, e = cfg.train, cfg.optim, cfg.schedule, cfg.checkpoint, cfg.eval
+    if t.steps < 1:
+        _fail(cfg, "train.steps", f"must be >= 1, got {t.steps}")
+    if t.grad_accum < 1:
+        _fail(cfg, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    if t.log_every < 1:
+        _fail(cfg, "train.log_every", f"must be >= 1, got {t.log_every}")
+    if o.impl not in ("torch", "deepspeed"):
+        _fail(cfg, "optim.impl", f"must be 'torch' or 'deepspeed', got {o.impl!r}")
+    if not o.lr > 0:
+        _fail(cfg, "optim.lr", f"must be > 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        _fail(cfg, "optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+    if o.weight_decay < 0 or o.clip_grad < 0:
+        _fail(cfg, "optim.weight_decay" if o.weight_decay < 0 else "optim.clip_grad", "must be >= 0")
+    if s.decay not in DECAYS:
+        _fail(cfg, "schedule.decay", f"must be one of {DECAYS}, got {s.decay!r}")
+    if not 0 <= s.warmup_steps <= t.steps:
+        _fail(cfg, "schedule.warmup_steps", f"must be in [0, train.steps={t.steps}], got {s.warmup_steps}")
+    if not 0 <= s.min_lr_ratio <= 1:
+        _fail(cfg, "schedule.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
+    if cfg.deepspeed.precision not in ("fp32", "bf16", "auto"):
+        _fail(cfg, "deepspeed.precision", f"must be fp32, bf16 or auto, got {cfg.deepspeed.precision!r} "
+                                          "(fp16 is not supported: it needs loss scaling and fails on CPU)")
+    tp = cfg.parallel.tensor_parallel
+    if tp < 1:
+        _fail(cfg, "parallel.tensor_parallel", f"must be >= 1, got {tp}")
+    if world_size % tp:
+        _fail(cfg, "parallel.tensor_parallel", f"={tp} does not divide the world size {world_size} (WORLD_SIZE "
+                                               "from the launcher): data parallel = world size / tensor_parallel")
+    stage = zero_stage(cfg)
+    if stage == 3 and tp > 1:
+        _fail(cfg, "deepspeed.config", f"{cfg.deepspeed.config} selects ZeRO stage 3, which this project runs only "
+                                       f"with parallel.tensor_parallel=1 (got {tp}); use ZeRO-1 or ZeRO-2 with tensor "
+                                       "parallelism")
+    if c.every_steps < 0 or c.keep_last < 0:
+        _fail(cfg, "checkpoint.every_steps" if c.every_steps < 0 else "checkpoint.keep_last", "must be >= 0")
+    if e.every_steps < 0 or e.batches < 0:
+        _fail(cfg, "eval.every_steps" if e.every_steps < 0 else "eval.batches", "must be >= 0")
+
+
+def deepspeed_dict(cfg: EngineConfig, dp_size: int, micro_batch_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON file's ZeRO/communication settings plus the fields the typed config owns.
+
+    The JSON files in configs/deepspeed/ are the reference for ZeRO settings; batch sizes, clipping, precision
+    and the optimizer are filled in here so they have one source of truth."""
+    ds = read_deepspeed_json(cfg)
+    precision = resolve_precision(cfg)
+    ds.update({
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": micro_batch_size * cfg.train.grad_accum * dp_size,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 1 << 30,  # the engine logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    })
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if cfg.optim.impl == "deepspeed":
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
+                                                       "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}}
+    elif offload not in (None, "none"):
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states: slower, but no JIT build
+    return ds
+
+
+def launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[str, list[str], bool]:
+    """`--config PATH [--resume] [key=value ...]` -> (path, overrides, resume)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a YAML file under configs/pretrain/")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint `latest` names")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 parallel.tensor_parallel=2")
+    args = parser.parse_args(list(argv))
+    return args.config, list(args.overrides), args.resume

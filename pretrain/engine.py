@@ -1,0 +1,403 @@
+"""The one training engine: DeepSpeed (ZeRO 0-3, offload, bf16) over a megatron-core tensor-parallel model.
+
+Finetuning reuses it unchanged: hand it a model, an objective (pretrain.objectives interface), a training
+loader (iterable of batch dicts with state_dict/load_state_dict), factories of held-out loaders (called afresh
+at every evaluation, so each evaluation reads the same batches) and, optionally, an extra evaluation function
+(generation metrics).
+
+A step reads `grad_accum` micro-batches on every data-parallel rank. Each micro-batch loss is a mean over its
+own targets; it is rescaled by (its targets / the step's targets over all ranks) x dp x accum before
+DeepSpeed's backward (which divides by accum and averages over dp), so the gradient is the mean over every
+target of the global batch however that batch is split. That is why ZeRO stages, DP sizes and a single
+process agree on the same global batch.
+
+ZeRO-3 gathers parameters module by module with collectives, so in every micro-step all data-parallel ranks
+must run the same modules in the same order: the same objective (checked, from batch["objective"]) and no
+data-dependent early stop (ELMER's exits always include the last layer). ZeRO-1/2 have no such constraint.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from model import parallel
+from model.config import SPECIAL
+from pretrain import activation_checkpointing, checkpoint, distributed
+from pretrain.config import EngineConfig, deepspeed_dict, read_deepspeed_json, resolve_precision, to_dict, to_yaml
+from pretrain.objectives import Objective
+from pretrain.schedule import WarmupDecay, build_scheduler
+from pretrain.tracking import Tracker, git_commit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ObjectiveModule(nn.Module):
+    """What DeepSpeed wraps: the model, with the objective as its forward, so the whole loss runs inside
+    DeepSpeed's module hooks (ZeRO-3 gathers parameters there, including the tied head's embedding)."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective  # not a module: it owns no parameters
+
+    def forward(self, batch: dict[str, Any], evaluate: bool = False):
+        if evaluate:
+            return self.objective.eval_metrics(self.model, batch)
+        return self.objective.loss(self.model, batch)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def real_tokens(batch: dict[str, Any]) -> int:
+    """Non-pad source and target tokens: what the model actually processed."""
+    return int((batch["src_tokens"] != SPECIAL.pad).sum() + (batch["tgt_tokens"] != SPECIAL.pad).sum())
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; leave biases, norms and the mask vector (1-d parameters) alone."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class MetricSums:
+    """(sum, count) per metric name in a fixed order, reduced over data-parallel ranks in one all-reduce."""
+
+    def __init__(self, names: list[str], extra: tuple[str, ...] = ()):
+        self.names = list(names)
+        self.extra = list(extra)
+        self.values = torch.zeros(2 * len(self.names) + len(self.extra), dtype=torch.float64)
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for name, (total, count) in metrics.items():
+            i = self._index[name]
+            self.values[2 * i] += float(total)
+            self.values[2 * i + 1] += float(count)
+
+    def add_extra(self, name: str, value: float) -> None:
+        self.values[2 * len(self.names) + self.extra.index(name)] += value
+
+    def reduce(self) -> tuple[dict[str, float], dict[str, float]]:
+        """All-reduce over data parallel; returns (means of metrics seen, extra sums)."""
+        values = distributed.all_reduce_sum(self.values.clone(), group=parallel.dp_group())
+        means = {}
+        for i, name in enumerate(self.names):
+            if values[2 * i + 1] > 0:
+                means[name] = float(values[2 * i] / values[2 * i + 1])
+        extras = {name: float(values[2 * len(self.names) + j]) for j, name in enumerate(self.extra)}
+        return means, extras
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, model: nn.Module, objective: Objective, train_loader,
+                 mpu: distributed.MegatronMpu, *, micro_batch_size: int,
+                 eval_loaders: dict[str, Callable[[], Iterable]] | None = None,
+                 extra_eval: Callable[[nn.Module], dict[str, float]] | None = None):
+        """micro_batch_size: the loader's nominal batch (DeepSpeed's bookkeeping; the loss scaling uses the real
+        target counts). extra_eval(model) -> {name: value} runs after the loss evaluation."""
+        import deepspeed
+
+        self.cfg = cfg
+        self.objective = objective
+        self.train_loader = train_loader
+        self.eval_loaders = eval_loaders or {}
+        self.extra_eval = extra_eval
+        self.rank0 = distributed.is_rank0()
+        self.output_dir = Path(cfg.output_dir)
+        self.dp_size, self.dp_rank = parallel.dp_size(), parallel.dp_rank()
+        self.precision = resolve_precision(cfg)
+        self.zero_stage = int(read_deepspeed_json(cfg).get("zero_optimization", {}).get("stage", 0))
+
+        if cfg.train.activation_checkpointing:
+            activation_checkpointing.apply(model)
+        self.module = ObjectiveModule(model, objective)
+        self.ds_config = deepspeed_dict(cfg, self.dp_size, micro_batch_size)
+        optimizer = scheduler = None
+        factor = WarmupDecay(cfg.schedule.decay, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr_ratio)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        if cfg.optim.impl == "torch":
+            optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            scheduler = build_scheduler(optimizer, factor)
+        else:  # DeepSpeed builds the optimizer from ds_config; the schedule is a callable on it
+            scheduler = lambda opt: build_scheduler(opt, factor)  # noqa: E731
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, model_parameters=groups if optimizer is None else None, optimizer=optimizer,
+            lr_scheduler=scheduler, config=self.ds_config, mpu=mpu)
+        self.device = self.ds.device
+
+        self.step = 0  # optimizer updates taken
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self.run_id: str | None = None
+        self.tracker = Tracker(self.output_dir, active=self.rank0, use_mlflow=cfg.tracking.mlflow,
+                               uri=cfg.tracking.uri or None, experiment=cfg.tracking.experiment)
+        self._epoch_iter: Iterator | None = None
+        self._lr = math.nan
+        self._sample_log = None
+
+    # --- data -------------------------------------------------------------------------------------------
+
+    def _next_batch(self) -> dict[str, Any]:
+        """The next training batch; a loader that ends (an epoch) is simply iterated again."""
+        for _ in range(2):
+            if self._epoch_iter is None:
+                self._epoch_iter = iter(self.train_loader)
+            try:
+                return next(self._epoch_iter)
+            except StopIteration:
+                self._epoch_iter = None
+        raise RuntimeError("the training loader yields no batches")
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def save(self) -> str:
+        client = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+                  "mlflow_run_id": self.tracker.run_id or self.run_id}
+        rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
+                      "objective": self.objective.state_dict(), "step": self.step}
+        tag = checkpoint.save(self.ds, self.cfg.checkpoint_dir(), self.step, client, rank_state,
+                              keep_last=self.cfg.checkpoint.keep_last)
+        self.log_line(f"saved checkpoint {self.cfg.checkpoint_dir() / tag}")
+        return tag
+
+    def resume(self) -> bool:
+        """Load the checkpoint `latest` names; False (and a fresh start) when there is none yet."""
+        ckpt_dir = self.cfg.checkpoint_dir()
+        tag = checkpoint.read_pointer(ckpt_dir)
+        if tag is None:
+            self.log_line(f"--resume: no complete checkpoint in {ckpt_dir} ({checkpoint.POINTER} missing); "
+                          "starting from step 0")
+            return False
+        client, rank_state = checkpoint.load(self.ds, ckpt_dir, tag)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # The next update's rate from the current config's schedule (equal to the saved one when unchanged).
+            for group, base, factor in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
+                                           self.scheduler.lr_lambdas):
+                group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.step = int(client["step"])
+        self.samples_seen = int(client.get("samples_seen", 0))
+        self.tokens_seen = int(client.get("tokens_seen", 0))
+        self.run_id = client.get("mlflow_run_id")
+        self.train_loader.load_state_dict(rank_state["loader"])
+        self._epoch_iter = None
+        self.objective.load_state_dict(rank_state["objective"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        self.log_line(f"resumed from {ckpt_dir / tag} at step {self.step}")
+        return True
+
+    def export_weights(self, path: Path) -> None:
+        """Collective. Rank 0 writes {"model": full state dict (TP shards merged, ZeRO-3 partitions gathered),
+        "config": the model config as a dict, "step"}. Weights are in the training dtype of the module (fp32, or
+        bf16 under bf16 training)."""
+        import dataclasses
+
+        import deepspeed
+
+        from model import sharding
+
+        model = self.module.model
+        gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+                  if self.zero_stage == 3 else contextlib.nullcontext())
+        with gather:
+            full = sharding.full_state_dict(model)
+        if self.rank0:
+            cfg = getattr(model, "cfg", None)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"model": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in full.items()},
+                        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+                        "step": self.step}, tmp)
+            os.replace(tmp, path)
+            self.log_line(f"exported model weights to {path}")
+        distributed.barrier()
+
+    # --- tracking ---------------------------------------------------------------------------------------
+
+    def log_line(self, text: str) -> None:
+        if self.rank0:
+            print(f"[pretrain] {text}", flush=True)
+
+    def start_tracking(self, params: dict[str, Any], artifacts: list[tuple[Path, str]], run_name: str) -> None:
+        """Write the resolved configs into output_dir and open the MLflow run (rank 0). artifacts: (file, folder
+        inside the run's artifacts)."""
+        if self.rank0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            resolved_yaml = self.output_dir / "config.resolved.yaml"
+            resolved_yaml.write_text(to_yaml(self.cfg))
+            ds_json = self.output_dir / "deepspeed_config.json"
+            ds_json.write_text(json.dumps(self.ds_config, indent=2))
+            artifacts = [*artifacts, (resolved_yaml, "resolved"), (ds_json, "resolved")]
+        tags = {"git_commit": git_commit(REPO_ROOT), "world_size": torch.distributed.get_world_size(),
+                "tensor_parallel": parallel.tp_size(), "data_parallel": self.dp_size, "zero_stage": self.zero_stage,
+                "precision": self.precision, "objective": getattr(self.objective, "name", "?")}
+        self.tracker.start(run_name, params, tags, artifacts, resume_run_id=self.run_id)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def train_step(self, stats: MetricSums) -> None:
+        """One optimizer update over grad_accum micro-batches; adds its figures to `stats`."""
+        accum = self.cfg.train.grad_accum
+        self._lr = float(self.ds.get_lr()[0])  # the rate this update uses
+        batches = [self._next_batch() for _ in range(accum)]
+        if self.zero_stage == 3 and self.dp_size > 1:
+            self._check_same_objective(batches)
+        counts = [self.objective.num_targets(b) for b in batches]
+        step_targets = distributed.all_reduce_sum(torch.tensor([float(sum(counts))], dtype=torch.float64),
+                                                  group=parallel.dp_group()).item()
+        scale = self.dp_size * accum / max(step_targets, 1.0)
+        for batch, n in zip(batches, counts):
+            if self._sample_log is not None:
+                self._sample_log.write(json.dumps({"step": self.step + 1, "ids": batch["sample_ids"].tolist()}) + "\n")
+            loss, metrics = self.ds(to_device(batch, self.device))
+            self.ds.backward(loss * (n * scale))
+            self.ds.step()
+            stats.add(metrics)
+            stats.add({"loss": (loss.detach().double() * n, torch.tensor(float(n)))})
+            stats.add_extra("tokens", float(real_tokens(batch)))
+            stats.add_extra("samples", float(batch["sample_ids"].numel()))
+        self.step += 1
+
+    def _check_same_objective(self, batches: list[dict[str, Any]]) -> None:
+        """ZeRO-3 gathers parameters module by module, collectively: every data-parallel rank must run the same
+        modules in the same order, so a micro-step must train the same objective on every rank."""
+        codes = torch.tensor([zlib.crc32(str(b.get("objective", "")).encode()) for b in batches], dtype=torch.int64)
+        low, high = codes.clone(), codes.clone()
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=parallel.dp_group())
+        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=parallel.dp_group())
+        if not torch.equal(low, high):
+            raise RuntimeError(
+                f"ZeRO-3 needs every data-parallel rank to train the same objective in a micro-step, but at step "
+                f"{self.step + 1} this rank got {[b.get('objective') for b in batches]} and another rank differs. The "
+                "loader must draw each batch's objective from a seed shared by all data-parallel ranks (not the rank); "
+                "or use ZeRO-1/2, which allow different objectives per rank.")
+
+    def fit(self, params: dict[str, Any] | None = None, artifacts: list[tuple[Path, str]] = (),
+            run_name: str = "run") -> dict:
+        """Train to train.steps (resuming first if asked), evaluating and checkpointing on schedule; returns the
+        last logged training figures and the final evaluation (eval/...)."""
+        cfg = self.cfg
+        if cfg.checkpoint.resume:
+            self.resume()
+        self.start_tracking(params or to_dict(cfg), list(artifacts), run_name)
+        if cfg.train.record_sample_ids:
+            folder = self.output_dir / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            rank = torch.distributed.get_rank()
+            self._sample_log = open(folder / f"rank_{rank:05d}.jsonl", "a" if self.step else "w", buffering=1)
+
+        names = ["loss"] + self.objective.metric_names()
+        window = MetricSums(names, extra=("tokens", "samples"))
+        window_start, window_steps = time.perf_counter(), 0
+        bar = self._progress_bar()
+        status = "FAILED"
+        last: dict[str, float] = {}
+        try:
+            self.ds.train()
+            while self.step < cfg.train.steps:
+                self.train_step(window)
+                window_steps += 1
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    last = self._log_window(window, time.perf_counter() - window_start, window_steps, bar)
+                    window = MetricSums(names, extra=("tokens", "samples"))
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.train.steps:
+                    self.evaluate()
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
+                        and self.step < cfg.train.steps:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+            if cfg.eval.at_end:
+                last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            if cfg.checkpoint.save_at_end:
+                self.save()
+            if cfg.checkpoint.export_final:
+                self.export_weights(self.output_dir / "final_model.pt")
+            status = "FINISHED"
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._sample_log is not None:
+                self._sample_log.close()
+                self._sample_log = None
+            self.tracker.finish(status)
+        return last
+
+    def _progress_bar(self):
+        """tqdm on rank 0 when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise."""
+        if not (self.rank0 and self.cfg.train.progress_bar and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True, desc="pretrain")
+
+    def _log_window(self, window: MetricSums, seconds: float, steps: int, bar) -> dict[str, float]:
+        means, extra = window.reduce()
+        tokens, samples = extra["tokens"], extra["samples"]  # summed over data parallel only: TP peers count once
+        self.tokens_seen += int(tokens)
+        self.samples_seen += int(samples)
+        lr = self._lr
+        grad_norm = self.ds.get_global_grad_norm()
+        metrics = dict(means)
+        metrics.update({
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens / max(seconds, 1e-9),
+            "step_time_s": seconds / max(steps, 1),
+            "samples_seen": float(self.samples_seen),
+            "tokens_seen": float(self.tokens_seen),
+        })
+        self.tracker.log_metrics(metrics, self.step, kind="train")
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                            refresh=False)
+        elif self.rank0 and self.cfg.train.progress_bar:  # no terminal: plain lines with the same figures
+            eta = (self.cfg.train.steps - self.step) * metrics["step_time_s"]
+            self.log_line(f"step {self.step}/{self.cfg.train.steps} loss {metrics.get('loss', math.nan):.4f} "
+                          f"lr {lr:.3g} grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f} "
+                          f"eta {eta:.0f}s")
+        return metrics
+
+    # --- evaluation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss figures over `eval.batches` held-out batches of every eval loader (the same batches each time),
+        plus `extra_eval`. Training RNG states are restored afterwards, so evaluating never changes training."""
+        rng = checkpoint.rng_state()
+        self.ds.eval()
+        sums = MetricSums(self.objective.eval_metric_names())
+        try:
+            for name, make_loader in self.eval_loaders.items():
+                batches = list(itertools.islice(iter(make_loader()), self.cfg.eval.batches))
+                # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
+                n = torch.tensor([len(batches)], dtype=torch.int64)
+                if torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+                for batch in batches[:int(n)]:
+                    sums.add(self.ds(to_device(batch, self.device), evaluate=True))
+            means, _ = sums.reduce()
+            if self.extra_eval is not None:
+                means.update(self.extra_eval(self.module.model))
+        finally:
+            self.ds.train()
+            checkpoint.set_rng_state(rng)
+        self.tracker.log_metrics(means, self.step, kind="eval")
+        if means:
+            self.log_line(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items())))
+        return means

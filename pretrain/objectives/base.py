@@ -1,0 +1,75 @@
+"""The objective interface shared by pretraining and finetuning, and a registry by name.
+
+An objective turns (model, batch) into a loss and the figures to log. The loss is a mean over the batch's
+non-pad targets (`num_targets`); the engine rescales it so that a step's gradient is the mean over every target
+of the global batch, however the batch is split over data-parallel ranks and accumulation micro-steps.
+
+Metrics are {name: (sum, count)}: summing both over micro-steps and ranks and dividing once gives exact means.
+Every name an objective can return is listed by `metric_names()`, so all ranks reduce the same vector.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from model.config import SPECIAL
+
+Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+_REGISTRY: dict[str, Callable[..., "Objective"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} registered twice")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def build(name: str, **kwargs) -> "Objective":
+    if name not in _REGISTRY:
+        raise ValueError(f"objective.name={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**kwargs)
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class Objective:
+    name = "objective"
+
+    def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, Metrics]:
+        """Training loss (mean over `num_targets(batch)`) and metrics."""
+        raise NotImplementedError
+
+    def eval_metrics(self, model, batch: dict[str, Any]) -> Metrics:
+        """Held-out figures (called under torch.no_grad); defaults to the training metrics."""
+        return self.loss(model, batch)[1]
+
+    def metric_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def eval_metric_names(self) -> list[str]:
+        return self.metric_names()
+
+    def num_targets(self, batch: dict[str, Any]) -> int:
+        return int((batch["tgt_tokens"] != SPECIAL.pad).sum())
+
+    # Objectives that draw random numbers keep their own generator; it is checkpointed with the run.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of values where mask, count of mask) as float tensors, detached: one metric entry."""
+    mask = mask.to(values.dtype)
+    return (values.detach() * mask).sum(), mask.sum()

@@ -1,0 +1,222 @@
+"""Build a pretraining job from its config: validate everything, start the process groups, build the model, the
+objective and the loaders, and hand them to the engine.
+
+`prepare()` does all the checking that needs no process group (config fields, parallel layout, DeepSpeed JSON,
+data config, shard folders, tokenizer, model shape) so a bad job stops before any process group starts.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pretrain.config import (ConfigError, PretrainConfig, launch_world_size, load, parse_cli, to_dict,
+                             validate_engine)
+
+OBJECTIVES = ("bang", "elmer")
+
+
+@dataclass
+class Plan:
+    """What validation found out: the checked configs and the facts the job is built from."""
+
+    cfg: PretrainConfig
+    world_size: int
+    data_cfg: Any  # data_pipeline.config.DataConfig
+    eval_data_cfg: Any | None
+    model_cfg: Any  # model.config.ModelConfig
+    micro_batch_size: int
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.cfg.parallel.tensor_parallel
+
+
+def _fail(cfg: PretrainConfig, field_name: str, why: str):
+    where = f"{cfg.config_file}: " if cfg.config_file else ""
+    raise ConfigError(f"{where}{field_name}: {why}")
+
+
+def _validate_objective(cfg: PretrainConfig) -> None:
+    o = cfg.objective
+    if o.name not in OBJECTIVES + ("mix",):
+        _fail(cfg, "objective.name", f"must be one of bang, elmer, mix; got {o.name!r}")
+    if o.name == "mix":
+        unknown = sorted(set(o.weights) - set(OBJECTIVES))
+        if unknown:
+            _fail(cfg, "objective.weights", f"names {unknown}; the pretraining objectives are {OBJECTIVES}")
+        if any(v < 0 for v in o.weights.values()) or not o.active():
+            _fail(cfg, "objective.weights", f"need a positive weight and none negative, got {dict(o.weights)}")
+    if o.bang.n_streams < 0:
+        _fail(cfg, "objective.bang.n_streams", f"must be >= 0 (0 = the model's n_predict), got {o.bang.n_streams}")
+    for name, ls in (("bang", o.bang.label_smoothing), ("elmer", o.elmer.label_smoothing)):
+        if not 0 <= ls < 1:
+            _fail(cfg, f"objective.{name}.label_smoothing", f"must be in [0, 1), got {ls}")
+
+
+def _open_shards(cfg: PretrainConfig, data_cfg, field_name: str):
+    """Check a shard folder (manifest, shard files and sizes, tokenizer checksum); returns the tokenizer."""
+    from data_pipeline.config import resolve
+    from data_pipeline.errors import ConfigError as DataConfigError
+    from data_pipeline.errors import DataError
+    from data_pipeline.stream import open_shard_dir
+
+    lc = data_cfg.loader
+    shard_dir = resolve(lc.shard_dir, data_cfg.work())
+    if not (shard_dir / "manifest.json").is_file():
+        _fail(cfg, field_name, f"no shards at {shard_dir} ({shard_dir / 'manifest.json'} is missing); build them "
+                               f"with `python -m data_pipeline prepare --config {cfg.data.config}` (and the same "
+                               "overrides)")
+    try:
+        _, _, tokenizer, _ = open_shard_dir(shard_dir, "pretrain", resolve(lc.tokenizer, data_cfg.work())
+                                            if lc.tokenizer else "", lc.verify, lc.on_corrupt_shard)
+    except (DataError, DataConfigError) as err:
+        _fail(cfg, field_name, str(err))
+    return tokenizer
+
+
+def _load_data_config(cfg: PretrainConfig, overrides: Sequence[str], field_name: str):
+    from data_pipeline.config import load_config
+    from data_pipeline.errors import ConfigError as DataConfigError
+
+    if not Path(cfg.data.config).is_file():
+        _fail(cfg, "data.config", f"file not found: {cfg.data.config}")
+    try:
+        return load_config(cfg.data.config, list(overrides))
+    except DataConfigError as err:
+        _fail(cfg, field_name, str(err))
+
+
+def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
+    """Validate the whole job before any process group exists; ConfigError names the field or file at fault."""
+    from model.config import ModelConfig
+
+    validate_engine(cfg, world_size)
+    _validate_objective(cfg)
+    data_cfg = _load_data_config(cfg, cfg.data.overrides, "data.overrides")
+    tokenizer = _open_shards(cfg, data_cfg, "data.config")
+    eval_data_cfg = None
+    if cfg.data.eval_overrides and cfg.eval.batches > 0:
+        eval_data_cfg = _load_data_config(cfg, [*cfg.data.overrides, *cfg.data.eval_overrides], "data.eval_overrides")
+        eval_tokenizer = _open_shards(cfg, eval_data_cfg, "data.eval_overrides")
+        if eval_tokenizer.checksum != tokenizer.checksum:
+            _fail(cfg, "data.eval_overrides", "the held-out shards were tokenized with a different tokenizer")
+    if cfg.data.num_workers < 0:
+        _fail(cfg, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+
+    overrides = dict(cfg.model.overrides)
+    if "vocab_size" in overrides and overrides["vocab_size"] < tokenizer.padded_vocab_size:
+        _fail(cfg, "model.overrides.vocab_size", f"{overrides['vocab_size']} is smaller than the tokenizer's "
+                                                 f"padded vocabulary {tokenizer.padded_vocab_size}")
+    overrides.setdefault("vocab_size", tokenizer.padded_vocab_size)
+    try:
+        model_cfg = ModelConfig.preset(cfg.model.preset, **overrides)
+        model_cfg.validate(cfg.parallel.tensor_parallel)
+    except (ValueError, TypeError) as err:
+        _fail(cfg, "model", str(err))
+    longest = data_cfg.shard.seq_len + 1  # ELMER targets carry EOS
+    if longest > min(model_cfg.max_source_positions, model_cfg.max_target_positions):
+        _fail(cfg, "model", f"samples of up to {longest} tokens (data shard.seq_len={data_cfg.shard.seq_len} + EOS) "
+                            f"exceed max_source_positions={model_cfg.max_source_positions} or "
+                            f"max_target_positions={model_cfg.max_target_positions}")
+    if cfg.objective.bang.stream_weights:
+        n = cfg.objective.bang.n_streams or model_cfg.n_predict
+        if len(cfg.objective.bang.stream_weights) != n:
+            _fail(cfg, "objective.bang.stream_weights", f"has {len(cfg.objective.bang.stream_weights)} entries for "
+                                                        f"{n} streams")
+    return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size)
+
+
+# --- building (after the process groups exist) -----------------------------------------------------------
+
+def build_objective(plan: Plan, dp_rank: int):
+    from pretrain import objectives
+
+    cfg, model_cfg = plan.cfg, plan.model_cfg
+    o = cfg.objective
+    parts = {}
+    for name in o.active():
+        if name == "bang":
+            parts[name] = objectives.build("bang", n_streams=o.bang.n_streams or model_cfg.n_predict,
+                                           stream_weights=o.bang.stream_weights or None,
+                                           label_smoothing=o.bang.label_smoothing)
+        else:  # ELMER's exit layers: one generator per data-parallel rank, identical on tensor-parallel peers
+            parts[name] = objectives.build("elmer", n_layers=model_cfg.n_decoder_layers,
+                                           label_smoothing=o.elmer.label_smoothing,
+                                           seed=cfg.train.seed * 1000 + 7919 * (dp_rank + 1))
+    if o.name == "mix":
+        return objectives.build("mix", parts=parts, weights=o.active())
+    return parts[o.name]
+
+
+def build_loaders(plan: Plan, dp_rank: int, dp_size: int):
+    """The training loader (split by the data-parallel rank: TP peers read the same batches) and one held-out
+    loader factory per objective."""
+    from data_pipeline.stream import build_pretrain_loader
+
+    cfg = plan.cfg
+    train = build_pretrain_loader(plan.data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, seed=cfg.train.seed,
+                                  objective_weights=cfg.objective.active(), num_workers=cfg.data.num_workers)
+    evals = {}
+    if plan.eval_data_cfg is not None:
+        for name in cfg.objective.active():
+            evals[name] = (lambda n=name: build_pretrain_loader(plan.eval_data_cfg, dp_rank=dp_rank,
+                                                                dp_world_size=dp_size, seed=0,
+                                                                objective_weights={n: 1.0}, num_workers=0))
+    return train, evals
+
+
+def run_params(plan: Plan) -> dict[str, Any]:
+    """The resolved config logged as MLflow params: the YAML's values plus what was derived from them."""
+    params = to_dict(plan.cfg)
+    params["resolved"] = {
+        "model": asdict(plan.model_cfg),
+        "world_size": plan.world_size,
+        "data_parallel": plan.data_parallel,
+        "micro_batch_size": plan.micro_batch_size,
+        "data": {"shard_dir": str(plan.data_cfg.in_work(plan.data_cfg.loader.shard_dir)),
+                 "seq_len": plan.data_cfg.shard.seq_len},
+    }
+    return params
+
+
+def train(plan: Plan) -> dict[str, float]:
+    from model import parallel
+    from model.seq2seq import Seq2SeqModel
+    from pretrain import distributed
+    from pretrain.engine import Engine
+
+    cfg = plan.cfg
+    mpu = distributed.init(cfg.parallel.tensor_parallel, cfg.train.seed)
+    try:
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        model = Seq2SeqModel(plan.model_cfg)  # same initial weights for every TP size (CPU master init)
+        dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
+        objective = build_objective(plan, dp_rank)
+        train_loader, eval_loaders = build_loaders(plan, dp_rank, dp_size)
+        engine = Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=plan.micro_batch_size,
+                        eval_loaders=eval_loaders)
+        artifacts = [(Path(cfg.config_file), "config"), (Path(cfg.deepspeed.config), "deepspeed"),
+                     (Path(cfg.data.config), "data")]
+        return engine.fit(params=run_params(plan), artifacts=artifacts, run_name=cfg.tracking.run_name or cfg.name)
+    finally:
+        distributed.shutdown()
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        path, overrides, resume = parse_cli(argv)
+        cfg = load(path, overrides)
+        if resume:
+            cfg.checkpoint.resume = True
+        plan = prepare(cfg, launch_world_size())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    train(plan)
+    return 0

@@ -1,0 +1,310 @@
+"""Pretraining pieces in one process: schedule, checkpoint pointer, tracking fallback, objectives, activation
+checkpointing, the DeepSpeed config and the mpu adapter, and config validation that needs no data."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from pretrain import checkpoint, config
+from pretrain.schedule import WarmupDecay
+from pretrain.tracking import Tracker, flatten
+
+TINY = str(REPO_ROOT / "configs" / "pretrain" / "tiny.yaml")
+
+
+# --- schedule -------------------------------------------------------------------------------------------------
+
+def test_warmup_then_linear_decay():
+    f = WarmupDecay("linear", warmup_steps=4, total_steps=10, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # the first update is never at lr 0
+    decay = [f(s) for s in range(4, 10)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert decay[-1] > 0.1 and abs(f(10_000) - 0.1) < 1e-12
+    cos = WarmupDecay("cosine", 0, 10, 0.0)
+    assert cos(0) < 1.0 and abs(cos(4) - 0.5 * (1 + math.cos(math.pi * 5 / 11))) < 1e-12
+    assert WarmupDecay("inverse_sqrt", 4, 100)(15) == pytest.approx(0.5)
+    assert WarmupDecay("constant", 2, 100)(50) == 1.0
+
+
+# --- checkpoint pointer -----------------------------------------------------------------------------------------
+
+def test_latest_pointer_is_atomic_and_torn_checkpoints_are_ignored(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    assert checkpoint.read_pointer(ckpt) is None  # nothing saved yet: --resume starts fresh
+    (ckpt / "step_00000010").mkdir()
+    checkpoint._write_atomically(ckpt / checkpoint.POINTER, "step_00000010")
+    # A save that died half-way: its directory exists, but the pointer was never moved to it.
+    torn = ckpt / "step_00000020"
+    torn.mkdir()
+    (torn / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 10)
+    assert checkpoint.read_pointer(ckpt) == "step_00000010"
+    assert not list(ckpt.glob(".latest.tmp*"))  # the temporary file was renamed into place
+    (ckpt / checkpoint.POINTER).write_text("step_00000030")
+    with pytest.raises(FileNotFoundError, match="step_00000030"):
+        checkpoint.read_pointer(ckpt)
+    (ckpt / checkpoint.POINTER).write_text("../../etc")
+    with pytest.raises(ValueError, match="not a checkpoint tag"):
+        checkpoint.read_pointer(ckpt)
+
+
+def test_prune_keeps_the_newest_and_the_current(tmp_path):
+    for step in (10, 20, 30, 40):
+        (tmp_path / checkpoint.tag_for(step)).mkdir()
+    checkpoint._prune(tmp_path, keep=2, current=checkpoint.tag_for(40))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.tag_for(30), checkpoint.tag_for(40)]
+
+
+# --- tracking ---------------------------------------------------------------------------------------------------
+
+def test_tracking_failure_warns_and_keeps_a_local_record(tmp_path):
+    tracker = Tracker(tmp_path, active=True, uri="nosuchscheme://nowhere", experiment="x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.start("run", {"a": {"b": 1}}, {"tp": 1}, [])
+        tracker.log_metrics({"loss": 2.5, "lr": 1e-3}, step=1)
+        tracker.log_metrics({"loss": 2.0}, step=2)
+        tracker.finish()
+    assert any("MLflow start failed" in str(w.message) for w in caught)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in lines if "event" in e] == ["start", "tracking_failed", "finish"]
+    assert [(e["step"], e["loss"]) for e in lines if e.get("kind") == "train"] == [(1, 2.5), (2, 2.0)]
+
+
+def test_tracker_is_silent_off_rank_0(tmp_path):
+    tracker = Tracker(tmp_path / "out", active=False)
+    assert tracker.start("run", {}, {}, []) is None
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.finish()
+    assert not (tmp_path / "out").exists()
+
+
+def test_flatten_nested_params():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {"a.b": 1, "a.c.d": [1, 2], "e": "x"}
+
+
+# --- objectives ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from model import parallel
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+
+    parallel.ensure_initialized(seed=0)
+    torch.manual_seed(0)
+    return Seq2SeqModel(ModelConfig.preset("tiny", vocab_size=256))
+
+
+def make_batch(objective: str, B: int = 3, S: int = 12, T: int = 9) -> dict:
+    g = torch.Generator().manual_seed(1)
+    tgt = torch.randint(6, 250, (B, T), generator=g)
+    tgt[0, 6:] = 0  # padding
+    span = torch.arange(T).repeat(B, 1) % 5  # two spans per row: 0..4 and 0..3
+    span[tgt == 0] = -1
+    prev = torch.cat([torch.full((B, 1), 2), tgt[:, :-1]], 1).masked_fill(tgt == 0, 0)
+    return {"objective": objective, "src_tokens": torch.randint(6, 250, (B, S), generator=g), "tgt_tokens": tgt,
+            "prev_tokens": prev, "tgt_positions": torch.arange(1, T + 1).repeat(B, 1).masked_fill(tgt == 0, 0),
+            "span_index": span, "sample_ids": torch.arange(B)}
+
+
+def test_bang_trains_stream_s_only_on_targets_with_s_predecessors(tiny_model):
+    from model.config import SPECIAL
+    from pretrain.objectives import build
+
+    batch = make_batch("bang")
+    weights = [1.0, 0.5, 0.25]
+    bang = build("bang", n_streams=3, stream_weights=weights)
+    loss, metrics = bang.loss(tiny_model, batch)
+    real = batch["tgt_tokens"] != SPECIAL.pad
+    per_stream = bang._stream_losses(tiny_model, batch, 0.0)
+    expected = 0.0
+    for s in range(3):
+        trained = real & (batch["span_index"] >= s)
+        total, count = metrics[f"bang/loss_s{s}"]
+        assert not total.requires_grad
+        assert int(count) == int(trained.sum())  # stream 2 skips span positions 0 and 1
+        reference = float((per_stream[s] * trained).sum().detach())
+        assert float(total) == pytest.approx(reference, rel=1e-6)
+        expected += weights[s] * reference
+    assert float(loss) == pytest.approx(expected / int(real.sum()), rel=1e-6)  # normalised by the real targets
+    assert bang.num_targets(batch) == int(real.sum())
+    assert set(metrics) == set(bang.metric_names())
+    loss.backward()
+    assert tiny_model.slot_embed.grad is not None and tiny_model.slot_embed.grad.abs().sum() > 0
+    tiny_model.zero_grad()
+
+
+def test_elmer_exit_layers_come_from_a_checkpointable_generator(tiny_model):
+    from pretrain.objectives import build
+
+    batch = make_batch("elmer")
+    elmer = build("elmer", n_layers=2, seed=7)
+    state = elmer.state_dict()
+    first = elmer.loss(tiny_model, batch)
+    real = batch["tgt_tokens"] != 0
+    exits = elmer.draw_exits(real)
+    assert set(exits[real].tolist()) <= {1, 2} and (exits[~real] == 2).all()  # pads run the full depth
+    elmer.load_state_dict(state)
+    again = elmer.loss(tiny_model, batch)
+    assert float(first[0]) == float(again[0])  # same draws after restoring the generator
+    counts = sum(int(again[1][f"elmer/loss_exit{l}"][1]) for l in (1, 2))
+    assert counts == int(real.sum())
+    evaluated = elmer.eval_metrics(tiny_model, batch)
+    assert set(evaluated) == set(elmer.eval_metric_names())
+    assert float(evaluated["elmer/nar_loss"][0]) == float(evaluated["elmer/loss_exit2"][0])
+
+
+def test_mix_dispatches_on_the_batch_objective(tiny_model):
+    from pretrain.objectives import build, registered
+
+    assert {"bang", "elmer", "mix"} <= set(registered())
+    mix = build("mix", parts={"bang": build("bang", n_streams=2), "elmer": build("elmer", n_layers=2)},
+                weights={"bang": 0.5, "elmer": 0.5})
+    _, m_bang = mix.loss(tiny_model, make_batch("bang"))
+    _, m_elmer = mix.loss(tiny_model, make_batch("elmer"))
+    assert set(m_bang) == {"bang/loss", "bang/loss_s0", "bang/loss_s1"}
+    assert "elmer/loss" in m_elmer and set(m_bang) | set(m_elmer) <= set(mix.metric_names())
+    with pytest.raises(ValueError, match="not one of the mix"):
+        mix.loss(tiny_model, make_batch("janus"))
+    assert set(mix.state_dict()) == {"bang", "elmer"}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(dropout):
+    """With dropout the recomputation must replay the same masks, including attention dropout drawn from the
+    TP-region RNG tracker."""
+    from model import parallel
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+    from pretrain import activation_checkpointing
+    from pretrain.objectives import build
+
+    parallel.ensure_initialized(seed=0)
+    grads = []
+    for checkpointed in (False, True):
+        parallel.seed_everything(3)  # the same default generator and tracker states for both runs
+        model = Seq2SeqModel(ModelConfig.preset("tiny", vocab_size=256, dropout=dropout,
+                                                attention_dropout=dropout))
+        if checkpointed:
+            assert activation_checkpointing.apply(model) == 4
+        loss, _ = build("bang", n_streams=2).loss(model, make_batch("bang"))
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert loss_a == loss_b and grad_a.keys() == grad_b.keys()
+    assert max(float((grad_a[n] - grad_b[n]).abs().max()) for n in grad_a) < 1e-6
+
+
+def test_checkpointed_recompute_replays_tp_region_dropout():
+    """Dropout inside tensor-parallel regions draws from megatron's RNG tracker (model/layers.py forks it at
+    TP > 1); the recomputation in backward must see the tracker as it was in forward."""
+    from model import parallel
+    from pretrain import activation_checkpointing
+
+    parallel.ensure_initialized(seed=0)
+
+    class TrackerDropout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(64))
+
+        def forward(self, x):
+            with parallel.rng_tracker().fork():
+                return torch.nn.functional.dropout(x * self.w, p=0.5, training=True)
+
+    grads = []
+    for checkpointed in (False, True):
+        parallel.seed_everything(11)
+        layer = TrackerDropout()
+        if checkpointed:
+            layer.forward = activation_checkpointing._checkpointed(layer.forward)
+        x = torch.arange(1.0, 65.0)
+        (layer(x) ** 2).sum().backward()
+        grads.append(layer.w.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+# --- DeepSpeed config and mpu -------------------------------------------------------------------------------
+
+def test_deepspeed_dict_takes_batch_precision_and_optimizer_from_the_typed_config():
+    cfg = config.load(TINY, ["train.grad_accum=3", "optim.clip_grad=0.5", "deepspeed.precision=bf16",
+                             "deepspeed.config=configs/deepspeed/zero2_offload.json"])
+    ds = config.deepspeed_dict(cfg, dp_size=4, micro_batch_size=8)
+    assert ds["train_batch_size"] == 8 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # torch AdamW over offloaded states
+    cfg = config.load(TINY, ["optim.impl=deepspeed", "deepspeed.precision=fp32"])
+    ds = config.deepspeed_dict(cfg, dp_size=1, micro_batch_size=16)
+    assert ds["optimizer"]["type"] == "AdamW" and ds["bf16"] == {"enabled": False}
+    for name in ("zero1", "zero2", "zero3", "zero2_offload"):  # the reference files never set owned keys
+        raw = json.loads((REPO_ROOT / "configs" / "deepspeed" / f"{name}.json").read_text())
+        assert not set(raw) & set(config.DS_OWNED_KEYS)
+
+
+def test_mpu_adapter_answers_what_deepspeed_asks():
+    from model import parallel
+    from pretrain.distributed import MegatronMpu
+
+    parallel.ensure_initialized(seed=0)
+    mpu = MegatronMpu()
+    assert mpu.get_model_parallel_world_size() == mpu.get_tensor_model_parallel_world_size() == 1
+    assert mpu.get_model_parallel_rank() == mpu.get_data_parallel_rank() == 0
+    assert mpu.get_data_parallel_world_size() == 1 and mpu.get_data_parallel_group_ranks() == [0]
+    assert mpu.get_model_parallel_group() is parallel.tp_group()
+    assert mpu.get_data_parallel_group() is parallel.dp_group()
+
+
+# --- config validation without data ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, world, field, words", [
+    (["parallel.tensor_parallel=2", "deepspeed.config=configs/deepspeed/zero3.json"], 2, "deepspeed.config",
+     "ZeRO stage 3"),
+    (["parallel.tensor_parallel=2"], 3, "parallel.tensor_parallel", "does not divide the world size 3"),
+    (["schedule.warmup_steps=500", "train.steps=100"], 1, "schedule.warmup_steps", "must be in [0, train.steps=100]"),
+    (["deepspeed.precision=fp16"], 1, "deepspeed.precision", "fp16 is not supported"),
+    (["deepspeed.config=configs/deepspeed/nope.json"], 1, "deepspeed.config", "file not found"),
+])
+def test_engine_config_errors_name_the_field(overrides, world, field, words):
+    cfg = config.load(TINY, overrides)
+    with pytest.raises(config.ConfigError) as err:
+        config.validate_engine(cfg, world)
+    assert f"tiny.yaml: {field}" in str(err.value) and words in str(err.value)
+
+
+def test_unknown_keys_and_bad_types_name_the_key():
+    with pytest.raises(config.ConfigError, match="trian"):
+        config.load(TINY, ["trian.steps=5"])
+    with pytest.raises(config.ConfigError, match="train.steps"):
+        config.load(TINY, ["train.steps=many"])
+
+
+def test_deepspeed_json_may_not_set_what_the_typed_config_owns(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 64}))
+    cfg = config.load(TINY, [f"deepspeed.config={bad}"])
+    with pytest.raises(config.ConfigError, match=r"deepspeed.config: .*ds.json sets \['train_batch_size'\]"):
+        config.validate_engine(cfg, 1)
+
+
+def test_missing_shards_fail_before_any_process_group(tmp_path):
+    """The CLI stops with exit code 2 and a message naming the missing folder; no process group, no output."""
+    out = tmp_path / "out"
+    env = dict(os.environ, WORLD_SIZE="2", DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "--config", TINY, f"output_dir={out}",
+                           f"data.overrides=['work_dir={tmp_path / 'nodata'}']"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: " in proc.stderr and "data.config: no shards at" in proc.stderr
+    assert str(tmp_path / "nodata" / "shards" / "manifest.json") in proc.stderr
+    assert not out.exists()
