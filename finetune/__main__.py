@@ -1,0 +1,42 @@
+"""python -m finetune --config configs/finetune/<task>.yaml --init <pretraining checkpoint> [key=value ...]
+python -m finetune data      --config configs/finetune/<task>.yaml [key=value ...]   build the task shards
+python -m finetune generate  --model <finetune output dir> [--mode M] [--split S]    decode a split
+python -m finetune evaluate  --generation <generate output dir> [...]                GLGE metrics + MLflow run
+python -m finetune compare   [--experiment E]                                         quality vs latency table, PNGs
+
+Training runs on the pretraining engine: start it like pretraining (plainly for one process, torchrun or the
+deepspeed launcher for several).
+"""
+import os
+import sys
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+SUBCOMMANDS = ("data", "generate", "evaluate", "compare")
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if argv and argv[0] in SUBCOMMANDS:
+        command, rest = argv[0], argv[1:]
+        if command == "data":
+            from finetune.prepare_data import main as run
+        elif command == "generate":
+            from finetune.generate import main as run
+        elif command == "evaluate":
+            from finetune.evaluation import main as run
+        else:
+            from finetune.compare import main as run
+        return run(rest)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+    from finetune.run import main as train
+
+    return train(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,199 @@
+"""Typed finetuning config: the engine's sections (pretrain.config.EngineConfig) plus task, data, model, init
+checkpoint, objective and decoding. One YAML per task in configs/finetune/; `key=value` overrides on top.
+
+Validation (`finetune.run.prepare`) runs before any process group starts and names the field or file at fault.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from pretrain.config import ConfigError, EngineConfig, TrackingSection
+from pretrain.config import load as load_yaml
+
+DEFAULT_EXPERIMENT = "tandem-finetune"
+DEFAULT_STORE = "runs/finetune/mlflow.db"  # one store for every finetune and evaluation, so compare finds them
+
+
+@dataclass
+class TaskSection:
+    name: str = ""  # a GLGE task (cnndm, gigaword, xsum, msnews, squadqg, msqg, coqa, personachat) or iwslt14
+    difficulty: str = "easy"  # GLGE version: easy, medium, medium+ or hard (a label for iwslt14)
+    train_split: str = "train"
+    valid_split: str = "valid"  # GLGE calls it dev; both names work
+    epochs: float = 0.0  # > 0: train.steps = ceil(epochs x batches per epoch / grad_accum); 0: train.steps
+
+
+@dataclass
+class FinetuneDataSection:
+    # The pretraining data config: its tokenizer, work_dir and `tasks` section (task folders: data_root/tasks.root
+    # for GLGE, data_root/tasks.iwslt_root for IWSLT14). Task shards go to <work_dir>/<tasks.out_dir>/<difficulty>/.
+    config: str = "configs/data/tiny.yaml"
+    overrides: list[str] = field(default_factory=list)  # key=value applied to that config
+    batch_size: int = 32  # examples per micro-batch (upper bound when max_tokens > 0)
+    max_tokens: int = 0  # > 0: token-budget batches (fairseq --max-tokens)
+    max_source_len: int = 0  # truncate sources (0: the model's max_source_positions)
+    shuffle_buffer: int = 512
+    bucket_window: int = 64
+    num_workers: int = 0
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"  # must describe the pretrained model: the checkpoint's shapes are checked against it
+    overrides: dict[str, Any] = field(default_factory=dict)  # vocab_size comes from the tokenizer
+
+
+@dataclass
+class InitSection:
+    checkpoint: str = ""  # --init: a pretraining checkpoint (DeepSpeed folder/tag) or a full state dict (.pt);
+    #                       "scratch" trains from random weights (a baseline)
+
+
+@dataclass
+class ArObjectiveSection:
+    stream: str = "bang_ar"  # "bang_ar": BANG's predicting stream (what BANG pretraining trains); "ar": main stream
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class NarObjectiveSection:
+    mode: str = "nar_bidir"  # nar_bidir (ELMER, CMLM) or nar_causal (BANG NAR)
+    masking: str = "all"  # all: every target a slot; uniform: CMLM (for mask-predict decoding)
+    label_smoothing: float = 0.1
+    length_weight: float = 0.1
+
+
+@dataclass
+class BangMixedObjectiveSection:
+    nar_ratio: float = 0.5  # chance per batch of a NAR batch (0 = pure AR, 1 = pure NAR)
+    label_smoothing: float = 0.1
+    length_weight: float = 0.1
+
+
+@dataclass
+class JanusObjectiveSection:
+    w_ar_c: float = 1.0  # symKL(P_AR, P_C)
+    w_ar_q: float = 3.0  # symKL(P_AR, P_Q)
+    w_c_q: float = 1.0  # symKL(P_C, P_Q)
+    length_weight: float = 0.1
+    label_smoothing: float = 0.1
+    mask_ratio: float = 0.7
+    span_lambda: float = 2.0
+
+
+@dataclass
+class FinetuneObjectiveSection:
+    name: str = "ar"  # ar, nar, bang_mixed or janus
+    ar: ArObjectiveSection = field(default_factory=ArObjectiveSection)
+    nar: NarObjectiveSection = field(default_factory=NarObjectiveSection)
+    bang_mixed: BangMixedObjectiveSection = field(default_factory=BangMixedObjectiveSection)
+    janus: JanusObjectiveSection = field(default_factory=JanusObjectiveSection)
+
+
+@dataclass
+class DecodeSection:
+    """Decoding for `generate` and for validation during training. Empty / null fields take the task's official
+    settings (finetune/glge_tasks.py) or follow the objective (mode, ar_logits, nar_mode)."""
+
+    mode: str = ""  # ar_beam, ar_greedy, nar, semi_nar, mask_predict, early_exit; "": the objective's own
+    beam_size: Optional[int] = None
+    length_penalty: Optional[float] = None
+    min_len: Optional[int] = None
+    max_len: Optional[int] = None
+    no_repeat_ngram_size: Optional[int] = None
+    ar_logits: str = ""  # "": the stream the objective trained (ar -> objective.ar.stream, others bang_ar)
+    nar_mode: str = ""  # "": nar_causal for bang_mixed and objective.nar.mode=nar_causal, else nar_bidir
+    length_source: str = "length_head"
+    length_beam: int = 1
+    fixed_length: Optional[int] = None
+    block_size: int = 4
+    iterations: int = 10
+    exit_entropy: float = 1.0
+    postprocess: bool = True
+    batch_size: int = 32  # examples per decoding batch
+
+
+@dataclass
+class ValidGenerationSection:
+    samples: int = 0  # > 0: at every evaluation, decode this many validation examples and log the task's metrics
+
+
+@dataclass
+class FinetuneConfig(EngineConfig):
+    name: str = "finetune"
+    output_dir: str = ""  # empty: runs/finetune/<task>-<difficulty>-<objective>
+    task: TaskSection = field(default_factory=TaskSection)
+    data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    init: InitSection = field(default_factory=InitSection)
+    objective: FinetuneObjectiveSection = field(default_factory=FinetuneObjectiveSection)
+    decode: DecodeSection = field(default_factory=DecodeSection)
+    valid_generation: ValidGenerationSection = field(default_factory=ValidGenerationSection)
+    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment=DEFAULT_EXPERIMENT))
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
+    """YAML + overrides -> FinetuneConfig (not yet validated); ConfigError names the file or key at fault."""
+    return load_yaml(path, overrides, schema=FinetuneConfig)
+
+
+def fail(cfg: FinetuneConfig, field_name: str, why: str):
+    where = f"{cfg.config_file}: " if cfg.config_file else ""
+    raise ConfigError(f"{where}{field_name}: {why}")
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[str, str, list[str], bool]:
+    """`--config PATH --init CKPT [--resume] [key=value ...]` -> (config, init, overrides, resume)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m finetune",
+                                     description="Finetune a pretrained model on one GLGE task or IWSLT14, on the "
+                                                 "pretraining engine. Subcommands: data, generate, evaluate, compare "
+                                                 "(python -m finetune <subcommand> --help).")
+    parser.add_argument("--config", required=True, help="a YAML file under configs/finetune/")
+    parser.add_argument("--init", default="", help="pretraining checkpoint: a DeepSpeed checkpoint folder (or one "
+                                                   "step_* tag in it) or a full state dict (.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue from this run's own latest checkpoint")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=500 objective.name=nar")
+    args = parser.parse_args(list(argv))
+    return args.config, args.init, list(args.overrides), args.resume
+
+
+def from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> FinetuneConfig:
+    """A config saved with a finetuned model (pretrain.config.to_dict) back into a FinetuneConfig, plus overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    where = data.get("config_file") or "the model's saved config"
+    schema = OmegaConf.structured(FinetuneConfig)
+    dropped: list[str] = []
+    data = _known_keys(data, schema, "", dropped)
+    if dropped:  # written by another version of the config classes: keep what still means something
+        warnings.warn(f"{where}: ignoring saved config keys this version does not know: {dropped}", stacklevel=2)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _known_keys(data: dict[str, Any], node, prefix: str, dropped: list[str]) -> dict[str, Any]:
+    """`data` without the keys the structured config `node` lacks (free-form dict fields are kept whole)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    out = {}
+    for key, value in data.items():
+        if key not in node:
+            dropped.append(prefix + key)
+            continue
+        child = node[key] if not OmegaConf.is_missing(node, key) else None
+        if isinstance(value, dict) and isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            value = _known_keys(value, child, f"{prefix}{key}.", dropped)
+        out[key] = value
+    return out

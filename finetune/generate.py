@@ -1,0 +1,176 @@
+"""python -m finetune generate --model <finetuned model> [--mode M] [--split test] [--out DIR] [key=value ...]
+
+Decode one split of the task in any mode and write the predictions one per line, detokenized, named as GLGE
+submissions expect (`{task}.{difficulty}.test` for the test split; `{task}.{difficulty}.{split}` otherwise;
+IWSLT14: `iwslt14.{split}`), plus generation.json: the decoding options, latency (ms/sample, samples/s, at the
+batch size used), mean output length, for early exit the mean exit layer, and the model's metadata (task, objective,
+MLflow runs) that `evaluate` needs.
+
+--model takes what `python -m finetune` wrote (its output_dir: final_model.pt + finetune_meta.json). To decode a
+model that was not finetuned (a pretraining checkpoint, a plain state dict), also pass --config
+configs/finetune/<task>.yaml: the task, data and model shape come from there. key=value overrides apply to the
+finetune config (decode.beam_size=5, decode.block_size=2, task.difficulty=hard, data.overrides=[...] for data moved
+elsewhere, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from finetune.config import FinetuneConfig, from_dict, load
+from finetune.glge_tasks import get_task, submission_filename
+from pretrain.config import ConfigError
+
+GENERATION_FILE = "generation.json"
+
+
+def predictions_name(task: str, difficulty: str, split: str) -> str:
+    if not get_task(task).glge:
+        return f"{task}.{split}"
+    if split == "test":
+        return submission_filename(task, difficulty)
+    return f"{task}.{difficulty}.{split}"
+
+
+def load_for_decoding(model_path: str, config_path: str | None, overrides: Sequence[str]):
+    """(model in eval mode, FinetuneConfig, metadata, tokenizer, TaskData); ConfigError on anything wrong."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.tokenizer import Tokenizer
+    from finetune import run
+    from finetune.init_checkpoint import FINETUNED, InitError, check_dims, load_into, read_init
+    from model import parallel
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+
+    try:
+        weights = read_init(model_path)
+    except InitError as err:
+        raise ConfigError(f"--model: {err}") from None
+    finetuned = weights.meta.get("format") == FINETUNED
+    if config_path:
+        cfg = load(config_path, overrides)
+    elif finetuned:
+        cfg = from_dict(weights.meta["config"], overrides)
+    else:
+        raise ConfigError(f"--model {model_path}: not a finetuned model (no finetune_meta.json from `python -m "
+                          "finetune`): pass --config configs/finetune/<task>.yaml so the task, data and model shape are known")
+    cfg.parallel.tensor_parallel = 1  # decoding runs in one process
+    run._validate_task(cfg)
+    data_cfg = run.load_data_config(cfg)
+    td = run.resolve_task_data(cfg, data_cfg)
+    try:
+        tokenizer = Tokenizer.load(td.tokenizer)
+    except DataError as err:
+        raise ConfigError(f"data.config: {err}") from None
+    if finetuned and weights.meta.get("tokenizer_checksum") not in (None, tokenizer.checksum):
+        raise ConfigError(f"{td.tokenizer}: this tokenizer differs from the one {model_path} was finetuned with "
+                          f"(checksum {weights.meta['tokenizer_checksum'][:12]}...)")
+    if finetuned:
+        model_cfg = ModelConfig(**weights.meta["model_config"])
+    else:
+        model_cfg = run.build_model_config(cfg, tokenizer.padded_vocab_size)
+        try:
+            check_dims(weights, model_cfg, f"{cfg.config_file} (model.preset={cfg.model.preset})")
+        except InitError as err:
+            raise ConfigError(f"--model: {err}") from None
+    parallel.ensure_initialized()
+    model = Seq2SeqModel(model_cfg)
+    try:
+        load_into(model, weights)
+    except InitError as err:
+        raise ConfigError(f"--model: {err}") from None
+    model.eval()
+    if finetuned:
+        meta = {k: v for k, v in weights.meta.items() if k not in ("model_config",)}
+    else:  # a model that was not finetuned (the starting point of a finetuning run)
+        meta = {"task": cfg.task.name, "difficulty": cfg.task.difficulty, "objective": "none",
+                "finetune_run_id": None, "pretrain_run_id": weights.meta.get("mlflow_run_id", "none"),
+                "pretrain_checkpoint": str(weights.path), "pretrain_step": weights.meta.get("step", "unknown"),
+                "tokenizer": str(td.tokenizer), "tokenizer_checksum": tokenizer.checksum,
+                "experiment": cfg.tracking.experiment, "tracking_uri": cfg.tracking.uri}
+    meta["config"] = _plain(cfg)
+    meta["task"], meta["difficulty"] = cfg.task.name, cfg.task.difficulty
+    return model, cfg, meta, tokenizer, td
+
+
+def _plain(cfg: FinetuneConfig) -> dict[str, Any]:
+    from pretrain.config import to_dict
+
+    return to_dict(cfg)
+
+
+def default_out_dir(model_path: str, cfg: FinetuneConfig, meta: dict, split: str, mode: str) -> Path:
+    path = Path(model_path)
+    if meta.get("format") == "finetuned":
+        base = path.parent if path.is_file() else path
+    else:
+        base = Path(cfg.output_dir or f"runs/finetune/{cfg.task.name}-{cfg.task.difficulty}-pretrained")
+    return base / "generate" / f"{split}-{mode}"
+
+
+def run_generate(model_path: str, *, config_path: str | None = None, overrides: Sequence[str] = (),
+                 mode: str | None = None, split: str = "test", out_dir: str | None = None, limit: int = 0,
+                 batch_size: int | None = None) -> Path:
+    """Decode a split; returns the folder holding the predictions and generation.json."""
+    from data_pipeline.errors import DataError
+    from finetune import decoding
+    from finetune.data import read_split
+
+    overrides = list(overrides) + ([f"decode.mode={mode}"] if mode else []) + \
+        ([f"decode.batch_size={batch_size}"] if batch_size else [])
+    model, cfg, meta, tokenizer, td = load_for_decoding(model_path, config_path, overrides)
+    try:
+        mode, options = decoding.resolve(cfg.decode, cfg.task.name, cfg.objective)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        sources, references = read_split(td, split)
+    except DataError as err:
+        raise ConfigError(f"--split {split}: {err}") from None
+    if limit > 0:
+        sources, references = sources[:limit], references[:limit]
+    max_source_len = cfg.data.max_source_len or model.cfg.max_source_positions
+    ids = decoding.encode_sources(tokenizer, sources, max_source_len)
+    result = decoding.generate(model, tokenizer, ids, mode, options, cfg.decode.batch_size)
+
+    out = Path(out_dir) if out_dir else default_out_dir(model_path, cfg, meta, split, mode)
+    out.mkdir(parents=True, exist_ok=True)
+    name = predictions_name(cfg.task.name, cfg.task.difficulty, split)
+    (out / name).write_text("".join(h + "\n" for h in result.hypotheses), encoding="utf-8")
+    info = {"task": cfg.task.name, "difficulty": cfg.task.difficulty, "split": split, "mode": mode,
+            "options": asdict(options), "figures": result.figures, "predictions": name, "examples": len(sources),
+            "limit": limit, "model": str(model_path), "meta": meta}
+    (out / GENERATION_FILE).write_text(json.dumps(info, indent=1, default=str))
+    f = result.figures
+    exit_note = f", mean exit layer {f['mean_exit_layer']:.2f}" if "mean_exit_layer" in f else ""
+    print(f"[generate] {cfg.task.name} {split} {mode}: {len(sources)} examples -> {out / name}; "
+          f"{f['ms_per_sample']:.2f} ms/sample, {f['samples_per_s']:.1f} samples/s at batch {cfg.decode.batch_size}"
+          f"{exit_note}", flush=True)
+    return out
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="finetune output folder (or, with --config, a "
+                                                        "pretraining checkpoint)")
+    parser.add_argument("--config", default=None, help="finetune config (needed for a model that was not finetuned)")
+    parser.add_argument("--mode", default=None, help="ar_beam, ar_greedy, nar, semi_nar, mask_predict, early_exit "
+                                                     "(default: the run's decode.mode)")
+    parser.add_argument("--split", default="test", help="train, valid (dev) or test (default: test)")
+    parser.add_argument("--out", default=None, help="output folder (default: <model dir>/generate/<split>-<mode>)")
+    parser.add_argument("--limit", type=int, default=0, help="decode only the first N examples (0: all)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per decoding batch")
+    parser.add_argument("overrides", nargs="*", help="key=value on the finetune config, e.g. decode.block_size=2")
+    args = parser.parse_args(list(argv))
+    try:
+        run_generate(args.model, config_path=args.config, overrides=args.overrides, mode=args.mode, split=args.split,
+                     out_dir=args.out, limit=args.limit, batch_size=args.batch_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,48 @@
+"""python -m finetune data --config configs/finetune/<task>.yaml [--force] [key=value ...]
+
+Tokenizes the task's splits (those that exist among train, valid, test) with the pretraining tokenizer into the
+shards finetuning reads. Skipped per split when inputs, tokenizer and settings are unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from finetune.config import load
+from pretrain.config import ConfigError
+
+
+def main(argv: Sequence[str]) -> int:
+    from data_pipeline.errors import DataError
+    from finetune import run
+    from finetune.data import build_shards, read_split
+
+    parser = argparse.ArgumentParser(prog="python -m finetune data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load(args.config, args.overrides)
+        run._validate_task(cfg)
+        td = run.resolve_task_data(cfg, run.load_data_config(cfg))
+        splits = []
+        for split in ("train", "valid", "test"):
+            try:
+                read_split(td, split)
+            except DataError as err:
+                if "has no" in str(err):  # this layout lacks the split: fine
+                    continue
+                raise
+            splits.append(split)
+        counts = build_shards(td, splits, force=args.force)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[finetune data] {cfg.task.name} ({cfg.task.difficulty}): " +
+          ", ".join(f"{s} {n}" for s, n in counts.items()) + f" examples -> {td.shard_root}", flush=True)
+    return 0

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# cnndm: finetune -> generate -> evaluate. Usage: finetune/scripts/cnndm.sh --init CKPT [--difficulty easy|medium|hard]
+#   [--objective ar|nar|bang_mixed|janus] [--mode MODE] [--split test|valid] [--nproc N] [key=value ...]
+# (see run_task.sh for the options; configs/finetune/cnndm.yaml for the settings)
+exec "$(dirname "$0")/run_task.sh" cnndm "$@"

@@ -1,0 +1,107 @@
+"""MLflow for finetuning: one store for every finetune and evaluation run (so `compare` finds them), the tags that
+tie a run to its task, difficulty, objective, decoding mode and pretraining run, and evaluation runs.
+
+Tags every finetune and evaluation run carries: kind (finetune | evaluation | glge_summary), task, difficulty,
+objective, decoding_mode, pretrain_run_id, pretrain_checkpoint, pretrain_step; evaluation runs also split and
+finetune_run_id (and mlflow.parentRunId, so the UI nests them under their finetune run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from finetune.config import DEFAULT_STORE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_uri(configured: str) -> str:
+    """tracking.uri if set, else $MLFLOW_TRACKING_URI, else the project's finetune store runs/finetune/mlflow.db."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    path = (REPO_ROOT / DEFAULT_STORE).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str, artifact_root: Path | None = None) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def default_artifact_root(uri: str) -> Path | None:
+    """For a sqlite store, artifacts beside the database (not in ./mlruns of whatever folder we run from)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+    return None
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Add tags to an existing run; a tracking failure warns and never stops training."""
+    try:
+        c = client(uri)
+        for key, value in tags.items():
+            c.set_tag(run_id, key, str(value))
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"MLflow set_tag on run {run_id} failed ({type(err).__name__}: {err})", RuntimeWarning)
+
+
+def log_json_artifact(uri: str, run_id: str, data: dict[str, Any], name: str, folder: str | None = None) -> None:
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=1, default=str))
+            client(uri).log_artifact(run_id, str(path), folder)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"MLflow log_artifact {name} failed ({type(err).__name__}: {err})", RuntimeWarning)
+
+
+def run_exists(uri: str, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        client(uri).get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - a run of another store
+        return False
+
+
+def log_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any], params: dict[str, Any],
+            metrics: dict[str, float], artifacts: list[tuple[Path, str | None]]) -> str:
+    """One finished run with everything at once; returns its id. Errors propagate: an evaluation that cannot be
+    recorded should say so."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from pretrain.tracking import PARAM_VALUE_LIMIT, flatten
+
+    c = client(uri)
+    exp_id = experiment_id(c, experiment, default_artifact_root(uri))
+    run = c.create_run(exp_id, run_name=run_name)
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    flat = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):
+        c.log_batch(run_id, params=flat[i:i + 100])
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+                tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for path, folder in artifacts:
+        if Path(path).is_file():
+            c.log_artifact(run_id, str(path), folder)
+    c.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -1,0 +1,150 @@
+"""python -m launch --config configs/launch/<cluster>.yaml [options] [key=value ...] -- <stage> [stage args]
+
+Builds the deepspeed launcher (or torchrun) command for <stage> (pretrain or finetune) on the nodes the config
+names, runs the preflight checks, then starts the job under the supervisor, which restarts it from the latest
+complete checkpoint when it dies (up to --max-restarts times). Run it from the repository root.
+
+Examples:
+  python -m launch --config configs/launch/local_cpu.yaml -- pretrain --config configs/pretrain/tiny.yaml
+  python -m launch --config configs/launch/cluster.yaml --dry-run -- pretrain --config configs/pretrain/tiny.yaml
+  srun --ntasks-per-node=1 python -m launch --config configs/launch/slurm.yaml -- pretrain --config ...
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import sys
+from typing import Sequence
+
+from launch import command, preflight
+from launch.config import REPO_ROOT, LaunchConfigError, load
+from launch.nodes import Layout, in_slurm, resolve_layout
+from launch.stage import STAGES, read_stage
+from launch.supervisor import Supervisor
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]:
+    argv = list(argv)
+    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a YAML file under configs/launch/")
+    parser.add_argument("--dry-run", action="store_true", help="print the layout, environment and exact command; "
+                                                                "start nothing, check nothing")
+    parser.add_argument("--check", action="store_true", help="run the preflight checks and print the command; "
+                                                              "start nothing")
+    parser.add_argument("--max-restarts", type=int, default=None, help="restarts from the latest checkpoint after a "
+                                                                       "failure (default: restart.max_restarts)")
+    parser.add_argument("--node-rank", type=int, default=None, help="this node's rank when every node runs its own "
+                                                                    "launcher (default: nodes.node_rank)")
+    parser.add_argument("overrides", nargs="*", help="launch config key=value, e.g. nodes.procs_per_node=4")
+    if "--" not in argv:
+        if "-h" in argv or "--help" in argv:
+            parser.parse_args(["--help"])  # prints the help and exits
+        raise LaunchConfigError(f"put the stage after `--`: python -m launch --config CFG -- <{'|'.join(STAGES)}> ...")
+    cut = argv.index("--")
+    ours, theirs = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(ours)
+    if not theirs:
+        raise LaunchConfigError(f"no stage after `--`; expected one of {sorted(STAGES)}")
+    return args, theirs[0], theirs[1:]
+
+
+def describe(layout: Layout, plan: command.LaunchPlan) -> list[str]:
+    hosts = ", ".join(f"{h}x{n}" for h, n in layout.hosts)
+    lines = [f"layout: {layout.num_nodes} node(s) from {layout.source} ({hosts}); world size {layout.world_size}; "
+             f"master {layout.master_addr}:{layout.master_port}"
+             + (f"; this node's rank {layout.node_rank}" if layout.node_rank is not None else "")]
+    lines.append("environment of every rank: " + " ".join(f"{k}={v}" for k, v in plan.env.items()
+                                                          if k != "DS_ENV_FILE"))
+    for path, text in plan.files.items():
+        lines.append(f"{path}:")
+        lines.extend(f"    {line}" for line in text.splitlines())
+    return lines
+
+
+def say(text: str) -> None:
+    print(f"[launch] {text}", flush=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args, stage_name, stage_args = parse(argv)
+        cfg = load(args.config, args.overrides)
+        if args.max_restarts is not None:
+            if args.max_restarts < 0:
+                raise LaunchConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+            cfg.restart.max_restarts = args.max_restarts
+        stage = read_stage(stage_name, stage_args)
+        needs_gpu_count = cfg.accelerator == "gpu" and not cfg.nodes.procs_per_node and not args.dry_run
+        layout = resolve_layout(cfg, os.environ, local_devices=local_gpu_count() if needs_gpu_count else 0,
+                                free_port=free_port, node_rank=args.node_rank)
+        if layout.source == "slurm" and os.environ.get("SLURM_JOB_ID"):
+            cfg.name = f"{cfg.name}-{os.environ['SLURM_JOB_ID']}"  # one folder per job: hostfile, env, log
+        exe = command.executable(cfg)
+        plan = command.build(cfg, layout, stage.module, stage_args, os.environ, exe=exe)
+    except (LaunchConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    for line in describe(layout, plan):
+        say(line)
+    if args.dry_run:
+        say("dry run: nothing checked, written or started. The command:")
+        print(plan.shell(), flush=True)
+        return 0
+
+    try:
+        report = preflight.run(cfg, layout, stage)
+    except preflight.PreflightError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in report.passed:
+        say(f"preflight ok: {line}")
+    for line in report.warnings:
+        say(f"preflight WARNING: {line}")
+    if args.check:
+        say("checks passed. The command:")
+        print(plan.shell(), flush=True)
+        return 0
+
+    command.write_files(plan)
+    resume_first = (cfg.restart.resume_on_requeue and in_slurm(os.environ)
+                    and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"))
+    node = layout.node_rank or 0
+    per_node = layout.num_nodes > 1 and layout.node_rank is not None  # each node keeps its own log
+    log_name = f"supervisor-node{node}.jsonl" if per_node else "supervisor.jsonl"
+
+    def argv_for(resume: bool) -> list[str]:
+        if not resume:
+            return plan.argv
+        again = layout
+        if layout.source == "local" and not cfg.nodes.master_port:  # alone on this machine: a fresh port per try
+            again = dataclasses.replace(layout, master_port=free_port())
+        args = command.with_resume(stage_args, stage.resume_flag)
+        return command.build(cfg, again, stage.module, args, os.environ, exe=exe).argv
+
+    supervisor = Supervisor(
+        argv_for, env=plan.env, cwd=REPO_ROOT, stage=stage, max_restarts=cfg.restart.max_restarts,
+        backoff_s=cfg.restart.backoff_s,
+        log_path=cfg.job_dir() / log_name,
+        resume_first=resume_first, record_mlflow=node == 0, echo=say)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

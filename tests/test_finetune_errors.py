@@ -1,0 +1,117 @@
+"""Bad input to the finetuning commands stops with a clear error naming the file or field: a task folder whose
+.src/.tgt line counts differ, an unknown task name, a checkpoint of another model shape, no checkpoint at all,
+predictions that do not pair with the references. Every check runs before any process group starts.
+
+The commands are called in this process through their `main(argv)` (what `python -m finetune ...` runs); they
+return exit code 2 and print `error: ...` on stderr.
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from finetune_helpers import CACHE, GIGAWORD, as_list_override, build_test_data
+
+
+@pytest.fixture(scope="module")
+def data(shared_data) -> list[str]:
+    return build_test_data(shared_data)
+
+
+def train_main(argv):
+    from finetune.run import main
+
+    return main(argv)
+
+
+def test_mismatched_source_and_target_line_counts(tmp_path, capsys):
+    from finetune.prepare_data import main as data_main
+
+    folder = tmp_path / "glge" / "gigaword"
+    folder.mkdir(parents=True)
+    (folder / "train.src").write_text("a first source\na second source\na third source\n")
+    (folder / "train.tgt").write_text("first target\nsecond target\n")
+    (folder / "valid.src").write_text("x\n")
+    (folder / "valid.tgt").write_text("y\n")
+    overrides = [f"work_dir={tmp_path / 'work'}", f"data_root={tmp_path}", f"tokenizer.out_dir={CACHE / 'tokenizer'}"]
+    code = data_main(["--config", GIGAWORD, as_list_override("data.overrides", overrides)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{folder / 'train.src'} has 3 lines but {folder / 'train.tgt'} has 2" in err
+    assert "must pair line by line" in err
+
+
+def test_unknown_task_name(capsys):
+    code = train_main(["--config", GIGAWORD, "--init", "whatever", "task.name=gigawords"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "configs/finetune/gigaword.yaml: task.name: unknown task 'gigawords'; known tasks: cnndm, gigaword" in err
+
+    from finetune.prepare_data import main as data_main
+
+    assert data_main(["--config", GIGAWORD, "task.name=summarize"]) == 2
+    assert "task.name: unknown task 'summarize'" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_shape(data, tmp_path, capsys):
+    from model import parallel
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+
+    parallel.ensure_initialized()
+    other = Seq2SeqModel(ModelConfig.preset("tiny", d_model=32, d_ffn=64, n_decoder_layers=3))
+    path = tmp_path / "other_shape.pt"
+    torch.save(other.state_dict(), path)
+    args = ["--config", GIGAWORD, "--init", str(path), as_list_override("data.overrides", data)]
+    code = train_main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"init.checkpoint: {path} was written for a model of another shape" in err
+    assert "d_model: checkpoint 32, config 64" in err and "n_decoder_layers: checkpoint 3, config 2" in err
+    assert "model.preset=tiny" in err
+
+    # The same file is accepted once the config describes that shape (and is refused again for a wrong vocab).
+    from finetune.config import load
+    from finetune.run import prepare
+
+    shape = ["model.overrides={d_model: 32, d_ffn: 64, n_decoder_layers: 3}"]
+    plan = prepare(load(GIGAWORD, [f"init.checkpoint={path}", args[-1], *shape]), world_size=1)
+    assert plan.model_cfg.d_model == 32 and plan.init.path == path
+    code = train_main(args + ["model.overrides={d_model: 32, d_ffn: 64, n_decoder_layers: 3, vocab_size: 2048}"])
+    assert code == 2 and "vocab_size: checkpoint 1024, config 2048" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_missing_shards(data, tmp_path, capsys):
+    assert train_main(["--config", GIGAWORD, as_list_override("data.overrides", data)]) == 2
+    assert "init.checkpoint: no pretraining checkpoint: pass --init <checkpoint>" in capsys.readouterr().err
+    assert train_main(["--config", GIGAWORD, "--init", str(tmp_path / "nope"),
+                       as_list_override("data.overrides", data)]) == 2
+    assert f"init checkpoint not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    empty = [f"work_dir={tmp_path / 'empty'}", *data[1:]]
+    assert train_main(["--config", GIGAWORD, "--init", "x", as_list_override("data.overrides", empty)]) == 2
+    err = capsys.readouterr().err
+    assert "task.train_split: no task shards at" in err and "python -m finetune data --config" in err
+
+
+def test_predictions_that_do_not_pair_with_the_references(data, tmp_path, capsys):
+    from finetune.evaluation import main as evaluate_main
+
+    predictions = tmp_path / "gigaword.easy.valid"
+    predictions.write_text("one line\ntwo lines\n")
+    code = evaluate_main(["--predictions", str(predictions), "--config", GIGAWORD, "--split", "valid",
+                          "--no-mlflow", as_list_override("data.overrides", data)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{predictions} has 2 lines but the gigaword valid split has 1000 references" in err
+
+
+def test_unknown_config_key_and_bad_values(capsys):
+    assert train_main(["--config", GIGAWORD, "--init", "x", "objective.nar.masks=all"]) == 2
+    assert "Key 'masks' not in 'NarObjectiveSection'" in capsys.readouterr().err
+    assert train_main(["--config", GIGAWORD, "--init", "x", "objective.name=nar", "objective.nar.mode=causal"]) == 2
+    assert "objective.nar: objective.mode='causal': choose one of ('nar_bidir', 'nar_causal')" in \
+        capsys.readouterr().err
+    assert train_main(["--config", GIGAWORD, "--init", "x", "task.difficulty=extreme"]) == 2
+    assert "task.difficulty: must be one of ('easy', 'medium', 'medium+', 'hard'), got 'extreme'" in \
+        capsys.readouterr().err
