@@ -7,8 +7,8 @@ written under --out, one MLflow store included.
   python -m launch.demo [--data-root ../shared/data] [--out runs/demo] [--smoke]
 
 --smoke (or TANDEM_DEMO_SMOKE=1) runs the same pipeline at a toy size (WikiText only, a few steps, a few decoded
-examples) for the test suite. The full size took 9.2 minutes on 2 CPU cores shared with other jobs (fp32 both
-stages: exact, and on CPU no slower than bf16 for this small model).
+examples) for the test suite. The full size took 9 to 11 minutes on 2 CPU cores shared with other jobs
+(7 CPU-minutes), with fp32 in both stages: exact, and on CPU no slower than bf16 for this small model.
 """
 from __future__ import annotations
 
