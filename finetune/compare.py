@@ -3,9 +3,9 @@
 Finds the evaluation runs of an experiment with mlflow.search_runs and prints, per task and difficulty, a table
 of quality against latency per decoding mode, the shape of the BANG / ELMER papers' tables: one row per run with
 the objective, decoding mode, the task's metrics, its task score, ms/sample, samples/s and the speedup over AR
-beam search of the same finetune run (or, without one, of the same task and objective). Saves
-<out>/quality_vs_speed.png (task score against samples/s, one point per run) and <out>/loss_curves.png (training
-loss of every finetune run of the experiment), both with matplotlib's Agg backend.
+beam search (AR greedy where no beam run exists) of the same finetune run, else of the same objective, else of the
+task. Saves <out>/quality_vs_speed.png (task score against samples/s, one point per run) and <out>/loss_curves.png
+(training loss of every finetune run of the experiment), both with matplotlib's Agg backend.
 """
 from __future__ import annotations
 
@@ -57,15 +57,18 @@ def table_rows(runs) -> list[dict[str, Any]]:
             names = ()
         row["metrics"] = {n: _num(r.get(f"metrics.{n}")) for n in names}
         rows.append(row)
-    for row in rows:  # speedup against AR beam: same finetune run, else same task/difficulty/objective
-        peers = [p for p in rows if p["mode"] == "ar_beam" and p["task"] == row["task"]
-                 and p["difficulty"] == row["difficulty"] and p["ms_per_sample"]]
-        same_run = [p for p in peers if p["finetune_run_id"] == row["finetune_run_id"]
-                    and row["finetune_run_id"] not in (None, "none")]
-        same_objective = [p for p in peers if p["objective"] == row["objective"]]
-        base = (same_run or same_objective or [None])[-1]
-        row["speedup"] = (base["ms_per_sample"] / row["ms_per_sample"]
-                          if base is not None and row["ms_per_sample"] else None)
+    for row in rows:  # speedup against AR beam (else AR greedy): same finetune run, else same objective, else task
+        row["speedup"] = None
+        for reference in ("ar_beam", "ar_greedy"):
+            peers = [p for p in rows if p["mode"] == reference and p["task"] == row["task"]
+                     and p["difficulty"] == row["difficulty"] and p["ms_per_sample"]]
+            same_run = [p for p in peers if p["finetune_run_id"] == row["finetune_run_id"]
+                        and row["finetune_run_id"] not in (None, "none")]
+            same_objective = [p for p in peers if p["objective"] == row["objective"]]
+            base = (same_run or same_objective or peers or [None])[-1]
+            if base is not None and row["ms_per_sample"]:
+                row["speedup"] = base["ms_per_sample"] / row["ms_per_sample"]
+                break
     return rows
 
 
