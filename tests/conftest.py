@@ -30,3 +30,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny(shared_data, tmp_path_factory):
+    """configs/data/tiny.yaml prepared once per session (extract -> tokenizer -> shards) on ../shared/data."""
+    from data_pipeline.config import load_config
+    from data_pipeline.prepare import prepare
+
+    cfg = load_config(REPO_ROOT / "configs" / "data" / "tiny.yaml",
+                      [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
+    prepare(cfg)
+    return cfg

@@ -12,19 +12,11 @@ import pytest
 
 from data_pipeline.config import REPO_ROOT, LoaderConfig, load_config
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
 from data_pipeline.shards import load_manifest, run_shard
 from data_pipeline.stream import build_pretrain_loader
 from data_pipeline.tokenizer import train_tokenizer
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny(shared_data, tmp_path_factory):
-    cfg = load_config(TINY, [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
-    prepare(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")

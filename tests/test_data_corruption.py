@@ -5,21 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from data_pipeline.config import REPO_ROOT, CorruptionConfig, load_config
+from data_pipeline.config import CorruptionConfig
 from data_pipeline.corruption import (CorruptionTables, PretrainCollator, bang_corrupt, choose_objective,
                                       elmer_corrupt, sample_rng, to_torch)
-from data_pipeline.prepare import prepare
 from data_pipeline.shards import load_manifest, read_piece
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, MASK_ID, Tokenizer
-
-TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny(shared_data, tmp_path_factory):
-    cfg = load_config(TINY, [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
-    prepare(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")

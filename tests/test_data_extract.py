@@ -12,18 +12,9 @@ import pytest
 from data_pipeline.config import REPO_ROOT, load_config
 from data_pipeline.errors import ConfigError, DataError
 from data_pipeline.extract import STATS_FILE, iter_all_docs, doc_files, run_extract
-from data_pipeline.prepare import prepare
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
 DUMP = "wikipedia/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-
-
-@pytest.fixture(scope="session")
-def tiny(shared_data, tmp_path_factory):
-    """The tiny data config built once per session (later calls find every step up to date)."""
-    cfg = load_config(TINY, [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
-    prepare(cfg)
-    return cfg
 
 
 def _docs(cfg, source):

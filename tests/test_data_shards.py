@@ -3,23 +3,14 @@ import hashlib
 import json
 
 import numpy as np
-import pytest
 
 from data_pipeline.__main__ import main
 from data_pipeline.config import REPO_ROOT, load_config
 from data_pipeline.extract import doc_files, iter_all_docs
-from data_pipeline.prepare import prepare
 from data_pipeline.shards import LENGTHS, MANIFEST, read_piece, run_shard, split_into_samples
 from data_pipeline.tokenizer import Tokenizer
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny(shared_data, tmp_path_factory):
-    cfg = load_config(TINY, [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
-    prepare(cfg)
-    return cfg
 
 
 def test_manifest_matches_the_shards(tiny):

@@ -17,7 +17,6 @@ import data_pipeline.stream as stream_mod
 from data_pipeline.batching import BatchingSpec, plan_epoch
 from data_pipeline.config import REPO_ROOT, load_config
 from data_pipeline.errors import ConfigError
-from data_pipeline.prepare import prepare
 from data_pipeline.shards import load_manifest, run_shard
 from data_pipeline.stream import build_pretrain_loader, build_task_loader
 from data_pipeline.tasks import build_task_shards, read_task_split
@@ -25,13 +24,6 @@ from data_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
 MIX = {"bang": 0.5, "elmer": 0.5}
-
-
-@pytest.fixture(scope="session")
-def tiny(shared_data, tmp_path_factory):
-    cfg = load_config(TINY, [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
-    prepare(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -4,19 +4,8 @@ import unicodedata
 
 import pytest
 
-from data_pipeline.config import REPO_ROOT, load_config
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, Tokenizer, train_tokenizer
-
-TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny(shared_data, tmp_path_factory):
-    cfg = load_config(TINY, [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
-    prepare(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="session")
