@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.errors import ConfigError
+from data_pipeline.typed_config import load_typed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,23 +215,7 @@ def _structured_merge(schema_cls: type, sources: Sequence[Any], where: str) -> A
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DataConfig:
     """Load a data config YAML (or the defaults when path is None), apply `key=value` overrides, validate."""
-    sources: list[Any] = []
-    where = ""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"data config file not found: {path}")
-        where = f"{path}: "
-        try:
-            sources.append(OmegaConf.load(path))
-        except Exception as exc:  # YAML syntax errors
-            raise ConfigError(f"{where}cannot parse: {exc}") from None
-    try:
-        sources.append(OmegaConf.from_dotlist(list(overrides)))
-    except Exception as exc:
-        raise ConfigError(f"bad override in {list(overrides)}: {exc}") from None
-    cfg: DataConfig = _structured_merge(DataConfig, sources, where)
-    cfg.config_file = str(path) if path is not None else ""
+    cfg: DataConfig = load_typed(DataConfig, path, overrides, label="data config")
     return cfg.validate()
 
 

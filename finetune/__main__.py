@@ -1,4 +1,5 @@
 """python -m finetune --config configs/finetune/<task>.yaml --init <pretraining checkpoint> [key=value ...]
+python -m finetune --validate-only [--world-size N] --config ... --init ...            check only: `config ok: ...`
 python -m finetune data      --config configs/finetune/<task>.yaml [key=value ...]   build the task shards
 python -m finetune generate  --model <finetune output dir> [--mode M] [--split S]    decode a split
 python -m finetune evaluate  --generation <generate output dir> [...]                GLGE metrics + MLflow run

@@ -12,8 +12,7 @@ from typing import Any, Optional, Sequence
 from pretrain.config import ConfigError, EngineConfig, TrackingSection
 from pretrain.config import load as load_yaml
 
-DEFAULT_EXPERIMENT = "tandem-finetune"
-DEFAULT_STORE = "runs/finetune/mlflow.db"  # one store for every finetune and evaluation, so compare finds them
+DEFAULT_EXPERIMENT = "tandem-finetune"  # the store is the project's one (pretrain.tracking.resolve_uri)
 
 
 @dataclass
@@ -142,24 +141,6 @@ def load(path: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
 def fail(cfg: FinetuneConfig, field_name: str, why: str):
     where = f"{cfg.config_file}: " if cfg.config_file else ""
     raise ConfigError(f"{where}{field_name}: {why}")
-
-
-def parse_cli(argv: Sequence[str]) -> tuple[str, str, list[str], bool]:
-    """`--config PATH --init CKPT [--resume] [key=value ...]` -> (config, init, overrides, resume)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m finetune",
-                                     description="Finetune a pretrained model on one GLGE task or IWSLT14, on the "
-                                                 "pretraining engine. Subcommands: data, generate, evaluate, compare "
-                                                 "(python -m finetune <subcommand> --help).")
-    parser.add_argument("--config", required=True, help="a YAML file under configs/finetune/")
-    parser.add_argument("--init", default="", help="pretraining checkpoint: a DeepSpeed checkpoint folder (or one "
-                                                   "step_* tag in it) or a full state dict (.pt)")
-    parser.add_argument("--resume", action="store_true", help="continue from this run's own latest checkpoint")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=500 objective.name=nar")
-    args = parser.parse_args(list(argv))
-    return args.config, args.init, list(args.overrides), args.resume
 
 
 def from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> FinetuneConfig:

@@ -7,15 +7,17 @@ Accepted `--init` paths:
     shards are concatenated along each parameter's partition dimension) or, for ZeRO-3, the fp32 partitions
     rebuilt with DeepSpeed's zero_to_fp32;
   * a file: the engine's full-weights export (final_model.pt: {"model": state dict, "config": model config,
-    "step"}), a plain full (TP=1) state dict (`{name: tensor}` or `{"state_dict"|"module": {...}}`), or one
+    "step", and the run record: job, mlflow_run_id, tokenizer_checksum, ...}), a plain full (TP=1) state dict (`{name: tensor}` or `{"state_dict"|"module": {...}}`), or one
     mp_rank file;
   * a finetuning output folder (final_model.pt + finetune_meta.json): a finetuned model with its task, runs and
     config, what `generate` reads.
 
 `read_init(path)` needs no process group: it returns the full weights (or, for TP shards, the shards) and the
-metadata (pretraining step and MLflow run id from the DeepSpeed client state, the model config where the file
-has one). `checkpoint_dims` reads the model dimensions off the weight shapes so `prepare` can compare them with
-the config before any process starts.
+metadata the engine recorded (pretrain.engine.Engine.record: job kind, step, MLflow run id, model config, tokenizer
+checksum; from a DeepSpeed checkpoint's client state or the export's top-level keys; older files may lack some).
+`checkpoint_dims` reads the model dimensions off the weight shapes so `prepare` can compare them with the config
+before any process starts; `check_tokenizer` refuses weights trained with another tokenizer than the task shards';
+`pretrain_run_id` names the pretraining run the weights descend from.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ FINETUNE_META = "finetune_meta.json"  # written beside it by `python -m finetune
 FINETUNED = "finetuned"  # meta["format"] of a finetuned model
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _PREFIXES = ("module.", "model.")  # DeepSpeed wraps pretrain.engine.ObjectiveModule, which holds `model`
+
+
+RECORD_KEYS = ("job", "step", "samples_seen", "tokens_seen", "mlflow_run_id", "tracking_uri", "experiment",
+               "model_config", "tokenizer_checksum", "pretrain_run_id", "pretrain_step")  # pretrain.engine.Engine.record
 
 
 class InitError(ValueError):
@@ -130,8 +136,9 @@ def _read_file(path: Path) -> InitWeights:
         raise InitError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     meta: dict[str, Any] = {"format": "state_dict"}
     state = next((obj[k] for k in ("model", "state_dict", "module") if isinstance(obj.get(k), dict)), obj)
-    if isinstance(obj.get("config"), dict):  # the engine's export carries the model config and step
-        meta.update(format="export", model_config=obj["config"], step=obj.get("step"))
+    if isinstance(obj.get("config"), dict):  # the engine's export: model config, step and the run record
+        meta.update({k: obj[k] for k in RECORD_KEYS if k in obj}, format="export", model_config=obj["config"],
+                    step=obj.get("step"))
     state = _strip(state)
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise InitError(f"{path}: no tensors found; expected a state dict of the seq2seq model")
@@ -150,8 +157,7 @@ def _read_deepspeed(tag_dir: Path) -> InitWeights:
                         f"tensor parallelism {mp}: the checkpoint is incomplete")
     stage = int(first.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     meta = {"format": "deepspeed", "zero_stage": stage, "writer_tp": mp, "tag": tag_dir.name,
-            **{k: first[k] for k in ("step", "samples_seen", "tokens_seen", "mlflow_run_id", "model_config")
-               if k in first}}
+            **{k: first[k] for k in RECORD_KEYS if k in first}}
     if stage == 3:
         if mp > 1:
             raise InitError(f"{tag_dir}: ZeRO-3 with tensor parallelism is not a layout this project writes")
@@ -166,6 +172,28 @@ def _read_deepspeed(tag_dir: Path) -> InitWeights:
         return InitWeights(tag_dir, [_strip(state)], meta)
     shards = [_strip(first["module"])] + [_strip(_load(f)["module"]) for f in files[1:]]
     return InitWeights(tag_dir, shards, meta)
+
+
+# --- lineage and tokenizer -----------------------------------------------------------------------------------
+
+def pretrain_run_id(weights: InitWeights) -> str:
+    """The MLflow run of the pretraining these weights descend from: the writer's own run for a pretraining
+    checkpoint or export, the recorded pretrain_run_id for finetuned weights; "none" when the file does not say."""
+    meta = weights.meta
+    if meta.get("format") == FINETUNED or meta.get("job") == "finetune":
+        return str(meta.get("pretrain_run_id") or "none")
+    return str(meta.get("mlflow_run_id") or "none")
+
+
+def check_tokenizer(weights: InitWeights, checksum: str, shards: str) -> None:
+    """InitError when the weights record a tokenizer other than the one that wrote `shards` (files without a
+    record, e.g. a plain state dict, cannot be checked and pass)."""
+    recorded = weights.meta.get("tokenizer_checksum")
+    if recorded and checksum and recorded != checksum:
+        raise InitError(f"{weights.path} was trained with the tokenizer of checksum {recorded}, but {shards} were "
+                        f"written with the tokenizer of checksum {checksum}: token ids would mean different pieces. "
+                        "Build the task shards with the pretraining data config's tokenizer (python -m finetune "
+                        "data, data.config / data.overrides as in pretraining)")
 
 
 # --- shapes ---------------------------------------------------------------------------------------------------

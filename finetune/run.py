@@ -1,29 +1,28 @@
 """Build a finetuning job from its config and run it on the pretraining engine (pretrain.engine.Engine).
 
 `prepare()` checks everything that needs no process group: config fields, task name, the data config, the task
-shards and their tokenizer, the model shape against the init checkpoint, decoding options. `train()` starts the
-process groups, loads the pretrained weights and hands model + objective + task loaders to the engine, whose export
-writes <output_dir>/final_model.pt (full weights and model config); beside it finetune_meta.json records the task,
-objective, decoding mode, MLflow runs (finetune and pretraining), tokenizer and the resolved config: `generate`
-reads the pair.
+shards and their tokenizer, the model shape and the tokenizer against the init checkpoint, decoding options
+(`python -m finetune --validate-only [--world-size N] ...` runs just that). `train()` starts the process groups
+(pretrain.job, shared with pretraining), loads the pretrained weights and hands model + objective + task loaders to
+the engine, whose export writes <output_dir>/final_model.pt (full weights, model config, run record); beside it
+finetune_meta.json records the task, objective, decoding mode, MLflow runs (finetune and pretraining), tokenizer
+and the resolved config: `generate` reads the pair.
 """
 from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from finetune.config import FinetuneConfig, fail, load, parse_cli
+from finetune.config import FinetuneConfig, fail, load
 from finetune.data import TaskData
 from finetune.init_checkpoint import FINAL_WEIGHTS, FINETUNE_META
 from finetune.glge_tasks import DIFFICULTIES, get_task
-from pretrain.config import ConfigError, launch_world_size, to_dict, to_yaml, validate_engine
+from pretrain import job
+from pretrain.config import cli_parser, parse_args, to_dict, to_yaml, validate_engine
 
 OBJECTIVES = ("ar", "nar", "bang_mixed", "janus")
 SCRATCH = "scratch"
@@ -153,8 +152,11 @@ def build_model_config(cfg: FinetuneConfig, padded_vocab: int):
     return model_cfg
 
 
-def read_init_checkpoint(cfg: FinetuneConfig, model_cfg, field_name: str = "init.checkpoint"):
-    from finetune.init_checkpoint import InitError, check_dims, read_init
+def read_init_checkpoint(cfg: FinetuneConfig, model_cfg, field_name: str = "init.checkpoint",
+                         tokenizer_checksum: str = "", shards: str = "the task shards"):
+    """The init weights, checked against the configured model shape and (where the checkpoint records one) the
+    tokenizer that wrote `shards`; None for `scratch`."""
+    from finetune.init_checkpoint import InitError, check_dims, check_tokenizer, read_init
 
     if not cfg.init.checkpoint:
         fail(cfg, field_name, f"no pretraining checkpoint: pass --init <checkpoint> (or init.checkpoint={SCRATCH} "
@@ -163,6 +165,7 @@ def read_init_checkpoint(cfg: FinetuneConfig, model_cfg, field_name: str = "init
         return None
     try:
         weights = read_init(cfg.init.checkpoint)
+        check_tokenizer(weights, tokenizer_checksum, shards)
         check_dims(weights, model_cfg, f"{cfg.config_file or 'the config'} (model.preset={cfg.model.preset}, "
                                        f"model.overrides={dict(cfg.model.overrides)})")
     except InitError as err:
@@ -174,7 +177,7 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
     """Validate the whole job before any process group exists; ConfigError names the field or file at fault."""
     from finetune import decoding
     from finetune.data import task_loader
-    from finetune.tracking import resolve_uri
+    from pretrain.tracking import resolve_uri
 
     _validate_task(cfg)
     _validate_objective(cfg)
@@ -194,7 +197,8 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
         fail(cfg, "data.overrides", f"targets of up to {td.max_target_len} tokens + EOS (data config "
                                     f"tasks.max_target_len) exceed model.max_target_positions="
                                     f"{model_cfg.max_target_positions}")
-    init = read_init_checkpoint(cfg, model_cfg)
+    init = read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum,
+                                shards=f"the task shards {td.shard_dir(cfg.task.train_split)}")
     try:
         decode_mode, decode_options = decoding.resolve(cfg.decode, cfg.task.name, cfg.objective)
     except ValueError as err:
@@ -227,10 +231,12 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
 # --- the run ---------------------------------------------------------------------------------------------------
 
 def run_tags(plan: Plan) -> dict[str, Any]:
+    from finetune.init_checkpoint import pretrain_run_id
+
     cfg, meta = plan.cfg, (plan.init.meta if plan.init is not None else {})
     return {"kind": "finetune", "task": cfg.task.name, "difficulty": cfg.task.difficulty,
             "objective": cfg.objective.name, "decoding_mode": plan.decode_mode,
-            "pretrain_run_id": meta.get("mlflow_run_id", "none"),
+            "pretrain_run_id": pretrain_run_id(plan.init) if plan.init is not None else "none",
             "pretrain_checkpoint": str(plan.init.path) if plan.init is not None else SCRATCH,
             "pretrain_step": meta.get("step", "unknown")}
 
@@ -243,26 +249,6 @@ def run_params(plan: Plan) -> dict[str, Any]:
                           "train_shards": str(plan.task.shard_dir(plan.cfg.task.train_split)),
                           "tokenizer_checksum": plan.tokenizer_checksum}
     return params
-
-
-def make_engine_class():
-    from pretrain.engine import Engine
-
-    class FinetuneEngine(Engine):
-        """The pretraining engine unchanged, plus this run's finetuning tags on its MLflow run."""
-
-        def __init__(self, *args, tags: dict[str, Any], **kwargs):
-            super().__init__(*args, **kwargs)
-            self.finetune_tags = tags
-
-        def start_tracking(self, params, artifacts, run_name):
-            super().start_tracking(params, artifacts, run_name)
-            if self.tracker.run_id is not None:
-                from finetune.tracking import set_tags
-
-                set_tags(self.tracker.uri, self.tracker.run_id, self.finetune_tags)
-
-    return FinetuneEngine
 
 
 def build_objective(plan: Plan, dp_rank: int):
@@ -285,22 +271,29 @@ def export_meta(plan: Plan, run_id: str | None) -> dict[str, Any]:
             "model_config": asdict(plan.model_cfg), "config": to_dict(plan.cfg)}
 
 
-def train(plan: Plan) -> dict[str, float]:
-    import torch
+def describe(plan: Plan) -> str:
+    """The `config ok:` line of --validate-only."""
+    from pretrain.config import zero_stage
 
+    cfg, m = plan.cfg, plan.model_cfg
+    init = SCRATCH if plan.init is None else f"{plan.init.path} (pretrain run {run_tags(plan)['pretrain_run_id']})"
+    return (f"finetune {cfg.task.name}-{cfg.task.difficulty} objective {cfg.objective.name} decode "
+            f"{plan.decode_mode} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
+            f"DP {plan.data_parallel}, ZeRO-{zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
+            f"vocab={m.vocab_size}; init {init}; {cfg.train.steps} steps ({plan.batches_per_epoch} batches per "
+            f"epoch); output {cfg.output_dir}; mlflow {cfg.tracking.uri if cfg.tracking.mlflow else 'off'}")
+
+
+def train(plan: Plan) -> dict[str, float]:
     from finetune.data import task_loader
     from finetune.init_checkpoint import load_into
     from finetune.valid_generation import ValidGeneration
     from model import parallel
     from model.seq2seq import Seq2SeqModel
-    from pretrain import distributed
+    from pretrain.engine import Engine
 
     cfg = plan.cfg
-    mpu = distributed.init(cfg.parallel.tensor_parallel, cfg.train.seed)
-    try:
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)
+    with job.started(cfg) as mpu:
         model = Seq2SeqModel(plan.model_cfg)
         if plan.init is not None:
             load_into(model, plan.init)
@@ -314,41 +307,48 @@ def train(plan: Plan) -> dict[str, float]:
             evals["valid"] = lambda: task_loader(valid_dir, cfg.data, dp_rank=dp_rank, dp_size=dp_size, seed=0,
                                                  max_source_len=plan.max_source_len, shuffle=False)
         extra_eval = ValidGeneration(plan) if cfg.valid_generation.samples > 0 else None
-        engine = make_engine_class()(cfg, model, objective, train_loader, mpu, micro_batch_size=cfg.data.batch_size,
-                                     eval_loaders=evals, extra_eval=extra_eval, tags=run_tags(plan))
-        out = Path(cfg.output_dir)
-        artifacts = [(Path(cfg.config_file), "config"), (Path(cfg.deepspeed.config), "deepspeed"),
-                     (Path(cfg.data.config), "data")]
+        tags = run_tags(plan)
+        engine = Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=cfg.data.batch_size,
+                        eval_loaders=evals, extra_eval=extra_eval, kind="finetune", tags=tags,
+                        meta={"tokenizer_checksum": plan.tokenizer_checksum, "pretrain_run_id": tags["pretrain_run_id"],
+                              "pretrain_step": tags["pretrain_step"]})
         run_name = cfg.tracking.run_name or f"{cfg.task.name}-{cfg.task.difficulty} {cfg.objective.name}"
-        last = engine.fit(params=run_params(plan), artifacts=[a for a in artifacts if a[0].is_file()],
-                          run_name=run_name)
-        run_id = engine.tracker.run_id
-        if distributed.is_rank0():
-            meta = export_meta(plan, run_id)
-            (out / FINETUNE_META).write_text(json.dumps(meta, indent=1, default=str))
-            (out / "finetune.yaml").write_text(to_yaml(cfg))
-            if run_id is not None:
-                from finetune.tracking import log_json_artifact
-
-                log_json_artifact(cfg.tracking.uri, run_id, {k: v for k, v in meta.items() if k != "config"},
-                                  FINETUNE_META, "model")
-            print(f"[finetune] wrote {out / FINAL_WEIGHTS} and {out / FINETUNE_META} (MLflow run {run_id})", flush=True)
+        last = engine.fit(params=run_params(plan), artifacts=job.config_artifacts(cfg), run_name=run_name)
+        if engine.rank0:
+            write_meta(plan, engine.tracker.run_id)
         return last
-    finally:
-        distributed.shutdown()
+
+
+def write_meta(plan: Plan, run_id: str | None) -> None:
+    """finetune_meta.json and finetune.yaml beside the exported weights (what `generate` reads); the meta also
+    goes to the MLflow run."""
+    cfg, out = plan.cfg, Path(plan.cfg.output_dir)
+    meta = export_meta(plan, run_id)
+    (out / FINETUNE_META).write_text(json.dumps(meta, indent=1, default=str))
+    (out / "finetune.yaml").write_text(to_yaml(cfg))
+    if run_id is not None:
+        from finetune.tracking import log_json_artifact
+
+        log_json_artifact(cfg.tracking.uri, run_id, {k: v for k, v in meta.items() if k != "config"}, FINETUNE_META,
+                          "model")
+    print(f"[finetune] wrote {out / FINAL_WEIGHTS} and {out / FINETUNE_META} (MLflow run {run_id})", flush=True)
+
+
+def load_config(args) -> FinetuneConfig:
+    cfg = load(args.config, args.overrides)
+    if args.init:
+        cfg.init.checkpoint = args.init
+    if args.resume:
+        cfg.checkpoint.resume = True
+    return cfg
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        path, init, overrides, resume = parse_cli(argv)
-        cfg = load(path, overrides)
-        if init:
-            cfg.init.checkpoint = init
-        if resume:
-            cfg.checkpoint.resume = True
-        plan = prepare(cfg, launch_world_size())
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    train(plan)
-    return 0
+    parser = cli_parser("python -m finetune", "Finetune a pretrained model on one GLGE task or IWSLT14, on the "
+                                              "pretraining engine. Subcommands: data, generate, evaluate, compare "
+                                              "(python -m finetune <subcommand> --help).",
+                        "a YAML file under configs/finetune/")
+    parser.add_argument("--init", default="", help="pretraining checkpoint: a pretraining output folder, a DeepSpeed "
+                                                   "checkpoint folder (or one step_* tag in it) or a full state dict "
+                                                   "(.pt, e.g. final_model.pt)")
+    return job.main("finetune", parse_args(parser, argv), load_config, prepare, train, describe)

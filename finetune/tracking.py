@@ -1,5 +1,7 @@
-"""MLflow for finetuning: one store for every finetune and evaluation run (so `compare` finds them), the tags that
-tie a run to its task, difficulty, objective, decoding mode and pretraining run, and evaluation runs.
+"""MLflow for finetuning: the project's one store (pretrain.tracking.resolve_uri: tracking.uri, else
+$MLFLOW_TRACKING_URI, else sqlite:///<repo>/runs/mlflow.db, shared with pretraining so a pretraining run and the
+finetune runs linked to it sit in one UI, and `compare` finds every finetune and evaluation), the tags that tie a
+run to its task, difficulty, objective, decoding mode and pretraining run, and evaluation runs.
 
 Tags every finetune and evaluation run carries: kind (finetune | evaluation | glge_summary), task, difficulty,
 objective, decoding_mode, pretrain_run_id, pretrain_checkpoint, pretrain_step; evaluation runs also split and
@@ -8,27 +10,22 @@ finetune_run_id (and mlflow.parentRunId, so the UI nests them under their finetu
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from finetune.config import DEFAULT_STORE
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from pretrain import tracking as pretrain_tracking
 
 
 def resolve_uri(configured: str) -> str:
-    """tracking.uri if set, else $MLFLOW_TRACKING_URI, else the project's finetune store runs/finetune/mlflow.db."""
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    path = (REPO_ROOT / DEFAULT_STORE).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    """pretrain.tracking.resolve_uri, with a sqlite store's folder created (MLflow creates only the file)."""
+    uri = pretrain_tracking.resolve_uri(configured)
+    db = pretrain_tracking.sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return uri
 
 
 def client(uri: str):
@@ -47,19 +44,7 @@ def experiment_id(mlflow_client, name: str, artifact_root: Path | None = None) -
 
 def default_artifact_root(uri: str) -> Path | None:
     """For a sqlite store, artifacts beside the database (not in ./mlruns of whatever folder we run from)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
-    return None
-
-
-def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
-    """Add tags to an existing run; a tracking failure warns and never stops training."""
-    try:
-        c = client(uri)
-        for key, value in tags.items():
-            c.set_tag(run_id, key, str(value))
-    except Exception as err:  # noqa: BLE001
-        warnings.warn(f"MLflow set_tag on run {run_id} failed ({type(err).__name__}: {err})", RuntimeWarning)
+    return pretrain_tracking.artifact_root(uri)
 
 
 def log_json_artifact(uri: str, run_id: str, data: dict[str, Any], name: str, folder: str | None = None) -> None:

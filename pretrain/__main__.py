@@ -1,4 +1,8 @@
 """python -m pretrain --config configs/pretrain/<name>.yaml [--resume] [key=value ...]
+python -m pretrain --validate-only [--world-size N] --config ... [key=value ...]   check only: `config ok: ...`
+
+Exit codes: 0 done; 2 a bad config (`error: ...` names the field or file); 128 + signal number when stopped by
+SIGTERM / SIGINT (the MLflow run is then KILLED).
 
 Started by the deepspeed launcher (`deepspeed --num_gpus 2 --module pretrain ...`), by torchrun, or plainly for one
 process. See pretrain/run.py for what it builds.

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from data_pipeline.typed_config import load_typed
 from pretrain.schedule import DECAYS
 
 
@@ -87,7 +87,9 @@ class EvalSection:
 @dataclass
 class TrackingSection:
     mlflow: bool = True
-    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    # empty: $MLFLOW_TRACKING_URI, else the project's one store sqlite:///<repo>/runs/mlflow.db (pretraining,
+    # finetuning and evaluation side by side; pretrain.tracking.resolve_uri)
+    uri: str = ""
     experiment: str = "tandem-pretrain"
     run_name: str = ""  # empty: the config name
 
@@ -164,23 +166,7 @@ class PretrainConfig(EngineConfig):
 
 def load(path: str | Path, overrides: Sequence[str] = (), schema: type = PretrainConfig):
     """YAML file + `key=value` overrides -> a typed config object (not yet validated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as err:  # YAML syntax
-        raise ConfigError(f"{path}: cannot parse: {err}") from None
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must be key=value, got {bad}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), file_cfg, OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:  # unknown key or wrong type; omegaconf names the key
-        raise ConfigError(f"{path}: {err}") from None
-    cfg.config_file = str(path)
-    return cfg
+    return load_typed(schema, path, overrides, error=ConfigError)
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -313,14 +299,31 @@ def launch_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def parse_cli(argv: Sequence[str]) -> tuple[str, list[str], bool]:
-    """`--config PATH [--resume] [key=value ...]` -> (path, overrides, resume)."""
+def cli_parser(prog: str, description: str, config_help: str):
+    """The options `python -m pretrain` and `python -m finetune` share (finetune adds --init):
+    --config PATH [--resume] [--validate-only [--world-size N]] [key=value ...]."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a YAML file under configs/pretrain/")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint `latest` names")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="check the whole job for --world-size processes without starting any (no process "
+                             "group, no output); print `config ok: ...` and exit 0, or `error: ...` and exit 2")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --validate-only: the number of processes to check for (default: $WORLD_SIZE or 1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 parallel.tensor_parallel=2")
+    return parser
+
+
+def parse_args(parser, argv: Sequence[str]):
+    """Parse and check the shared options (argparse exits with code 2 and `error: ...` on a bad command line)."""
     args = parser.parse_args(list(argv))
-    return args.config, list(args.overrides), args.resume
+    if args.world_size is not None:
+        if not args.validate_only:
+            parser.error("--world-size goes with --validate-only (a training job takes its world size from the "
+                         "launcher)")
+        if args.world_size < 1:
+            parser.error(f"--world-size must be >= 1, got {args.world_size}")
+    return args

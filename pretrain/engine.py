@@ -3,7 +3,13 @@
 Finetuning reuses it unchanged: hand it a model, an objective (pretrain.objectives interface), a training
 loader (iterable of batch dicts with state_dict/load_state_dict), factories of held-out loaders (called afresh
 at every evaluation, so each evaluation reads the same batches) and, optionally, an extra evaluation function
-(generation metrics).
+(generation metrics), the job's kind ("pretrain" | "finetune": log prefix and a tag), its extra MLflow tags, and
+the facts its weights must carry (`meta`, e.g. the tokenizer checksum): checkpoints and the exported weights
+record them with the MLflow run id, the step and the model config, so a later job can name where its weights came
+from and refuse a tokenizer they were not trained with.
+
+On SIGTERM / SIGINT (pretrain.job arms the handlers) training stops where it is and rank 0 closes its MLflow run
+as KILLED; any other failure closes it as FAILED.
 
 A step reads `grad_accum` micro-batches on every data-parallel rank. Each micro-batch loss is a mean over its
 own targets; it is rescaled by (its targets / the step's targets over all ranks) x dp x accum before
@@ -33,13 +39,15 @@ from torch import nn
 
 from model import parallel
 from model.config import SPECIAL
-from pretrain import activation_checkpointing, checkpoint, distributed
+from pretrain import activation_checkpointing, checkpoint, distributed, job
 from pretrain.config import EngineConfig, deepspeed_dict, read_deepspeed_json, resolve_precision, to_dict, to_yaml
 from pretrain.objectives import Objective
 from pretrain.schedule import WarmupDecay, build_scheduler
-from pretrain.tracking import Tracker, git_commit
+from pretrain.tracking import Tracker, git_commit, launch_tags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FINAL_WEIGHTS = "final_model.pt"  # the export at the end of a run, in output_dir
+KINDS = ("pretrain", "finetune")
 
 
 class ObjectiveModule(nn.Module):
@@ -64,6 +72,22 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def real_tokens(batch: dict[str, Any]) -> int:
     """Non-pad source and target tokens: what the model actually processed."""
     return int((batch["src_tokens"] != SPECIAL.pad).sum() + (batch["tgt_tokens"] != SPECIAL.pad).sum())
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    import dataclasses
+
+    cfg = getattr(model, "cfg", None)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None
+
+
+def export_payload(state: dict[str, Any], model_config: dict[str, Any] | None, step: int,
+                   record: dict[str, Any]) -> dict[str, Any]:
+    """What Engine.export_weights saves: {"model": full state dict on CPU, "config": the model config, "step",
+    plus the run record (job, mlflow_run_id, tracking_uri, tokenizer_checksum, ...)}; finetune.init_checkpoint
+    reads it back."""
+    return {**record, "model": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+            "config": model_config, "step": step}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -108,11 +132,19 @@ class Engine:
     def __init__(self, cfg: EngineConfig, model: nn.Module, objective: Objective, train_loader,
                  mpu: distributed.MegatronMpu, *, micro_batch_size: int,
                  eval_loaders: dict[str, Callable[[], Iterable]] | None = None,
-                 extra_eval: Callable[[nn.Module], dict[str, float]] | None = None):
+                 extra_eval: Callable[[nn.Module], dict[str, float]] | None = None,
+                 kind: str = "pretrain", tags: dict[str, Any] | None = None, meta: dict[str, Any] | None = None):
         """micro_batch_size: the loader's nominal batch (DeepSpeed's bookkeeping; the loss scaling uses the real
-        target counts). extra_eval(model) -> {name: value} runs after the loss evaluation."""
+        target counts). extra_eval(model) -> {name: value} runs after the loss evaluation. kind: "pretrain" or
+        "finetune" (log prefix, tag `kind`). tags: more MLflow tags for the run (they win over the engine's).
+        meta: JSON-able facts saved in every checkpoint's client state and in the exported weights."""
         import deepspeed
 
+        if kind not in KINDS:
+            raise ValueError(f"Engine kind must be one of {KINDS}, got {kind!r}")
+        self.kind = kind
+        self.extra_tags = dict(tags or {})
+        self.meta = dict(meta or {})
         self.cfg = cfg
         self.objective = objective
         self.train_loader = train_loader
@@ -166,9 +198,15 @@ class Engine:
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
+    def record(self) -> dict[str, Any]:
+        """What checkpoints and exports say about the run that wrote them (see `meta` in __init__)."""
+        return {**self.meta, "job": self.kind, "mlflow_run_id": self.tracker.run_id or self.run_id,
+                "tracking_uri": self.tracker.uri if self.tracker.use_mlflow else None,
+                "experiment": self.cfg.tracking.experiment, "model_config": model_config_dict(self.module.model)}
+
     def save(self) -> str:
-        client = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                  "mlflow_run_id": self.tracker.run_id or self.run_id}
+        client = {**self.record(), "step": self.step, "samples_seen": self.samples_seen,
+                  "tokens_seen": self.tokens_seen}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
                       "objective": self.objective.state_dict(), "step": self.step}
         tag = checkpoint.save(self.ds, self.cfg.checkpoint_dir(), self.step, client, rank_state,
@@ -202,11 +240,9 @@ class Engine:
         return True
 
     def export_weights(self, path: Path) -> None:
-        """Collective. Rank 0 writes {"model": full state dict (TP shards merged, ZeRO-3 partitions gathered),
-        "config": the model config as a dict, "step"}. Weights are in the training dtype of the module (fp32, or
-        bf16 under bf16 training)."""
-        import dataclasses
-
+        """Collective. Rank 0 writes export_payload: the full state dict (TP shards merged, ZeRO-3 partitions
+        gathered), the model config, the step and the run record. Weights are in the training dtype of the module
+        (fp32, or bf16 under bf16 training)."""
         import deepspeed
 
         from model import sharding
@@ -217,11 +253,9 @@ class Engine:
         with gather:
             full = sharding.full_state_dict(model)
         if self.rank0:
-            cfg = getattr(model, "cfg", None)
+            record = {k: v for k, v in self.record().items() if k != "model_config"}
             tmp = path.with_name(path.name + ".tmp")
-            torch.save({"model": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in full.items()},
-                        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
-                        "step": self.step}, tmp)
+            torch.save(export_payload(full, model_config_dict(model), self.step, record), tmp)
             os.replace(tmp, path)
             self.log_line(f"exported model weights to {path}")
         distributed.barrier()
@@ -230,7 +264,7 @@ class Engine:
 
     def log_line(self, text: str) -> None:
         if self.rank0:
-            print(f"[pretrain] {text}", flush=True)
+            print(f"[{self.kind}] {text}", flush=True)
 
     def start_tracking(self, params: dict[str, Any], artifacts: list[tuple[Path, str]], run_name: str) -> None:
         """Write the resolved configs into output_dir and open the MLflow run (rank 0). artifacts: (file, folder
@@ -242,10 +276,12 @@ class Engine:
             ds_json = self.output_dir / "deepspeed_config.json"
             ds_json.write_text(json.dumps(self.ds_config, indent=2))
             artifacts = [*artifacts, (resolved_yaml, "resolved"), (ds_json, "resolved")]
-        tags = {"git_commit": git_commit(REPO_ROOT), "world_size": torch.distributed.get_world_size(),
-                "tensor_parallel": parallel.tp_size(), "data_parallel": self.dp_size, "zero_stage": self.zero_stage,
-                "precision": self.precision, "objective": getattr(self.objective, "name", "?")}
-        self.tracker.start(run_name, params, tags, artifacts, resume_run_id=self.run_id)
+        tags = {"kind": self.kind, "git_commit": git_commit(REPO_ROOT),
+                "world_size": torch.distributed.get_world_size(), "tensor_parallel": parallel.tp_size(),
+                "data_parallel": self.dp_size, "zero_stage": self.zero_stage, "precision": self.precision,
+                "objective": getattr(self.objective, "name", "?"), **launch_tags(), **self.extra_tags}
+        with job.signals_deferred():  # a run half-created would stay RUNNING
+            self.tracker.start(run_name, params, tags, artifacts, resume_run_id=self.run_id)
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -294,19 +330,19 @@ class Engine:
         if cfg.checkpoint.resume:
             self.resume()
         self.start_tracking(params or to_dict(cfg), list(artifacts), run_name)
-        if cfg.train.record_sample_ids:
-            folder = self.output_dir / "samples"
-            folder.mkdir(parents=True, exist_ok=True)
-            rank = torch.distributed.get_rank()
-            self._sample_log = open(folder / f"rank_{rank:05d}.jsonl", "a" if self.step else "w", buffering=1)
-
         names = ["loss"] + self.objective.metric_names()
         window = MetricSums(names, extra=("tokens", "samples"))
-        window_start, window_steps = time.perf_counter(), 0
-        bar = self._progress_bar()
+        bar = None
         status = "FAILED"
         last: dict[str, float] = {}
         try:
+            if cfg.train.record_sample_ids:
+                folder = self.output_dir / "samples"
+                folder.mkdir(parents=True, exist_ok=True)
+                rank = torch.distributed.get_rank()
+                self._sample_log = open(folder / f"rank_{rank:05d}.jsonl", "a" if self.step else "w", buffering=1)
+            window_start, window_steps = time.perf_counter(), 0
+            bar = self._progress_bar()
             self.ds.train()
             while self.step < cfg.train.steps:
                 self.train_step(window)
@@ -327,15 +363,21 @@ class Engine:
             if cfg.checkpoint.save_at_end:
                 self.save()
             if cfg.checkpoint.export_final:
-                self.export_weights(self.output_dir / "final_model.pt")
+                self.export_weights(self.output_dir / FINAL_WEIGHTS)
             status = "FINISHED"
+        except BaseException as err:
+            if isinstance(err, (job.Stopped, KeyboardInterrupt)) or job.stop_signal() is not None:
+                status = "KILLED"  # also when a peer that stopped first broke a collective here
+                self.log_line(f"stopped at step {self.step} ({err}); closing the MLflow run as KILLED")
+            raise
         finally:
-            if bar is not None:
-                bar.close()
-            if self._sample_log is not None:
-                self._sample_log.close()
-                self._sample_log = None
-            self.tracker.finish(status)
+            with job.signals_deferred():  # the run must not stay RUNNING because a second signal came
+                if bar is not None:
+                    bar.close()
+                if self._sample_log is not None:
+                    self._sample_log.close()
+                    self._sample_log = None
+                self.tracker.finish(status)
         return last
 
     def _progress_bar(self):
@@ -344,7 +386,7 @@ class Engine:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True, desc="pretrain")
+        return tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.kind)
 
     def _log_window(self, window: MetricSums, seconds: float, steps: int, bar) -> dict[str, float]:
         means, extra = window.reduce()

@@ -2,20 +2,19 @@
 objective and the loaders, and hand them to the engine.
 
 `prepare()` does all the checking that needs no process group (config fields, parallel layout, DeepSpeed JSON,
-data config, shard folders, tokenizer, model shape) so a bad job stops before any process group starts.
+data config, shard folders, tokenizer, model shape) so a bad job stops before any process group starts;
+`python -m pretrain --validate-only [--world-size N]` runs just that. The command line and the process-level set-up
+are pretrain.job's, shared with finetuning.
 """
 from __future__ import annotations
 
-import random
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from pretrain.config import (ConfigError, PretrainConfig, launch_world_size, load, parse_cli, to_dict,
-                             validate_engine)
+from pretrain import job
+from pretrain.config import ConfigError, PretrainConfig, cli_parser, load, parse_args, to_dict, validate_engine
+from pretrain.tracking import resolve_uri
 
 OBJECTIVES = ("bang", "elmer")
 
@@ -30,6 +29,7 @@ class Plan:
     eval_data_cfg: Any | None
     model_cfg: Any  # model.config.ModelConfig
     micro_batch_size: int
+    tokenizer_checksum: str = ""  # the training shards' tokenizer: recorded in checkpoints and exported weights
 
     @property
     def data_parallel(self) -> int:
@@ -128,7 +128,9 @@ def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
         if len(cfg.objective.bang.stream_weights) != n:
             _fail(cfg, "objective.bang.stream_weights", f"has {len(cfg.objective.bang.stream_weights)} entries for "
                                                         f"{n} streams")
-    return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size)
+    if cfg.tracking.mlflow:
+        cfg.tracking.uri = resolve_uri(cfg.tracking.uri)  # the store this job writes to, in params and configs
+    return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum)
 
 
 # --- building (after the process groups exist) -----------------------------------------------------------
@@ -184,39 +186,44 @@ def run_params(plan: Plan) -> dict[str, Any]:
     return params
 
 
+def describe(plan: Plan) -> str:
+    """The `config ok:` line of --validate-only."""
+    cfg, m = plan.cfg, plan.model_cfg
+    from pretrain.config import zero_stage
+
+    return (f"pretrain {cfg.name} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
+            f"DP {plan.data_parallel}, ZeRO-{zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
+            f"layers={m.n_encoder_layers}+{m.n_decoder_layers} vocab={m.vocab_size}; objective {cfg.objective.name}; "
+            f"{cfg.train.steps} steps of {plan.micro_batch_size} x {cfg.train.grad_accum} x {plan.data_parallel}; "
+            f"output {cfg.output_dir}; mlflow {cfg.tracking.uri if cfg.tracking.mlflow else 'off'}")
+
+
 def train(plan: Plan) -> dict[str, float]:
     from model import parallel
     from model.seq2seq import Seq2SeqModel
-    from pretrain import distributed
     from pretrain.engine import Engine
 
     cfg = plan.cfg
-    mpu = distributed.init(cfg.parallel.tensor_parallel, cfg.train.seed)
-    try:
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
+    with job.started(cfg) as mpu:
         model = Seq2SeqModel(plan.model_cfg)  # same initial weights for every TP size (CPU master init)
         dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
         objective = build_objective(plan, dp_rank)
         train_loader, eval_loaders = build_loaders(plan, dp_rank, dp_size)
         engine = Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=plan.micro_batch_size,
-                        eval_loaders=eval_loaders)
-        artifacts = [(Path(cfg.config_file), "config"), (Path(cfg.deepspeed.config), "deepspeed"),
-                     (Path(cfg.data.config), "data")]
-        return engine.fit(params=run_params(plan), artifacts=artifacts, run_name=cfg.tracking.run_name or cfg.name)
-    finally:
-        distributed.shutdown()
+                        eval_loaders=eval_loaders, kind="pretrain",
+                        meta={"tokenizer_checksum": plan.tokenizer_checksum})
+        return engine.fit(params=run_params(plan), artifacts=job.config_artifacts(cfg),
+                          run_name=cfg.tracking.run_name or cfg.name)
+
+
+def load_config(args) -> PretrainConfig:
+    cfg = load(args.config, args.overrides)
+    if args.resume:
+        cfg.checkpoint.resume = True
+    return cfg
 
 
 def main(argv: Sequence[str]) -> int:
-    try:
-        path, overrides, resume = parse_cli(argv)
-        cfg = load(path, overrides)
-        if resume:
-            cfg.checkpoint.resume = True
-        plan = prepare(cfg, launch_world_size())
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    train(plan)
-    return 0
+    parser = cli_parser("python -m pretrain", "Pretrain the seq2seq model (BANG, ELMER or their mix) with DeepSpeed "
+                                              "and tensor parallelism.", "a YAML file under configs/pretrain/")
+    return job.main("pretrain", parse_args(parser, argv), load_config, prepare, train, describe)

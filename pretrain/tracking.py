@@ -1,9 +1,14 @@
 """Experiment tracking: MLflow from rank 0 only, with a local JSONL record that always survives.
 
-One MLflow run per job (a resumed job reopens the run its checkpoint names). Store: `tracking.uri` if set, else
-$MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db with artifacts beside it. Every record also goes to
-<output_dir>/metrics.jsonl; if MLflow fails at any point the tracker warns once, stops calling MLflow and keeps
+One MLflow run per job (a resumed job reopens the run its checkpoint names). Store (`resolve_uri`): `tracking.uri`
+if set, else $MLFLOW_TRACKING_URI, else the project's one store sqlite:///<repo>/runs/mlflow.db, shared by
+pretraining, finetuning and evaluation so a pretraining run and the finetune runs linked to it can be compared in
+one UI; a sqlite store keeps its artifacts beside the database (<db folder>/mlartifacts). Every record also goes
+to <output_dir>/metrics.jsonl; if MLflow fails at any point the tracker warns once, stops calling MLflow and keeps
 writing the JSONL file, so tracking can never stop training.
+
+Runs started by the launcher carry its ids (`launch_tags`): $TANDEM_LAUNCH_ID -> tag tandem.launch_id,
+$TANDEM_RESTART -> tag tandem.restart (a resumed run gets the restart count of its latest attempt).
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STORE = REPO_ROOT / "runs" / "mlflow.db"  # one store for pretraining, finetuning and evaluation
+LAUNCH_ENV_TAGS = {"TANDEM_LAUNCH_ID": "tandem.launch_id", "TANDEM_RESTART": "tandem.restart"}
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a parameter value
 BATCH_LIMIT = 100  # params per log_batch call
 
@@ -39,12 +47,31 @@ def git_commit(repo: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def resolve_uri(configured: str | None, output_dir: Path) -> str:
+def resolve_uri(configured: str | None) -> str:
+    """tracking.uri if set, else $MLFLOW_TRACKING_URI, else sqlite:///<repo>/runs/mlflow.db (an absolute path, so
+    every job finds the same store whatever folder it runs from)."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{DEFAULT_STORE}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// store (sqlite:////abs/path or sqlite:///relative/path); else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite database (not in ./mlruns of whatever folder the
+    job runs from); None (MLflow's default) for other stores."""
+    db = sqlite_path(uri)
+    return db.parent / "mlartifacts" if db is not None else None
+
+
+def launch_tags(environ=os.environ) -> dict[str, str]:
+    """The launcher's ids for this run, from the environment it gives every rank."""
+    return {tag: environ[var] for var, tag in LAUNCH_ENV_TAGS.items() if environ.get(var)}
 
 
 class Tracker:
@@ -55,7 +82,7 @@ class Tracker:
         self.output_dir = Path(output_dir)
         self.active = active
         self.use_mlflow = use_mlflow and active
-        self.uri = resolve_uri(uri, self.output_dir)
+        self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.run_id: str | None = None
         self._client = None
@@ -81,13 +108,15 @@ class Tracker:
     def _start_mlflow(self, run_name: str, tags: dict[str, str], resume_run_id: str | None) -> str:
         from mlflow.tracking import MlflowClient
 
+        db = sqlite_path(self.uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=self.uri)
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is None:
-            artifacts = None
-            if self.uri.startswith("sqlite:"):  # keep artifacts with the embedded store, not in ./mlruns
-                artifacts = (self.output_dir / "mlartifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(self.experiment, artifact_location=artifacts)
+            root = artifact_root(self.uri)
+            experiment_id = client.create_experiment(self.experiment, artifact_location=root.resolve().as_uri()
+                                                     if root is not None else None)
         else:
             experiment_id = experiment.experiment_id
         run_id = None

@@ -115,3 +115,46 @@ def test_unknown_config_key_and_bad_values(capsys):
     assert train_main(["--config", GIGAWORD, "--init", "x", "task.difficulty=extreme"]) == 2
     assert "task.difficulty: must be one of ('easy', 'medium', 'medium+', 'hard'), got 'extreme'" in \
         capsys.readouterr().err
+
+
+def _export(tmp_path, run_id: str, checksum: str):
+    from model import parallel
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+    from pretrain.engine import export_payload, model_config_dict
+
+    parallel.ensure_initialized()
+    model = Seq2SeqModel(ModelConfig.preset("tiny"))
+    path = tmp_path / run_id / "final_model.pt"
+    path.parent.mkdir()
+    torch.save(export_payload(model.state_dict(), model_config_dict(model), 5,
+                              {"job": "pretrain", "mlflow_run_id": run_id, "tokenizer_checksum": checksum}), path)
+    return path
+
+
+def test_validate_only_links_the_pretraining_run_and_refuses_another_tokenizer(data, tmp_path, capsys):
+    """`--validate-only --world-size 2` checks the whole job without a process group and prints `config ok:` with
+    the pretraining run read from the init weights (the run the finetune run is tagged with); weights pretrained
+    with another tokenizer than the task shards' are refused, naming both checksums."""
+    from finetune.config import load
+    from finetune.run import prepare, run_tags
+
+    shards = as_list_override("data.overrides", data)
+    out = tmp_path / "out"
+    checksum = prepare(load(GIGAWORD, ["init.checkpoint=scratch", shards]), world_size=1).tokenizer_checksum
+    good = _export(tmp_path, "run-good", checksum)
+    assert train_main(["--validate-only", "--world-size", "2", "--config", GIGAWORD, "--init", str(good), shards,
+                       f"output_dir={out}", "tracking.uri=sqlite:///" + str(tmp_path / "m.db")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("config ok:")]
+    assert len(lines) == 1 and "world 2 = TP 1 x DP 2" in lines[0]
+    assert f"init {good} (pretrain run run-good)" in lines[0]
+    assert not out.exists() and not (tmp_path / "m.db").exists()  # validation writes nothing
+    plan = prepare(load(GIGAWORD, [f"init.checkpoint={good}", shards]), world_size=1)
+    assert run_tags(plan)["pretrain_run_id"] == "run-good" and run_tags(plan)["pretrain_step"] == 5
+
+    other = _export(tmp_path, "run-other", "0123abcd")
+    assert train_main(["--validate-only", "--config", GIGAWORD, "--init", str(other), shards]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"init.checkpoint: {other} was trained with the tokenizer of checksum " \
+                                         f"0123abcd, but the task shards" in err
+    assert f"written with the tokenizer of checksum {checksum}" in err

@@ -214,3 +214,38 @@ def test_evaluate_command_scores_files_and_records_runs(tmp_path, capsys):
     summary = c.search_runs([experiment], "tags.kind = 'glge_summary'")
     assert len(summary) == 1 and summary[0].data.metrics["glge_score"] == pytest.approx(expected_glge, abs=1e-9)
     assert summary[0].data.tags["glge_complete"] == "false"
+
+
+def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
+    """pretrain.engine.export_payload (what Engine.export_weights saves) carries the pretraining run's id, step,
+    model config and tokenizer checksum; read_init reads them back, pretrain_run_id names the run, and
+    check_tokenizer refuses other shards naming both checksums. Finetuned weights point at their pretraining run."""
+    from finetune.init_checkpoint import FINETUNE_META, check_tokenizer, pretrain_run_id
+    from pretrain.engine import export_payload, model_config_dict
+
+    source = tiny()
+    record = {"job": "pretrain", "mlflow_run_id": "run-pre", "tokenizer_checksum": "aaa111", "experiment": "e"}
+    path = tmp_path / "pre" / "final_model.pt"
+    path.parent.mkdir()
+    torch.save(export_payload(source.state_dict(), model_config_dict(source), 42, record), path)
+    weights = read_init(path)
+    assert (weights.meta["step"], weights.meta["mlflow_run_id"], weights.meta["tokenizer_checksum"]) == \
+        (42, "run-pre", "aaa111")
+    assert weights.meta["model_config"] == dataclasses.asdict(source.cfg) and pretrain_run_id(weights) == "run-pre"
+    check_tokenizer(weights, "aaa111", "the task shards")  # the same tokenizer passes
+    with pytest.raises(InitError, match=r"final_model\.pt was trained with the tokenizer of checksum aaa111, but "
+                                        r"the task shards /x were written with the tokenizer of checksum bbb222"):
+        check_tokenizer(weights, "bbb222", "the task shards /x")
+    plain = tmp_path / "plain.pt"
+    torch.save(source.state_dict(), plain)
+    assert pretrain_run_id(read_init(plain)) == "none"  # nothing recorded: nothing to check or link
+    check_tokenizer(read_init(plain), "bbb222", "the task shards")
+
+    finetuned = tmp_path / "ft"
+    finetuned.mkdir()
+    torch.save(export_payload(source.state_dict(), model_config_dict(source), 7,
+                              {"job": "finetune", "mlflow_run_id": "run-ft", "pretrain_run_id": "run-pre"}),
+               finetuned / "final_model.pt")
+    assert pretrain_run_id(read_init(finetuned / "final_model.pt")) == "run-pre"
+    (finetuned / FINETUNE_META).write_text(json.dumps({"finetune_run_id": "run-ft", "pretrain_run_id": "run-pre"}))
+    assert pretrain_run_id(read_init(finetuned)) == "run-pre"

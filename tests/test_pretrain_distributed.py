@@ -6,8 +6,10 @@ megatron-core, webdataset and an MLflow sqlite store.
 - ZeRO 1/2/3 at DP=2 and a single process give the same losses for the same global batch (fp32, dropout 0).
 - Stop at step k, resume, continue to 2k: the same losses as the uninterrupted run (exact in fp32 on CPU); no
   sample repeated or skipped.
-- The MLflow run holds the resolved config, metrics and artifacts (read back through MlflowClient).
-- Bad configs fail before training and name the problem.
+- The MLflow run holds the resolved config, metrics and artifacts (read back through MlflowClient); the exported
+  weights name that run and the tokenizer.
+- SIGTERM to the launcher closes the run as KILLED; --resume reopens the same run, tagged with the launcher's ids.
+- Bad configs fail before training and name the problem; --validate-only checks a job without starting it.
 
 Shards: data_pipeline's own commands build them once per session from ../shared/data with configs/data/tiny.yaml
 (sources narrowed to WikiText so the build takes seconds; held-out shards from a book the training text leaves
@@ -156,6 +158,79 @@ def test_config_errors_against_real_shards(pretrain_shards):
         error(["objective.bang.stream_weights=[1.0,1.0,1.0]"], 1)
 
 
+def test_validate_only_checks_the_job_without_starting_it(pretrain_shards, tmp_path):
+    """The launcher's preflight contract: `python -m pretrain --validate-only --world-size N ...` runs prepare()
+    for N processes in this one process, prints one `config ok:` line and exits 0; it writes nothing (no output
+    folder, no MLflow store). A world size the layout cannot use is refused with exit code 2."""
+    out, store = tmp_path / "out", tmp_path / "mlflow.db"
+    args = [sys.executable, "-m", "pretrain", "--validate-only", "--config", TINY, *pretrain_shards,
+            f"output_dir={out}", f"tracking.uri=sqlite:///{store}", "parallel.tensor_parallel=2"]
+    ok = subprocess.run([*args, "--world-size", "4"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    lines = [line for line in ok.stdout.splitlines() if line.startswith("config ok:")]
+    assert len(lines) == 1 and "world 4 = TP 2 x DP 2, ZeRO-2" in lines[0] and "vocab=4096" in lines[0], ok.stdout
+    assert not out.exists() and not store.exists()
+    bad = subprocess.run([*args, "--world-size", "3"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "error: " in bad.stderr
+    assert "parallel.tensor_parallel: =2 does not divide the world size 3" in bad.stderr
+
+
+def _start_pretrain(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "pretrain", "--config", TINY, *args]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def test_sigterm_closes_the_mlflow_run_as_killed_and_resume_reopens_it(pretrain_shards, tmp_path):
+    """SIGTERM to torchrun (what a scheduler or the launcher's supervisor sends) after the first logged step: the
+    ranks stop, rank 0 ends its MLflow run as KILLED (not left RUNNING), the job exits non-zero. --resume continues
+    the same MLflow run, which ends FINISHED, tagged with the launcher's TANDEM_LAUNCH_ID / TANDEM_RESTART."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    out, store = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*base_overrides(out, 500), *pretrain_shards, "checkpoint.every_steps=1", "tracking.mlflow=true",
+            f"tracking.uri={store}", "eval.batches=0", "data.eval_overrides=[]"]
+    env = dict(ENV, TANDEM_LAUNCH_ID="launch-7", TANDEM_RESTART="0")
+    log = tmp_path / "first.log"
+    proc = _start_pretrain(args, env, log)
+    try:
+        deadline = time.time() + 300
+        while "saved checkpoint" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before it could be stopped:\n{log.read_text()[-4000:]}"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code != 0, text[-4000:]
+    assert text.count("[pretrain] stopped by SIGTERM; exiting with code 143") == 2, text[-4000:]  # both ranks
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("tandem-pretrain").experiment_id])
+    assert run.info.status == "KILLED"
+    assert (run.data.tags["tandem.launch_id"], run.data.tags["tandem.restart"], run.data.tags["kind"]) == \
+        ("launch-7", "0", "pretrain")
+    stopped_at = int((out / "checkpoints" / "latest").read_text()[len("step_"):])
+    assert stopped_at >= 1
+
+    resumed = _start_pretrain([*args, f"train.steps={stopped_at + 2}", "--resume"],
+                              dict(env, TANDEM_RESTART="1"), tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-4000:]
+    (again,) = client.search_runs([client.get_experiment_by_name("tandem-pretrain").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert (again.data.tags["tandem.launch_id"], again.data.tags["tandem.restart"]) == ("launch-7", "1")
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert set(range(1, stopped_at + 3)) <= steps
+
+
 # --- TP=2 x DP=1, ZeRO-2, mix; MLflow -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -163,8 +238,8 @@ def tp2_zero2_run(pretrain_shards, tmp_path_factory) -> Path:
     """Started by DeepSpeed's launcher (the other runs use torchrun)."""
     out = tmp_path_factory.mktemp("tp2_zero2")
     pretrain(out, 14, ["parallel.tensor_parallel=2", "deepspeed.config=configs/deepspeed/zero2.json",
-                       "tracking.mlflow=true", "eval.at_end=true", "checkpoint.save_at_end=true"], pretrain_shards,
-             launcher="deepspeed")
+                       "tracking.mlflow=true", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "eval.at_end=true",
+                       "checkpoint.save_at_end=true"], pretrain_shards, launcher="deepspeed")
     return out
 
 
@@ -190,8 +265,17 @@ def test_final_weights_are_exported_tp_merged(tp2_zero2_run, pretrain_shards):
     from pretrain import config, run
     from pretrain.engine import MetricSums
 
+    from mlflow.tracking import MlflowClient
+
     saved = torch.load(tp2_zero2_run / "final_model.pt", weights_only=False)
     assert saved["step"] == 14 and saved["model"]["embed_tokens.weight"].shape == (4096, 64)
+    # The run record: finetuning links its run to this one and checks the tokenizer against its task shards.
+    store = f"sqlite:///{tp2_zero2_run / 'mlflow.db'}"
+    (run_record,) = MlflowClient(tracking_uri=store).search_runs(
+        [MlflowClient(tracking_uri=store).get_experiment_by_name("tandem-pretrain").experiment_id])
+    assert (saved["job"], saved["mlflow_run_id"], saved["tracking_uri"]) == ("pretrain", run_record.info.run_id, store)
+    manifest = json.loads((TEST_DATA / "shards" / "manifest.json").read_text())
+    assert saved["tokenizer_checksum"] == manifest["tokenizer"]["checksum"]
     parallel.ensure_initialized(seed=0)
     model = Seq2SeqModel(ModelConfig(**saved["config"]))
     model.load_state_dict(saved["model"])

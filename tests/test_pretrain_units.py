@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -308,3 +309,74 @@ def test_missing_shards_fail_before_any_process_group(tmp_path):
     assert "error: " in proc.stderr and "data.config: no shards at" in proc.stderr
     assert str(tmp_path / "nodata" / "shards" / "manifest.json") in proc.stderr
     assert not out.exists()
+
+
+# --- the command line and the job around the engine ---------------------------------------------------------
+
+def test_validate_only_and_world_size_flags(capsys, tmp_path):
+    """--validate-only reports a ConfigError as `error: ...` with exit code 2, like a training job; --world-size
+    belongs to --validate-only. (The `config ok:` path needs shards: tests/test_pretrain_distributed.py.)"""
+    from pretrain.run import main
+
+    out = tmp_path / "out"
+    assert main(["--validate-only", "--world-size", "3", "--config", TINY, "parallel.tensor_parallel=2",
+                 f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "parallel.tensor_parallel: =2 does not divide the world size 3" in err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--world-size", "2", "--config", TINY])
+    assert exit_.value.code == 2
+    assert "--world-size goes with --validate-only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--validate-only", "--world-size", "0", "--config", TINY])
+    assert exit_.value.code == 2 and "--world-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_stop_signals_raise_once_and_wait_for_cleanup():
+    """Inside stop_on_signals a SIGTERM raises Stopped; a signal inside signals_deferred is held until the block
+    ends; outside the block the previous handler is back."""
+    import signal
+
+    from pretrain import job
+
+    before = signal.getsignal(signal.SIGTERM)
+    with job.stop_on_signals():
+        with pytest.raises(job.Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes, at the latest here
+                time.sleep(0.001)
+        assert stopped.value.signum == signal.SIGTERM and str(stopped.value) == "stopped by SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat is recorded, not raised
+        time.sleep(0.05)
+        assert job.stop_signal() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    cleaned = []
+    with job.stop_on_signals():
+        with pytest.raises(job.Stopped) as stopped:
+            with job.signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                cleaned.append("after the signal")  # the cleanup ran to its end
+        assert cleaned == ["after the signal"] and stopped.value.signum == signal.SIGINT
+
+
+def test_tracking_store_default_env_and_launch_tags(monkeypatch):
+    """One default store for pretraining and finetuning, an absolute path under the repository; tracking.uri wins
+    over $MLFLOW_TRACKING_URI, which wins over the default. The launcher's ids become tags."""
+    from finetune.tracking import resolve_uri as finetune_uri
+    from pretrain.tracking import artifact_root, launch_tags, resolve_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = f"sqlite:///{REPO_ROOT / 'runs' / 'mlflow.db'}"
+    assert resolve_uri("") == resolve_uri(None) == finetune_uri("") == default
+    assert default.startswith("sqlite:////")  # absolute: the same store from any working directory
+    assert artifact_root(default) == REPO_ROOT / "runs" / "mlartifacts"
+    assert artifact_root("http://mlflow:5000") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_uri("") == finetune_uri("") == "http://mlflow:5000"
+    assert resolve_uri("sqlite:///x.db") == "sqlite:///x.db"
+    assert launch_tags({"TANDEM_LAUNCH_ID": "20260101-abc", "TANDEM_RESTART": "2", "OTHER": "x"}) == \
+        {"tandem.launch_id": "20260101-abc", "tandem.restart": "2"}
+    assert launch_tags({"TANDEM_LAUNCH_ID": ""}) == {}
