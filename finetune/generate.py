@@ -11,6 +11,14 @@ model that was not finetuned (a pretraining checkpoint, a plain state dict), als
 configs/finetune/<task>.yaml: the task, data and model shape come from there. key=value overrides apply to the
 finetune config (decode.beam_size=5, decode.block_size=2, task.difficulty=hard, data.overrides=[...] for data moved
 elsewhere, ...).
+
+Decoding runs in one process at tensor-parallel size 1, whatever the training used: final_model.pt holds the full
+weights (the engine merges TP shards and gathers ZeRO-3 partitions when it exports), and a DeepSpeed checkpoint
+written at TP=N is merged on load. tests/test_finetune_distributed.py checks that a TP=2 finetune decodes exactly
+as the TP=1 run of the same job. Decoding a model too large for one device is not supported.
+
+`--check --config C --split S` only checks that split S of the config's task can be read (the per-task scripts run
+it before training, so a missing test split fails in seconds).
 """
 from __future__ import annotations
 
@@ -57,7 +65,8 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
         cfg = from_dict(weights.meta["config"], overrides)
     else:
         raise ConfigError(f"--model {model_path}: not a finetuned model (no finetune_meta.json from `python -m "
-                          "finetune`): pass --config configs/finetune/<task>.yaml so the task, data and model shape are known")
+                          "finetune`): pass --config configs/finetune/<task>.yaml so the task, data and model shape "
+                          "are known")
     cfg.parallel.tensor_parallel = 1  # decoding runs in one process
     run._validate_task(cfg)
     data_cfg = run.load_data_config(cfg)
@@ -153,11 +162,29 @@ def run_generate(model_path: str, *, config_path: str | None = None, overrides: 
     return out
 
 
+def check_split(config_path: str, overrides: Sequence[str], split: str) -> int:
+    """Number of examples in `split` of the config's task; ConfigError naming the split or field when it cannot be
+    read. What the per-task scripts run before finetuning, so a missing test split fails in seconds, not after
+    training."""
+    from data_pipeline.errors import DataError
+    from finetune import run
+    from finetune.data import read_split
+
+    cfg = load(config_path, overrides)
+    run._validate_task(cfg)
+    td = run.resolve_task_data(cfg, run.load_data_config(cfg))
+    try:
+        sources, _ = read_split(td, split)
+    except DataError as err:
+        raise ConfigError(f"--split {split}: {err}") from None
+    return len(sources)
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="finetune output folder (or, with --config, a "
-                                                        "pretraining checkpoint)")
+    parser.add_argument("--model", default="", help="finetune output folder (or, with --config, a pretraining "
+                                                    "checkpoint); required unless --check")
     parser.add_argument("--config", default=None, help="finetune config (needed for a model that was not finetuned)")
     parser.add_argument("--mode", default=None, help="ar_beam, ar_greedy, nar, semi_nar, mask_predict, early_exit "
                                                      "(default: the run's decode.mode)")
@@ -165,9 +192,19 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: <model dir>/generate/<split>-<mode>)")
     parser.add_argument("--limit", type=int, default=0, help="decode only the first N examples (0: all)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per decoding batch")
+    parser.add_argument("--check", action="store_true", help="only check that --split of --config's task can be "
+                                                             "read (no model needed; --model is ignored)")
     parser.add_argument("overrides", nargs="*", help="key=value on the finetune config, e.g. decode.block_size=2")
     args = parser.parse_args(list(argv))
     try:
+        if args.check:
+            if not args.config:
+                raise ConfigError("--check needs --config configs/finetune/<task>.yaml")
+            n = check_split(args.config, args.overrides, args.split)
+            print(f"[generate] {args.config}: split {args.split!r} has {n} examples", flush=True)
+            return 0
+        if not args.model:
+            raise ConfigError("--model is required (the finetune output folder)")
         run_generate(args.model, config_path=args.config, overrides=args.overrides, mode=args.mode, split=args.split,
                      out_dir=args.out, limit=args.limit, batch_size=args.batch_size)
     except ConfigError as err:

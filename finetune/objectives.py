@@ -2,8 +2,17 @@
 
 `ar` (plain main stream, or BANG's predicting stream), `nar` (mask slots + length loss), `bang_mixed` (a NAR batch
 with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR views with symmetric-KL auxiliary
-terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator; TP peers must use the
-same seed (they see the same batch), data-parallel ranks may differ.
+terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator, seeded alike on every rank
+(finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-batch AR/NAR choice
+must be the same on every data-parallel rank. Evaluation draws from a fixed-seed copy, never from the training
+generator, so evaluating does not change training and every evaluation sees the same masks.
+
+Split invariance: the engine rescales each micro-batch loss by its share of the step's targets, which gives the
+gradient of the global batch however it is split over ranks and micro-steps, provided the loss is a mean over the
+batch's target tokens. `ar`, `nar` with masking="all" and `bang_mixed` are (the length loss is weighted per target
+token: each example's length cross entropy counts once per target token); so DP=2 and one process agree on the same
+global batch (tests/test_finetune_distributed.py). CMLM masking ("uniform") and `janus` average over the *masked*
+targets, whose share differs between ranks, so there DP and one process agree only approximately.
 """
 from __future__ import annotations
 
@@ -32,6 +41,15 @@ def length_targets(tgt: torch.Tensor, n_classes: int) -> torch.Tensor:
     return (tgt != SPECIAL.pad).sum(-1).clamp(max=n_classes - 1)
 
 
+def token_weighted_length_loss(length_logits: torch.Tensor, tgt: torch.Tensor, n_classes: int):
+    """The length cross entropy as a mean over target tokens (each example's CE once per target token of it), so
+    that it splits over ranks like the token losses do; and its per-example (sum, count) metric entry."""
+    per_example = F.cross_entropy(length_logits.float(), length_targets(tgt, n_classes), reduction="none")
+    n_targets = (tgt != SPECIAL.pad).sum(-1).to(per_example.dtype)
+    loss = (per_example * n_targets).sum() / n_targets.sum().clamp(min=1)
+    return loss, (per_example.detach().sum(), per_example.new_tensor(float(per_example.numel())))
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The mean of values where mask, and its (sum, count) metric entry."""
     mask = mask.to(values.dtype)
@@ -41,7 +59,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 class SeededObjective(Objective):
     def __init__(self, seed: int):
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+
+    def eval_metrics(self, model, batch) -> Metrics:
+        """The training metrics with draws from a generator reset to the seed: each evaluation draws the same
+        masks, and the training generator (checkpointed, shared by all ranks) is left where it was."""
+        training_state = self.generator.get_state()
+        self.generator.manual_seed(self.seed)
+        try:
+            return self.loss(model, batch)[1]
+        finally:
+            self.generator.set_state(training_state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -120,12 +149,12 @@ class NarObjective(SeededObjective):
         per_token = model.token_loss(model.decode(enc, streams).hidden, tgt, self.label_smoothing)
         scored = real if masked is None else masked
         token_loss, token_entry = masked_mean(per_token, scored)
-        length_loss = F.cross_entropy(model.length_logits(enc).float(),
-                                      length_targets(tgt, model.cfg.n_length_classes))
+        length_loss, length_entry = token_weighted_length_loss(model.length_logits(enc), tgt,
+                                                               model.cfg.n_length_classes)
         loss = token_loss + self.length_weight * length_loss
-        one = length_loss.new_ones(())
-        return loss, {"nar/loss": (loss.detach(), one), "nar/token_loss": token_entry,
-                      "nar/length_loss": (length_loss.detach(), one)}
+        n = real.sum().to(loss.dtype)  # the loss is a mean over the targets: weight it so across ranks
+        return loss, {"nar/loss": (loss.detach() * n, n), "nar/token_loss": token_entry,
+                      "nar/length_loss": length_entry}
 
 
 @register("bang_mixed")
@@ -147,6 +176,10 @@ class BangMixedObjective(SeededObjective):
     def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
         use_nar = bool(self.uniform(1) < self.nar_ratio)
         return (self.nar if use_nar else self.ar).loss(model, batch)
+
+    def eval_metrics(self, model, batch) -> Metrics:
+        """Both paths on every held-out batch (no draw): every rank runs the same modules, as ZeRO-3 needs."""
+        return {**self.ar.loss(model, batch)[1], **self.nar.loss(model, batch)[1]}
 
 
 @register("janus")

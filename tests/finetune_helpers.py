@@ -10,6 +10,7 @@ sees a change; a file lock serializes concurrent sessions):
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,13 @@ def build_test_data(shared_data: Path) -> list[str]:
         run(["-m", "data_pipeline", "prepare", "--config", "configs/data/tiny.yaml", *overrides], timeout=600)
         run(["-m", "finetune", "data", "--config", GIGAWORD, as_list_override("data.overrides", overrides)])
     return overrides
+
+
+def train_losses(output_dir: Path) -> dict[int, dict]:
+    """The training records of a run, by step, from the metrics.jsonl the engine writes on rank 0."""
+    records = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("kind") == "train":
+            records[entry["step"]] = entry
+    return records

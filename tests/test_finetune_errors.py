@@ -158,3 +158,18 @@ def test_validate_only_links_the_pretraining_run_and_refuses_another_tokenizer(d
     assert err.startswith("error: ") and f"init.checkpoint: {other} was trained with the tokenizer of checksum " \
                                          f"0123abcd, but the task shards" in err
     assert f"written with the tokenizer of checksum {checksum}" in err
+
+
+def test_generate_check_fails_fast_on_a_missing_split(data, shared_data, capsys):
+    """`generate --check` (run by the task scripts before training) counts a split's examples, and names a split the
+    task folder lacks — the GLGE samples have no test split — without needing a model."""
+    from finetune.generate import main as generate_main
+
+    task_data = as_list_override("data.overrides", data)
+    valid_lines = len((shared_data / "glge" / "gigaword" / "valid.src").read_text().splitlines())
+    assert generate_main(["--check", "--config", GIGAWORD, "--split", "valid", task_data]) == 0
+    assert f"split 'valid' has {valid_lines} examples" in capsys.readouterr().out
+    assert generate_main(["--check", "--config", GIGAWORD, "--split", "test", task_data]) == 2
+    assert capsys.readouterr().err.startswith("error: --split test:")
+    assert generate_main(["--check", "--split", "valid"]) == 2
+    assert "--check needs --config" in capsys.readouterr().err

@@ -99,8 +99,52 @@ def test_nar_uniform_masking_and_length_loss(model):
     assert (masked <= real).all() and (masked.sum(-1) >= 1).all()
     assert length_targets(batch["tgt_tokens"], 64).tolist() == [8, 6, 8]
     loss, m = objective.loss(model, batch)
-    token, length = float(m["nar/token_loss"][0] / m["nar/token_loss"][1]), float(m["nar/length_loss"][0])
+    token = float(m["nar/token_loss"][0] / m["nar/token_loss"][1])
+    # The length term: each example's length cross entropy once per target token (8, 6, 8 targets).
+    with torch.no_grad():
+        ce = F.cross_entropy(model.length_logits(model.encode(batch["src_tokens"])), torch.tensor([8, 6, 8]),
+                             reduction="none")
+    assert abs(float(m["nar/length_loss"][0] / m["nar/length_loss"][1]) - float(ce.mean())) < 1e-5  # per example
+    length = float((ce * torch.tensor([8.0, 6.0, 8.0])).sum() / 22)
     assert abs(float(loss) - (token + 0.1 * length)) < 1e-4
+
+
+def concatenated(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+@pytest.mark.parametrize("name,kwargs", [("ar", {}), ("nar", {"masking": "all"}), ("bang_mixed", {"nar_ratio": 1.0}),
+                                         ("bang_mixed", {"nar_ratio": 0.0})])
+def test_losses_split_over_ranks_like_the_global_batch(model, name, kwargs):
+    """What the engine relies on (DP=2 and one process agree): the loss of a global batch equals its halves'
+    losses weighted by their target counts; ar, nar (all slots, length term included) and bang_mixed."""
+    first, second = tiny_batch(seed=1), tiny_batch(seed=2)
+    second["tgt_tokens"][2, -4:] = SPECIAL.pad  # different target counts in the two halves
+    second["prev_tokens"][2, -3:] = SPECIAL.pad
+    second["tgt_positions"][2, -4:] = 0
+    second["tgt_tokens"][2, -5] = SPECIAL.eos
+    objective = build(name, **kwargs)
+    with torch.no_grad():
+        whole = float(objective.loss(model, concatenated(first, second))[0])
+        parts = [(float(objective.loss(model, b)[0]), objective.num_targets(b)) for b in (first, second)]
+    assert parts[0][1] != parts[1][1]
+    weighted = sum(loss * n for loss, n in parts) / sum(n for _, n in parts)
+    assert abs(whole - weighted) < 1e-5, (whole, weighted, parts)
+
+
+def test_evaluation_leaves_the_training_draws_alone(model):
+    """eval_metrics draws from a fixed-seed copy: the same figures at every evaluation, and the training
+    generator where it was (bang_mixed evaluates both paths; janus and CMLM-masked nar draw masks)."""
+    batch = tiny_batch()
+    for objective in (JanusObjective(seed=4), build("nar", masking="uniform", seed=4), build("bang_mixed", seed=4)):
+        objective.uniform(3)  # training has drawn something
+        before = objective.generator.get_state()
+        with torch.no_grad():
+            first = objective.eval_metrics(model, batch)
+            second = objective.eval_metrics(model, batch)
+        assert torch.equal(objective.generator.get_state(), before), objective.name
+        assert {k: float(v[0]) for k, v in first.items()} == {k: float(v[0]) for k, v in second.items()}
+    assert {"ar/loss", "nar/loss"} <= set(first)  # bang_mixed: both paths
 
 
 def test_bang_mixed_ratio_extremes_pick_ar_or_nar(model):

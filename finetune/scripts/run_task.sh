@@ -45,6 +45,9 @@ name="${task}-${difficulty}-${objective:-default}"
 out="${out:-runs/finetune/${name}}"
 run_overrides+=("output_dir=${out}" ${overrides[@]+"${overrides[@]}"})
 
+echo "== ${task} (${difficulty}): check that the ${split} split can be read (before any training)"
+"$PYTHON" -m finetune generate --check --config "$config" --split "$split" ${run_overrides[@]+"${run_overrides[@]}"}
+
 echo "== ${task} (${difficulty}): task shards"
 "$PYTHON" -m finetune data --config "$config" ${run_overrides[@]+"${run_overrides[@]}"}
 
