@@ -21,8 +21,8 @@ from typing import Sequence
 from launch import command, preflight
 from launch.config import REPO_ROOT, LaunchConfigError, load
 from launch.nodes import Layout, in_slurm, resolve_layout
-from launch.stage import STAGES, read_stage
-from launch.supervisor import Supervisor
+from launch.stage import STAGES, read_stage, validate
+from launch.supervisor import Supervisor, job_vars, new_launch_id
 
 
 def free_port() -> int:
@@ -96,7 +96,9 @@ def main(argv: Sequence[str]) -> int:
         if layout.source == "slurm" and os.environ.get("SLURM_JOB_ID"):
             cfg.name = f"{cfg.name}-{os.environ['SLURM_JOB_ID']}"  # one folder per job: hostfile, env, log
         exe = command.executable(cfg)
-        plan = command.build(cfg, layout, stage.module, stage_args, os.environ, exe=exe)
+        launch_id = new_launch_id(cfg.name, os.environ)
+        plan = command.build(cfg, layout, stage.module, stage_args, os.environ, exe=exe,
+                             job_vars=job_vars(launch_id, 0))
     except (LaunchConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -109,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
 
     try:
-        report = preflight.run(cfg, layout, stage)
+        report = preflight.run(cfg, layout, stage, env=plan.env)
     except preflight.PreflightError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -122,26 +124,29 @@ def main(argv: Sequence[str]) -> int:
         print(plan.shell(), flush=True)
         return 0
 
-    command.write_files(plan)
     resume_first = (cfg.restart.resume_on_requeue and in_slurm(os.environ)
                     and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"))
     node = layout.node_rank or 0
     per_node = layout.num_nodes > 1 and layout.node_rank is not None  # each node keeps its own log
     log_name = f"supervisor-node{node}.jsonl" if per_node else "supervisor.jsonl"
 
-    def argv_for(resume: bool) -> list[str]:
-        if not resume:
-            return plan.argv
-        again = layout
-        if layout.source == "local" and not cfg.nodes.master_port:  # alone on this machine: a fresh port per try
-            again = dataclasses.replace(layout, master_port=free_port())
-        args = command.with_resume(stage_args, stage.resume_flag)
-        return command.build(cfg, again, stage.module, args, os.environ, exe=exe).argv
+    def plan_for(resume: bool, attempt_vars: dict[str, str]) -> command.LaunchPlan:
+        again, args = layout, list(stage_args)
+        if resume:
+            if layout.source == "local" and not cfg.nodes.master_port:  # alone on this machine: a fresh port
+                again = dataclasses.replace(layout, master_port=free_port())
+            args = command.with_resume(stage_args, stage.resume_flag)
+        return command.build(cfg, again, stage.module, args, os.environ, exe=exe, job_vars=attempt_vars)
+
+    def revalidate() -> str | None:
+        """Why the stage now rejects its config (after a failed attempt), or None."""
+        result = validate(stage, layout.world_size, {**os.environ, **plan.env})
+        return result.message if result.config_error else None
 
     supervisor = Supervisor(
-        argv_for, env=plan.env, cwd=REPO_ROOT, stage=stage, max_restarts=cfg.restart.max_restarts,
-        backoff_s=cfg.restart.backoff_s,
-        log_path=cfg.job_dir() / log_name,
+        plan_for, cwd=REPO_ROOT, stage=stage, launch_id=launch_id, max_restarts=cfg.restart.max_restarts,
+        backoff_s=cfg.restart.backoff_s, log_path=cfg.job_dir() / log_name,
+        revalidate=revalidate if cfg.restart.revalidate else None,
         resume_first=resume_first, record_mlflow=node == 0, echo=say)
     return supervisor.run()
 

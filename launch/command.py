@@ -32,9 +32,11 @@ class LaunchPlan:
         return shlex.join(self.argv)
 
 
-def rank_env(cfg: LaunchConfig, environ: Mapping[str, str]) -> dict[str, str]:
+def rank_env(cfg: LaunchConfig, environ: Mapping[str, str], job_vars: Mapping[str, str] | None = None
+             ) -> dict[str, str]:
     """The variables every rank gets, in a fixed order: threads, the accelerator DeepSpeed must use (explicit,
-    so a broken CUDA install fails instead of silently training on CPU), NCCL, extras, pass-through."""
+    so a broken CUDA install fails instead of silently training on CPU), NCCL, extras, pass-through, and the
+    supervisor's job variables (TANDEM_LAUNCH_ID, TANDEM_RESTART), which win over everything else."""
     env: dict[str, str] = {}
     if cfg.env.omp_num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.env.omp_num_threads)
@@ -45,6 +47,7 @@ def rank_env(cfg: LaunchConfig, environ: Mapping[str, str]) -> dict[str, str]:
     for name in cfg.env.pass_through:
         if name in environ and name not in env:
             env[name] = environ[name]
+    env.update(job_vars or {})
     return env
 
 
@@ -103,11 +106,11 @@ def torchrun_argv(cfg: LaunchConfig, layout: Layout, module: str, stage_args: Se
 
 
 def build(cfg: LaunchConfig, layout: Layout, module: str, stage_args: Sequence[str], environ: Mapping[str, str],
-          exe: str | None = None) -> LaunchPlan:
+          exe: str | None = None, job_vars: Mapping[str, str] | None = None) -> LaunchPlan:
     """The launch of one attempt: argv, the launcher's added environment and the files it reads."""
     exe = exe or executable(cfg)
     job_dir = cfg.job_dir()
-    env = rank_env(cfg, environ)
+    env = rank_env(cfg, environ, job_vars)
     files: dict[Path, str] = {}
     if cfg.launcher == "deepspeed":
         hostfile = job_dir / HOSTFILE if layout.hostfile else None

@@ -58,6 +58,7 @@ class PreflightSection:
     # files (the loader copes, but on a cluster that is redundant I/O and usually a mistake). error | warn | off
     shards: str = "error"
     port_free: bool = True  # node 0: the master port must be free on this machine when the master is local
+    stage_config: bool = True  # run the stage's own validation (python -m <stage> --validate-only) before launch
 
 
 @dataclass
@@ -65,6 +66,9 @@ class RestartSection:
     max_restarts: int = 0  # restarts after a failure, each from the latest complete checkpoint (--max-restarts)
     backoff_s: float = 5.0  # wait before a restart (ports and sockets of the dead job close)
     resume_on_requeue: bool = True  # Slurm requeued the job ($SLURM_RESTART_COUNT > 0): resume on the first try
+    # Before a restart, ask the stage again (--validate-only): a config error ends the job instead (torchrun reports
+    # a rank's exit code 2 as 1, and a node whose peers died fails with another code).
+    revalidate: bool = True
 
 
 @dataclass

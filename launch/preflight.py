@@ -5,6 +5,8 @@ of failing on one rank minutes later:
   accelerator          gpu: CUDA devices for this node's ranks and NCCL; cpu: gloo (only when asked for)
   parallel layout      world size divisible by the stage's tensor-parallel size
   inputs               the stage's DeepSpeed and data configs, and finetuning's --init checkpoint, exist
+  stage config         the stage's own validation for this world size (python -m <stage> --validate-only), in one
+                       process here, so a bad stage config fails once instead of on every rank after launch
   shards               manifest.json present; enough samples and shards for data-parallel ranks x loader workers
   output               the stage's output and checkpoint folders and the launch folder are writable
   master port          free on this machine when node 0 hosts the rendezvous
@@ -13,6 +15,7 @@ of failing on one rank minutes later:
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -22,7 +25,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Mapping
 
+from launch import stage as stages
 from launch.config import LaunchConfig, resolve
 from launch.nodes import LOCAL_HOST, Layout
 from launch.stage import StageInfo
@@ -168,6 +173,16 @@ def check_inputs(stage: StageInfo, report: Report) -> None:
         report.errors.append(f"{stage.config_file.name}: " + "; ".join(missing))
 
 
+def check_stage_config(layout: Layout, stage: StageInfo, env: Mapping[str, str], report: Report) -> None:
+    result = stages.validate(stage, layout.world_size, {**os.environ, **env})
+    if result.ok:
+        report.passed.append(f"stage config: {result.message}")
+    elif result.config_error:
+        report.errors.append(f"the stage rejects its config ({result.command}): {result.message}")
+    else:
+        report.errors.append(f"the stage's config check failed ({result.command}): {result.message}")
+
+
 def _writable(folder: Path) -> str | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -244,8 +259,9 @@ def check_mlflow(stage: StageInfo, report: Report, timeout_s: float = 3.0) -> No
         warn(f"MLflow: cannot check the tracking URI {uri}")
 
 
-def run(cfg: LaunchConfig, layout: Layout, stage: StageInfo) -> Report:
-    """Every check; raises PreflightError listing all errors. Returns the report (warnings included)."""
+def run(cfg: LaunchConfig, layout: Layout, stage: StageInfo, env: Mapping[str, str] | None = None) -> Report:
+    """Every check; raises PreflightError listing all errors. Returns the report (warnings included).
+    `env`: the variables every rank gets (the stage's config check runs with them)."""
     report = Report()
     if not cfg.preflight.enabled:
         report.warnings.append("preflight.enabled=false: checks skipped")
@@ -255,6 +271,8 @@ def run(cfg: LaunchConfig, layout: Layout, stage: StageInfo) -> Report:
     check_accelerator(cfg, layout, report)
     check_parallel(layout, stage, report)
     check_inputs(stage, report)
+    if cfg.preflight.stage_config:
+        check_stage_config(layout, stage, env or {}, report)
     check_shards(cfg, layout, stage, report)
     check_output(cfg, stage, report)
     check_port(cfg, layout, report)

@@ -1,7 +1,7 @@
 """What the launcher needs to know about the stage it starts, read from the stage's own YAML and `key=value`
 arguments without importing the stage's package (launch/ imports none of model/, data_pipeline/, pretrain/,
-finetune/): where it writes, where its checkpoints go, its tensor-parallel size, its MLflow run, and the shard
-folders it reads.
+finetune/): where it writes, where its checkpoints go, its tensor-parallel size, its MLflow store, and the shard
+folders it reads; and `validate()`, which runs the stage's own config check (`--validate-only`) in one process.
 
 The defaults below mirror the stages' typed configs (pretrain/config.py EngineConfig, data_pipeline/config.py);
 the stage itself validates everything again before training.
@@ -9,6 +9,8 @@ the stage itself validates everything again before training.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,8 +47,6 @@ class StageInfo:
     tensor_parallel: int
     mlflow: bool
     tracking_uri: str  # resolved as the stage's tracker resolves it
-    experiment: str
-    run_name: str
     shards: tuple[ShardUse, ...]
     inputs: tuple[tuple[str, Path], ...] = ()  # (config field, file or folder) the stage reads and must find
 
@@ -66,6 +66,47 @@ class StageInfo:
         except OSError:
             return None
         return tag if tag and (self.checkpoint_dir / tag).is_dir() else None
+
+    def validate_argv(self, world_size: int, python: str = sys.executable) -> list[str]:
+        """The stage's own check of its config for `world_size` ranks, run in one process without process groups
+        (the stage's --validate-only; the resume flag is left out: it changes nothing the check looks at)."""
+        args = [a for a in self.args if a != self.resume_flag]
+        return [python, "-m", self.module, "--validate-only", "--world-size", str(world_size), *args]
+
+
+VALIDATE_TIMEOUT_S = 600.0  # imports torch, DeepSpeed and megatron-core: seconds normally, longer on a busy node
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What `python -m <stage> --validate-only` said: ok, or the reason it refused the config."""
+
+    ok: bool
+    config_error: bool  # exit code 2: the stage rejected its config (not a crash or a timeout)
+    message: str  # the `config ok: ...` line, or the `error: ...` lines (or the output's tail when it crashed)
+    command: str
+
+
+def validate(stage: StageInfo, world_size: int, env: dict[str, str], cwd: Path = REPO_ROOT,
+             python: str = sys.executable, timeout_s: float = VALIDATE_TIMEOUT_S) -> Validation:
+    """Run the stage's --validate-only for `world_size` ranks with the environment the ranks get."""
+    argv = stage.validate_argv(world_size, python)
+    shown = f"python -m {stage.module} --validate-only --world-size {world_size}"  # the stage args are the user's
+    try:
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return Validation(False, False, f"no answer within {timeout_s:g}s", shown)
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    if proc.returncode == 0:
+        ok = [line for line in lines if line.startswith("config ok:")]
+        if ok:
+            return Validation(True, False, ok[-1], shown)
+        return Validation(False, False, "exit code 0 but no `config ok:` line", shown)
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:") or ": error:" in line]
+    tail = "\n".join(lines[-15:])
+    if proc.returncode == 2:
+        return Validation(False, True, "\n".join(errors) or tail, shown)
+    return Validation(False, False, f"exit code {proc.returncode}:\n{tail}", shown)
 
 
 def option(args: Sequence[str], name: str) -> str | None:
@@ -150,13 +191,17 @@ def _under(base: Path, rel: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def tracking_uri(configured: str, default_store: Path, environ=os.environ) -> str:
-    """The stages' rule: tracking.uri, else $MLFLOW_TRACKING_URI, else their default sqlite store."""
+DEFAULT_STORE = REPO_ROOT / "runs" / "mlflow.db"  # pretrain/tracking.py: the one store of both stages
+
+
+def tracking_uri(configured: str, environ=os.environ) -> str:
+    """The stages' rule (pretrain/tracking.py resolve_uri): tracking.uri, else $MLFLOW_TRACKING_URI, else the
+    project's one sqlite store."""
     if configured:
         return configured
     if environ.get("MLFLOW_TRACKING_URI"):
         return environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{default_store.resolve()}"
+    return f"sqlite:///{DEFAULT_STORE}"
 
 
 def read_stage(name: str, args: Sequence[str], environ=os.environ) -> StageInfo:
@@ -170,15 +215,11 @@ def read_stage(name: str, args: Sequence[str], environ=os.environ) -> StageInfo:
     where = f"{config}: "
     if name == "pretrain":  # pretrain/config.py, pretrain/tracking.py
         output_dir = resolve(_get(cfg, "output_dir", "runs/pretrain/run"))
-        store = output_dir / "mlflow.db"
-        run_name = _get(cfg, "tracking.run_name", "") or _get(cfg, "name", "run")
         shards = _pretrain_shards(cfg, where)
     else:  # finetune/config.py, finetune/run.py, finetune/tracking.py
         task, difficulty = _get(cfg, "task.name", ""), _get(cfg, "task.difficulty", "easy")
         objective = _get(cfg, "objective.name", "ar")
         output_dir = resolve(_get(cfg, "output_dir", "") or f"runs/finetune/{task}-{difficulty}-{objective}")
-        store = REPO_ROOT / "runs" / "finetune" / "mlflow.db"
-        run_name = _get(cfg, "tracking.run_name", "") or f"{task}-{difficulty} {objective}"
         shards = _finetune_shards(cfg, where)
     inputs = [("deepspeed.config", resolve(_get(cfg, "deepspeed.config", "configs/deepspeed/zero1.json"))),
               ("data.config", resolve(_get(cfg, "data.config", "configs/data/tiny.yaml")))]
@@ -195,7 +236,6 @@ def read_stage(name: str, args: Sequence[str], environ=os.environ) -> StageInfo:
         name=name, config_file=path, args=tuple(args), output_dir=output_dir,
         checkpoint_dir=resolve(ckpt) if ckpt else output_dir / "checkpoints", tensor_parallel=tp,
         mlflow=bool(_get(cfg, "tracking.mlflow", True)),
-        tracking_uri=tracking_uri(_get(cfg, "tracking.uri", ""), store, environ),
-        experiment=_get(cfg, "tracking.experiment", f"tandem-{name}"), run_name=str(run_name),
+        tracking_uri=tracking_uri(_get(cfg, "tracking.uri", ""), environ),
         shards=tuple(shards), inputs=tuple(inputs),
     )

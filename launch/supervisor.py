@@ -4,30 +4,61 @@ complete checkpoint, up to `max_restarts` times.
 Each attempt runs in its own process group, so whatever the dead attempt leaves behind (ranks the launcher did
 not reap) is stopped before the next one starts and cannot hold the master port. Restarts add the stage's resume
 flag; the stage loads the checkpoint its `latest` pointer names (written only after every rank finished saving)
-and reopens its MLflow run. Every attempt and restart is printed, appended to <job dir>/supervisor.jsonl, and
-recorded on the job's MLflow run (tags launch.restarts and launch.restart_<n>, metric launch/restarts) by node 0.
+and reopens its MLflow run.
 
-SIGINT / SIGTERM (Ctrl-C, Slurm preemption) are passed to the job and end supervision: no restart.
+Every rank gets TANDEM_LAUNCH_ID (one id per launch, shared by all its attempts) and TANDEM_RESTART (0, 1, ...);
+the stage tags its MLflow run with them (tandem.launch_id, tandem.restart), which is how node 0's supervisor finds
+the job's run to record the restarts on (tags launch.restarts and launch.restart_<n>, metric launch/restarts).
+Every attempt and restart is also printed and appended to <job dir>/supervisor.jsonl.
+
+No restart when the job cannot get better by trying again: a launcher exit code of 2 (the stage rejected its
+config), a stage whose --validate-only now rejects its config (launchers such as torchrun report a rank's exit
+code 2 as their own 1, and a node whose ranks lost their peers fails with another code), or SIGINT / SIGTERM
+(Ctrl-C, Slurm preemption), which are passed to the job and end supervision.
 """
 from __future__ import annotations
 
 import json
 import os
-import shlex
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping
 
+from launch.command import LaunchPlan, write_files
+from launch.config import LaunchConfigError
 from launch.stage import StageInfo
 
 # A stage exits 2 when its config is wrong (before any process group starts): restarting cannot help.
-NO_RESTART_CODES = frozenset({2})
+NO_RESTART_CODE = 2
 GRACE_S = 15.0  # how long leftover processes of a dead attempt get after SIGTERM before SIGKILL
+LAUNCH_ID_VAR, RESTART_VAR = "TANDEM_LAUNCH_ID", "TANDEM_RESTART"  # exported to every rank
+LAUNCH_ID_TAG = "tandem.launch_id"  # the stage's MLflow tag holding TANDEM_LAUNCH_ID
+
+
+def new_launch_id(name: str, environ: Mapping[str, str], now: float | None = None) -> str:
+    """One id per launch. $TANDEM_LAUNCH_ID when set (per-node launchers given the same one); inside a Slurm step
+    the job, step and requeue count, which every node's launcher reads alike; else name, time and a random part."""
+    given = environ.get(LAUNCH_ID_VAR, "")
+    if given:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", given):
+            raise LaunchConfigError(f"{LAUNCH_ID_VAR}={given!r}: use letters, digits, '.', '_' and '-' only")
+        return given
+    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_STEP_ID"):
+        return (f"slurm-{environ['SLURM_JOB_ID']}.{environ['SLURM_STEP_ID']}"
+                f"-r{environ.get('SLURM_RESTART_COUNT') or 0}")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
+    return f"{name}-{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+def job_vars(launch_id: str, restart: int) -> dict[str, str]:
+    return {LAUNCH_ID_VAR: launch_id, RESTART_VAR: str(restart)}
 
 
 def _signal_name(number: int) -> str:
@@ -67,11 +98,13 @@ class Restart:
 
 
 class Supervisor:
-    def __init__(self, argv_for: Callable[[bool], list[str]], env: dict[str, str], cwd: Path, stage: StageInfo, *,
-                 max_restarts: int, backoff_s: float, log_path: Path, resume_first: bool = False,
+    def __init__(self, plan_for: Callable[[bool, dict[str, str]], LaunchPlan], cwd: Path, stage: StageInfo, *,
+                 launch_id: str, max_restarts: int, backoff_s: float, log_path: Path,
+                 revalidate: Callable[[], str | None] | None = None, resume_first: bool = False,
                  record_mlflow: bool = True, echo: Callable[[str], None] | None = None):
-        self.argv_for = argv_for  # resume? -> the launcher's argv
-        self.env = env
+        self.plan_for = plan_for  # (resume?, job variables) -> the attempt's command, environment and files
+        self.launch_id = launch_id
+        self.revalidate = revalidate  # () -> why the stage now rejects its config, or None
         self.cwd = cwd
         self.stage = stage
         self.max_restarts = max_restarts
@@ -81,7 +114,6 @@ class Supervisor:
         self.record_mlflow = record_mlflow and stage.mlflow
         self.echo = echo or (lambda text: print(f"[launch] {text}", flush=True))
         self.restarts: list[Restart] = []
-        self.started_ms = int(time.time() * 1000)
         self._proc: subprocess.Popen | None = None
         self._stop_signal: int | None = None
         self._recorded = 0  # restarts already logged as MLflow metrics
@@ -120,8 +152,9 @@ class Supervisor:
 
     # --- the loop ----------------------------------------------------------------------------------------
 
-    def run_attempt(self, argv: Sequence[str]) -> int:
-        self._proc = subprocess.Popen(list(argv), cwd=self.cwd, env={**os.environ, **self.env},
+    def run_attempt(self, plan: LaunchPlan) -> int:
+        write_files(plan)  # .deepspeed_env carries this attempt's TANDEM_RESTART to nodes started over ssh
+        self._proc = subprocess.Popen(plan.argv, cwd=self.cwd, env={**os.environ, **plan.env},
                                       start_new_session=True)
         try:
             code = self._proc.wait()
@@ -139,12 +172,14 @@ class Supervisor:
 
     def _loop(self) -> int:
         attempt, resume = 1, self.resume_first
+        self.echo(f"launch id {self.launch_id} (MLflow tag {LAUNCH_ID_TAG})")
+        self._log("launch", launch_id=self.launch_id, max_restarts=self.max_restarts)
         while True:
-            argv = self.argv_for(resume)
-            self.echo(f"attempt {attempt}/{self.max_restarts + 1}: {shlex.join(argv)}")
-            self._log("attempt_start", attempt=attempt, argv=argv, resume=resume)
+            plan = self.plan_for(resume, job_vars(self.launch_id, len(self.restarts)))
+            self.echo(f"attempt {attempt}/{self.max_restarts + 1}: {plan.shell()}")
+            self._log("attempt_start", attempt=attempt, argv=plan.argv, resume=resume, restart=len(self.restarts))
             started = time.monotonic()
-            code = self.run_attempt(argv)
+            code = self.run_attempt(plan)
             self._log("attempt_end", attempt=attempt, code=code, seconds=round(time.monotonic() - started, 1))
             if code == 0:
                 self.echo(f"attempt {attempt} finished" + (f" after {len(self.restarts)} restart(s)"
@@ -154,10 +189,12 @@ class Supervisor:
             if self._stop_signal is not None:
                 self.echo(f"stopped by {signal.Signals(self._stop_signal).name}; not restarting")
                 self._log("stopped", signal=self._stop_signal)
+                self.record()
                 return 128 + self._stop_signal
-            if code in NO_RESTART_CODES:
+            if code == NO_RESTART_CODE:
                 self.echo(f"attempt {attempt} failed ({describe_exit(code)}: the stage rejected its config); "
                           "not restarting")
+                self._log("config_rejected", attempt=attempt, code=code, error="")
                 return code
             if len(self.restarts) >= self.max_restarts:
                 self.echo(f"attempt {attempt} failed ({describe_exit(code)}); no restarts left "
@@ -165,6 +202,13 @@ class Supervisor:
                 self._log("gave_up", attempt=attempt, code=code)
                 self.record()
                 return code if code > 0 else 128 - code
+            problem = self.revalidate() if self.revalidate else None
+            if problem:
+                self.echo(f"attempt {attempt} failed ({describe_exit(code)}) and the stage rejects its config: "
+                          f"{problem}; not restarting")
+                self._log("config_rejected", attempt=attempt, code=code, error=problem)
+                self.record()
+                return NO_RESTART_CODE
             tag = self.stage.latest_checkpoint() or ""
             restart = Restart(len(self.restarts) + 1, code, tag, time.time())
             self.restarts.append(restart)
@@ -186,41 +230,40 @@ class Supervisor:
     # --- MLflow ------------------------------------------------------------------------------------------
 
     def record(self) -> None:
-        """Write the restarts so far onto the job's MLflow run (the newest run of the stage's experiment and run
-        name started since this supervisor began). Failures only warn: tracking never stops a job."""
+        """Write the restarts so far onto the job's MLflow run: the run tagged with this launch id. Failures only
+        warn: tracking never stops a job."""
         if not self.record_mlflow:
             return
         try:
-            run_id = record_restarts(self.stage, self.restarts, self.started_ms, already=self._recorded)
+            run_id = record_restarts(self.stage.tracking_uri, self.launch_id, self.restarts, already=self._recorded)
         except Exception as err:  # noqa: BLE001 - any tracking failure must not stop the job
             warnings.warn(f"could not record restarts in MLflow ({type(err).__name__}: {err})", RuntimeWarning,
                           stacklevel=2)
             return
-        if run_id is not None:
-            self._recorded = len(self.restarts)
-            self._log("mlflow", run_id=run_id, restarts=len(self.restarts))
+        if run_id is None:
+            self._log("mlflow", run_id=None, note=f"no run tagged {LAUNCH_ID_TAG}={self.launch_id} yet")
+            return
+        self._recorded = len(self.restarts)
+        self._log("mlflow", run_id=run_id, restarts=len(self.restarts))
 
 
-def find_job_run(client, stage: StageInfo, since_ms: int):
-    experiment = client.get_experiment_by_name(stage.experiment)
-    if experiment is None:
+def find_job_run(client, launch_id: str):
+    """The run the stage tagged with this launch id, in any experiment of the store."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
         return None
-    name = stage.run_name.replace("'", "\\'")
-    runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"attributes.run_name = '{name}' and attributes.start_time >= {since_ms}",
+    runs = client.search_runs(experiments, filter_string=f"tags.`{LAUNCH_ID_TAG}` = '{launch_id}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:  # a resumed job reopens the run its checkpoint names, which may have started earlier
-        runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        runs = [r for r in runs if (r.info.end_time or 0) >= since_ms or r.info.status == "RUNNING"]
     return runs[0] if runs else None
 
 
-def record_restarts(stage: StageInfo, restarts: list[Restart], since_ms: int, already: int = 0) -> str | None:
+def record_restarts(tracking_uri: str, launch_id: str, restarts: list[Restart], already: int = 0) -> str | None:
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        return None  # no store yet, so no run: opening it would create an empty database
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=stage.tracking_uri)
-    run = find_job_run(client, stage, since_ms)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = find_job_run(client, launch_id)
     if run is None:
         return None
     run_id = run.info.run_id

@@ -53,6 +53,10 @@ def test_quickstart_smoke(shared_data, tmp_path):
     assert (trained[0].data.tags["objective"], trained[0].data.tags["task"]) == ("janus", "gigaword")
     assert trained[0].data.tags["pretrain_run_id"] == pre[0].info.run_id
     assert trained[0].data.tags["world_size"] == "2"
+    # Both launches found their run by its launch id tag and recorded that it needed no restart.
+    for run in (pre[0], trained[0]):
+        assert run.data.tags["tandem.launch_id"].startswith("local_cpu-") and run.data.tags["launch.restarts"] == "0"
+    assert pre[0].data.tags["tandem.launch_id"] != trained[0].data.tags["tandem.launch_id"]
 
     evals = client.search_runs([fine], filter_string="tags.kind = 'evaluation'")
     assert sorted(r.data.tags["decoding_mode"] for r in evals) == ["ar_beam", "nar"]

@@ -7,7 +7,9 @@ pipeline builds from ../shared/data:
 - Auto-resume: a job on one node with 2 ranks; rank 1 is killed with SIGKILL right after the first complete
   checkpoint. The supervisor restarts it from that checkpoint, and every step after the restart, the last one
   included, has the same loss as the uninterrupted two-node run (fp32, dropout 0: exact up to 1e-6). The restart
-  is in the supervisor's log and on the job's MLflow run.
+  is in the supervisor's log and on the job's MLflow run, which the supervisor finds by its launch id tag.
+- No restart for a config error on the ranks, with either launcher (deepspeed passes the ranks' exit code 2 on;
+  torchrun reports 1 and the supervisor's second --validate-only finds the error).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", OM
 ENV.pop("MLFLOW_TRACKING_URI", None)
 STEPS, EVERY = 16, 4
 LOSS_TOL = 1e-6  # fp32 on CPU, same ranks and data split: resumed and uninterrupted runs agree exactly
+TWO_NODE_LAUNCH_ID = "two-nodes-test"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def pretrain_args(out: Path, data: str) -> list[str]:
     return ["pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={out}", f"train.steps={STEPS}",
             "train.log_every=1", "schedule.warmup_steps=2", "optim.lr=3e-3", "deepspeed.precision=fp32",
             "eval.batches=0", "eval.at_end=false", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=0",
-            "tracking.mlflow=true", data, "data.eval_overrides=[]"]
+            "tracking.mlflow=true", f"tracking.uri=sqlite:///{out / 'mlflow.db'}", data, "data.eval_overrides=[]"]
 
 
 def train_losses(out: Path) -> dict[int, float]:
@@ -86,6 +89,7 @@ def two_node_run(data_overrides, tmp_path_factory) -> Path:
     hostfile = tmp / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")  # two "nodes", both this machine
     out = tmp / "out"
+    env = dict(ENV, TANDEM_LAUNCH_ID=TWO_NODE_LAUNCH_ID)  # per-node launchers: one id for the job, given to both
     launch = [sys.executable, "-m", "launch", "--config", "configs/launch/cluster.yaml", "accelerator=cpu",
               f"nodes.hostfile={hostfile}", "nodes.procs_per_node=1", "nodes.no_ssh=true",
               "nodes.master_addr=127.0.0.1", f"nodes.master_port={free_port()}", "env.omp_num_threads=1",
@@ -97,7 +101,7 @@ def two_node_run(data_overrides, tmp_path_factory) -> Path:
         with open(log, "w") as f:
             procs.append(subprocess.Popen([*launch[:5], "--node-rank", str(rank), *launch[5:], "--",
                                            *pretrain_args(out, data_overrides)],
-                                          cwd=REPO_ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT))
+                                          cwd=REPO_ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [0, 0], "\n\n".join(log_tail(p) for p in logs)
     text = logs[1].read_text()
@@ -119,6 +123,11 @@ def test_two_nodes_train_together_and_write_one_checkpoint(two_node_run):
     _, run = mlflow_run(out)
     assert (run.data.tags["world_size"], run.data.tags["data_parallel"]) == ("2", "2")
     assert run.info.status == "FINISHED" and run.data.tags["launch.restarts"] == "0"
+    assert (run.data.tags["tandem.launch_id"], run.data.tags["tandem.restart"]) == (TWO_NODE_LAUNCH_ID, "0")
+    for node in (0, 1):  # each node's supervisor keeps its own log, under the same launch id
+        log = out.parent / "launch" / "cluster" / f"supervisor-node{node}.jsonl"
+        first = json.loads(log.read_text().splitlines()[0])
+        assert (first["event"], first["launch_id"]) == ("launch", TWO_NODE_LAUNCH_ID)
 
 
 def test_torchrun_path_gives_the_same_job(two_node_run, data_overrides, tmp_path):
@@ -189,7 +198,34 @@ def test_killed_rank_restarts_from_checkpoint_with_same_final_loss(two_node_run,
 
     client, run = mlflow_run(out)
     assert run.info.status == "FINISHED"
+    # The run carries the supervisor's launch id (how the supervisor found it) and the restart it finished in.
+    assert events[0]["event"] == "launch"
+    assert (run.data.tags["tandem.launch_id"], run.data.tags["tandem.restart"]) == (events[0]["launch_id"], "1")
     assert run.data.tags["launch.restarts"] == "1"
     assert run.data.tags["launch.restart_1"].endswith(f"resumed from step_{resumed_step:08d}")
     history = client.get_metric_history(run.info.run_id, "launch/restarts")
     assert [(m.value, m.step) for m in history] == [(1.0, resumed_step)]
+
+
+@pytest.mark.parametrize("launcher, launcher_code", [("deepspeed", 2), ("torchrun", 1)])
+def test_a_config_error_on_the_ranks_is_not_restarted(launcher, launcher_code, data_overrides, tmp_path):
+    """Every rank rejects its config (optim.lr=-1) and exits 2; preflight.stage_config=false lets the bad config
+    get that far. Two restarts are allowed, yet there is one attempt and the launch exits 2."""
+    cmd = [sys.executable, "-m", "launch", "--config", "configs/launch/local_cpu.yaml", "--max-restarts", "2",
+           f"launcher={launcher}", "preflight.stage_config=false", "restart.backoff_s=0",
+           f"run_dir={tmp_path / 'launch'}", "--", *pretrain_args(tmp_path / "out", data_overrides), "optim.lr=-1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "launch" / "local_cpu" / "supervisor.jsonl").read_text()
+              .splitlines()]
+    assert [e["event"] for e in events if e["event"] != "mlflow"] == [
+        "launch", "attempt_start", "attempt_end", "config_rejected"]
+    assert events[2]["code"] == launcher_code
+    error = "configs/pretrain/tiny.yaml: optim.lr: must be > 0, got -1.0"
+    assert f"error: {error}" in proc.stderr  # the ranks said why
+    if launcher == "deepspeed":
+        assert "[launch] attempt 1 failed (exit code 2: the stage rejected its config); not restarting" in proc.stdout
+    else:
+        assert events[3]["error"] == error
+        assert (f"[launch] attempt 1 failed (exit code 1) and the stage rejects its config: {error}; not restarting"
+                in proc.stdout)

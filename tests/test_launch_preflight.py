@@ -36,6 +36,8 @@ def test_a_good_job_passes_with_an_unreachable_mlflow_as_a_warning(tmp_path, dat
     assert "accelerator: CPU with gloo (asked for)" in passed
     assert "world size 2 = tensor parallel 1 x data parallel 2" in passed
     assert "3 shard(s), 2866 samples for 2 data-parallel rank(s) x 1 loader worker(s) = 2 streams" in passed
+    # The stage's own check ran for the world size of the layout, in one process.
+    assert "stage config: config ok: pretrain tiny (configs/pretrain/tiny.yaml): world 2 = TP 1 x DP 2" in passed
     assert len(report.warnings) == 1 and "did not answer" in report.warnings[0]
 
 
@@ -50,8 +52,10 @@ def test_every_problem_is_reported_at_once(tmp_path, data_overrides):
             check(tmp_path, data_overrides, "parallel.tensor_parallel=3", f"checkpoint.dir={blocker / 'ckpt'}",
                   launch_overrides=[f"nodes.master_port={port}"])
     text = str(err.value)
-    assert "3 problem(s); nothing was started" in text
+    assert "4 problem(s); nothing was started" in text
     assert "parallel.tensor_parallel=3 does not divide the world size 2" in text
+    assert ("the stage rejects its config (python -m pretrain --validate-only --world-size 2): "
+            "configs/pretrain/tiny.yaml: parallel.tensor_parallel: =3 does not divide the world size 2") in text
     assert f"{blocker / 'ckpt'} is not writable" in text
     assert f"port {port} is in use" in text
 
@@ -86,6 +90,21 @@ def test_cli_stops_before_starting_anything(tmp_path, data_overrides):
                           cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "parallel.tensor_parallel=4 does not divide the world size 2" in proc.stderr
+    assert "attempt 1" not in proc.stdout and not (tmp_path / "launch" / "local_cpu" / "supervisor.jsonl").exists()
+
+
+def test_a_bad_stage_config_fails_once_before_launch(tmp_path, data_overrides):
+    """A value only the stage knows is wrong (optim.lr): its --validate-only refuses it in preflight, the launcher
+    exits 2 with the stage's message, and no rank is started."""
+    proc = subprocess.run([sys.executable, "-m", "launch", "--config", "configs/launch/local_cpu.yaml",
+                           f"run_dir={tmp_path / 'launch'}", "--", "pretrain", "--config", "configs/pretrain/tiny.yaml",
+                           f"output_dir={tmp_path / 'out'}", data_overrides, "data.eval_overrides=[]", "optim.lr=-1"],
+                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: preflight found 1 problem(s); nothing was started:",
+        "  - the stage rejects its config (python -m pretrain --validate-only --world-size 2): "
+        "configs/pretrain/tiny.yaml: optim.lr: must be > 0, got -1.0"]
     assert "attempt 1" not in proc.stdout and not (tmp_path / "launch" / "local_cpu" / "supervisor.jsonl").exists()
 
 

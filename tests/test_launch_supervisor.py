@@ -1,11 +1,13 @@
 """The supervisor's restart rules with small real processes (the full SIGKILL-a-rank test with DeepSpeed is in
-test_launch_multinode.py): resume flag on restarts, the checkpoint it resumes from, the restart budget, no restart
-for a rejected config or a stop signal, and leftovers of a dead attempt stopped before the next one starts.
+test_launch_multinode.py): resume flag on restarts, the checkpoint it resumes from, the launch id and restart
+number every attempt gets, the restart budget, no restart for a rejected config or a stop signal, and leftovers of
+a dead attempt stopped before the next one starts.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,16 +15,22 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
+from launch.command import LaunchPlan
+from launch.config import LaunchConfigError
 from launch.stage import StageInfo
-from launch.supervisor import Supervisor
+from launch.supervisor import Supervisor, new_launch_id
 
-# A stand-in job: fails with the exit code in FAIL_CODE unless started with --resume; writes its pid and args.
+# A stand-in job: fails with the exit code in FAIL_CODE unless started with --resume; writes its args and the
+# launch variables it was given.
 JOB = """
 import os, sys
-open(os.environ["JOB_LOG"], "a").write(" ".join(sys.argv[1:]) + "\\n")
+open(os.environ["JOB_LOG"], "a").write(" ".join(sys.argv[1:]) + f" id={os.environ['TANDEM_LAUNCH_ID']} "
+                                       f"restart={os.environ['TANDEM_RESTART']}\\n")
 sys.exit(0 if "--resume" in sys.argv else int(os.environ["FAIL_CODE"]))
 """
+LAUNCH_ID = "test-20260101-000000-abcdef01"
 
 
 def stage_at(tmp_path: Path, tag: str | None) -> StageInfo:
@@ -32,14 +40,20 @@ def stage_at(tmp_path: Path, tag: str | None) -> StageInfo:
         (ckpt / tag).mkdir()
         (ckpt / "latest").write_text(tag)
     return StageInfo(name="pretrain", config_file=tmp_path / "cfg.yaml", args=(), output_dir=tmp_path,
-                     checkpoint_dir=ckpt, tensor_parallel=1, mlflow=False, tracking_uri="", experiment="x",
-                     run_name="x", shards=())
+                     checkpoint_dir=ckpt, tensor_parallel=1, mlflow=False, tracking_uri="", shards=())
 
 
-def supervisor(tmp_path: Path, stage: StageInfo, argv: list[str], max_restarts: int, lines: list[str]) -> Supervisor:
-    return Supervisor(lambda resume: argv + (["--resume"] if resume else []), env={"JOB_LOG": str(tmp_path / "job")},
-                      cwd=tmp_path, stage=stage, max_restarts=max_restarts, backoff_s=0,
-                      log_path=tmp_path / "supervisor.jsonl", echo=lines.append)
+def plans(argv: list[str], env: dict[str, str] | None = None):
+    """plan_for: the command (with --resume on restarts) and the job variables in its environment."""
+    return lambda resume, job_vars: LaunchPlan(argv=argv + (["--resume"] if resume else []),
+                                               env={**(env or {}), **job_vars}, files={})
+
+
+def supervisor(tmp_path: Path, stage: StageInfo, argv: list[str], max_restarts: int, lines: list[str],
+               revalidate=None) -> Supervisor:
+    return Supervisor(plans(argv, {"JOB_LOG": str(tmp_path / "job")}), cwd=tmp_path, stage=stage,
+                      launch_id=LAUNCH_ID, max_restarts=max_restarts, backoff_s=0,
+                      log_path=tmp_path / "supervisor.jsonl", revalidate=revalidate, echo=lines.append)
 
 
 def events(tmp_path: Path) -> list[dict]:
@@ -52,7 +66,9 @@ def test_restart_resumes_from_the_latest_checkpoint(tmp_path, monkeypatch):
     sup = supervisor(tmp_path, stage_at(tmp_path, "step_00000020"), [sys.executable, "-c", JOB, "--config", "c"], 2,
                      lines)
     assert sup.run() == 0
-    assert (tmp_path / "job").read_text().splitlines() == ["--config c", "--config c --resume"]
+    assert (tmp_path / "job").read_text().splitlines() == [f"--config c id={LAUNCH_ID} restart=0",
+                                                           f"--config c --resume id={LAUNCH_ID} restart=1"]
+    assert events(tmp_path)[0]["event"] == "launch" and events(tmp_path)[0]["launch_id"] == LAUNCH_ID
     restart = [e for e in events(tmp_path) if e["event"] == "restart"]
     assert [(r["number"], r["failed_attempt_exit"], r["resumed_from"]) for r in restart] == [(1, 1, "step_00000020")]
     assert any(f"restart 1/2 from {tmp_path / 'checkpoints' / 'step_00000020'}" in line for line in lines)
@@ -80,14 +96,49 @@ def test_restart_budget_and_rejected_config(tmp_path, monkeypatch):
     assert [e["event"] for e in events(tmp_path)].count("attempt_start") == 1 and "not restarting" in lines[-1]
 
 
+def test_a_config_the_stage_now_rejects_is_not_restarted(tmp_path, monkeypatch):
+    """A launcher that reports a rank's exit code 2 as its own 1 (torchrun): the supervisor asks the stage again
+    before restarting, and a config error ends the job with exit code 2 after one attempt."""
+    monkeypatch.setenv("FAIL_CODE", "1")
+    lines: list[str] = []
+    asked: list[int] = []
+
+    def revalidate():
+        asked.append(1)
+        return "error: tiny.yaml: optim.lr: must be > 0, got -1.0"
+
+    sup = supervisor(tmp_path, stage_at(tmp_path, "step_00000004"), [sys.executable, "-c", JOB], 3, lines, revalidate)
+    assert sup.run() == 2
+    assert asked == [1] and sup.restarts == []
+    assert [e["event"] for e in events(tmp_path)] == ["launch", "attempt_start", "attempt_end", "config_rejected"]
+    assert lines[-1] == ("attempt 1 failed (exit code 1) and the stage rejects its config: error: tiny.yaml: optim.lr: "
+                         "must be > 0, got -1.0; not restarting")
+    # The check says nothing against the config: the restart goes ahead.
+    (tmp_path / "supervisor.jsonl").unlink()
+    sup = supervisor(tmp_path, stage_at(tmp_path / "b", None), [sys.executable, "-c", JOB], 3, lines, lambda: None)
+    assert sup.run() == 0 and len(sup.restarts) == 1
+
+
+def test_launch_ids():
+    assert new_launch_id("local_cpu", {"TANDEM_LAUNCH_ID": "my-run.7"}) == "my-run.7"
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "2"}
+    assert new_launch_id("slurm-4242", slurm) == "slurm-4242.0-r2"  # every node's launcher derives the same id
+    assert new_launch_id("slurm-4242", {**slurm, "SLURM_RESTART_COUNT": ""}) == "slurm-4242.0-r0"
+    a, b = new_launch_id("local_cpu", {}, now=0.0), new_launch_id("local_cpu", {}, now=0.0)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(0.0))
+    assert re.fullmatch(rf"local_cpu-{stamp}-[0-9a-f]{{8}}", a) and a != b  # the random part tells them apart
+    with pytest.raises(LaunchConfigError, match="TANDEM_LAUNCH_ID='a b'"):
+        new_launch_id("x", {"TANDEM_LAUNCH_ID": "a b"})
+
+
 def test_leftovers_of_a_dead_attempt_are_stopped(tmp_path):
     """The attempt's launcher dies but leaves a child running (as a SIGKILLed launcher leaves its ranks); the
     child is gone before the next attempt starts."""
     pid_file = tmp_path / "orphan.pid"
     script = f"sleep 300 & echo $! > {pid_file}; exit 1"
     lines: list[str] = []
-    sup = Supervisor(lambda resume: ["bash", "-c", "exit 0" if resume else script], env={}, cwd=tmp_path,
-                     stage=stage_at(tmp_path, None), max_restarts=1, backoff_s=0,
+    sup = Supervisor(lambda resume, job_vars: LaunchPlan(["bash", "-c", "exit 0" if resume else script], {}, {}),
+                     cwd=tmp_path, stage=stage_at(tmp_path, None), launch_id=LAUNCH_ID, max_restarts=1, backoff_s=0,
                      log_path=tmp_path / "supervisor.jsonl", echo=lines.append)
     assert sup.run() == 0
     orphan = int(pid_file.read_text())
@@ -102,10 +153,10 @@ import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from pathlib import Path
-from test_launch_supervisor import stage_at
+from test_launch_supervisor import plans, stage_at
 from launch.supervisor import Supervisor
 tmp = Path({str(tmp_path)!r})
-sup = Supervisor(lambda resume: ["sleep", "300"], env={{}}, cwd=tmp, stage=stage_at(tmp, None), max_restarts=5,
+sup = Supervisor(plans(["sleep", "300"]), cwd=tmp, stage=stage_at(tmp, None), launch_id="x", max_restarts=5,
                  backoff_s=0, log_path=tmp / "supervisor.jsonl", echo=print)
 sys.exit(sup.run())
 """
@@ -119,5 +170,5 @@ sys.exit(sup.run())
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "stopped by SIGTERM; not restarting" in out
-    assert [e["event"] for e in events(tmp_path)] == ["attempt_start", "attempt_end", "stopped"]
+    assert [e["event"] for e in events(tmp_path)] == ["launch", "attempt_start", "attempt_end", "stopped"]
 
