@@ -7,6 +7,12 @@ than `shard.min_sample_tokens` is counted (`too_short_docs`) and skipped. Each s
 shard i holds ids first_id .. first_id + samples - 1, in file order. Task shards (see tasks.py) hold `src.tok` and
 `tgt.tok` members instead.
 
+Mixing: the reader shuffles only inside a window of one shard, so the shards themselves must be mixed, or a batch
+would hold consecutive pieces of one book. The input files are visited in a seeded random order and the samples
+pass through a seeded shuffle buffer of `shard.shuffle_buffer` samples (webdataset-style) on their way to the
+writer; sample ids number the shuffled order. A buffer larger than the corpus gives a uniform permutation;
+`shard.shuffle_buffer=0` keeps document order. The manifest's `sample_order` says which was used.
+
 manifest.json records: shard names, sample and token counts, bytes and sha256 per shard, the lengths file
 (`lengths.npy`: one row per sample id, used to plan batches without reading shards), the tokenizer checksum, the
 creating config, the input fingerprint (a copy of the tokenizer, tokenizer.model + tokenizer.json, sits beside the
@@ -145,6 +151,24 @@ def split_into_samples(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
     return np.array_split(ids, k) if k > 1 else [ids]
 
 
+def shuffled(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Streaming shuffle buffer: hold up to `size` items, emit a random one as each new item arrives, then the rest
+    in random order. Deterministic for a given rng state; uses memory for `size` items only."""
+    buf: list[Any] = []
+    picks = np.empty(0, dtype=np.int64)
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        if not len(picks):
+            picks = rng.integers(0, size, 1 << 14)  # drawn in blocks: one numpy call per item would be slow
+        j, picks = int(picks[0]), picks[1:]
+        yield buf[j]
+        buf[j] = item
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
 def _tokenize_file(task: tuple[str, int, int]) -> tuple[list[np.ndarray], dict]:
     from data_pipeline.extract import read_docs
 
@@ -185,6 +209,8 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
     dtype = token_dtype(tok.padded_vocab_size)
     stats: collections.Counter = collections.Counter()
     tasks = [(str(f), s.seq_len, s.min_sample_tokens) for f in files]
+    if s.shuffle_buffer > 0:  # books and Wikipedia files interleave even where the buffer is smaller than the corpus
+        tasks = [tasks[i] for i in np.random.default_rng([s.seed, 0xF1]).permutation(len(tasks))]
 
     def samples() -> Iterator[dict[str, np.ndarray]]:
         if s.num_workers > 1:
@@ -200,9 +226,15 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
         for file_samples, file_stats in tqdm(results, total=len(tasks), desc="shard", unit="file", disable=None):
             stats.update(file_stats)
             for ids in file_samples:
-                yield {"tok": ids}
+                yield {"tok": ids.astype(dtype)}  # the shuffle buffer holds the written dtype, not int64
 
-    written = write_shards(samples(), staging, ["tok"], dtype, s.samples_per_shard, s.max_shard_bytes)
+    stream = samples()
+    order = "document order: each document's samples consecutive, files in name order"
+    if s.shuffle_buffer > 0:
+        stream = shuffled(stream, s.shuffle_buffer, np.random.default_rng([s.seed, 0x5B]))
+        order = (f"shuffled: files in a seeded random order, then a shuffle buffer of {s.shuffle_buffer} samples "
+                 f"(seed {s.seed})")
+    written = write_shards(stream, staging, ["tok"], dtype, s.samples_per_shard, s.max_shard_bytes)
     if not written.shards:
         raise DataError(f"{docs_dir}: no samples produced (all documents shorter than shard.min_sample_tokens?)")
     extract_stats = {}
@@ -210,7 +242,7 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
         extract_stats = json.loads((docs_dir / STATS_FILE).read_text()).get("totals", {})
     all_stats = {"extract": extract_stats, "shard": dict(stats)}
     manifest = write_manifest(staging, "pretrain", ["tok"], dtype, written, tok, all_stats, config, fp,
-                              {"seq_len": s.seq_len})
+                              {"seq_len": s.seq_len, "sample_order": order})
     swap_in(staging, out_dir)
     # the tokenizer path is relative to the manifest's folder, which is the same after the swap
     log.info("shard: %d samples, %d tokens in %d shards -> %s", manifest["num_samples"], manifest["num_tokens"],
