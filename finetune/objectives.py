@@ -1,9 +1,9 @@
 """Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.objectives).
 
-`ar` (plain main stream, or BANG's predicting stream), `nar` (mask slots + length loss), `bang_mixed` (a NAR batch
+`ar` (plain main stream, or BANG's predicting stream), `nar` (mask slots + length loss), `bang_mixed` (a NAR step
 with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR views with symmetric-KL auxiliary
 terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator, seeded alike on every rank
-(finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-batch AR/NAR choice
+(finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-step AR/NAR choice
 must be the same on every data-parallel rank. Evaluation draws from a fixed-seed copy, never from the training
 generator, so evaluating does not change training and every evaluation sees the same masks.
 
@@ -159,7 +159,12 @@ class NarObjective(SeededObjective):
 
 @register("bang_mixed")
 class BangMixedObjective(SeededObjective):
-    """BANG finetuning: each batch is NAR with probability nar_ratio (0 = pure AR, 1 = pure NAR)."""
+    """BANG finetuning: each optimizer step is NAR with probability nar_ratio (0 = pure AR, 1 = pure NAR).
+
+    The draw is made once per step (start_step, called by the engine), so every accumulation micro-batch of a
+    step takes the same path, as the data-parallel ranks of a step do (methods.md §1.5: the reference draws per
+    criterion call, i.e. per micro-batch); the generator advances by one draw per step whatever grad_accum is.
+    A caller that never calls start_step (a single loss() outside the engine) gets one draw per loss() call."""
 
     def __init__(self, nar_ratio: float = 0.5, label_smoothing: float = 0.1, length_weight: float = 0.1,
                  seed: int = 0):
@@ -169,12 +174,19 @@ class BangMixedObjective(SeededObjective):
         self.nar_ratio = nar_ratio
         self.ar = ArObjective("bang_ar", label_smoothing)
         self.nar = NarObjective("nar_causal", "all", label_smoothing, length_weight)
+        self.step_uses_nar: bool | None = None  # this step's draw; not checkpointed (drawn again each step)
 
     def metric_names(self) -> list[str]:
         return self.ar.metric_names() + self.nar.metric_names()
 
+    def start_step(self, step: int) -> None:
+        self.step_uses_nar = self.draw_nar()
+
+    def draw_nar(self) -> bool:
+        return bool(self.uniform(1) < self.nar_ratio)
+
     def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
-        use_nar = bool(self.uniform(1) < self.nar_ratio)
+        use_nar = self.draw_nar() if self.step_uses_nar is None else self.step_uses_nar
         return (self.nar if use_nar else self.ar).loss(model, batch)
 
     def eval_metrics(self, model, batch) -> Metrics:

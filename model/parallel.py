@@ -152,3 +152,22 @@ class _GatherLastDim(torch.autograd.Function):
 
 def gather_from_tp(x: torch.Tensor) -> torch.Tensor:
     return x if tp_size() == 1 else _GatherLastDim.apply(x)
+
+
+class _SumOverTP(torch.autograd.Function):
+    """Sum a per-rank partial (e.g. a reduction over this rank's vocabulary shard) across TP ranks (forward);
+    each rank's partial contributed once to the sum, so its gradient is the sum's gradient unchanged (backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clone()  # a fresh buffer: all_reduce works in place and x may be needed by autograd elsewhere
+        dist.all_reduce(out, group=tp_group())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def sum_over_tp(x: torch.Tensor) -> torch.Tensor:
+    return x if tp_size() == 1 else _SumOverTP.apply(x.contiguous())

@@ -172,8 +172,31 @@ class Seq2SeqModel(nn.Module):
         return parallel.gather_from_tp(self.logits_local(hidden))
 
     def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Per-token cross entropy [...] via megatron's vocab-parallel cross entropy (pads are not masked here)."""
-        return vocab_parallel_cross_entropy(self.logits_local(hidden).float(), targets, label_smoothing)
+        """Per-token cross entropy [...] (pads are not masked here), label-smoothed like
+        torch.nn.functional.cross_entropy: (1 - eps) * NLL + eps * mean over the vocabulary of -log p_v.
+
+        The NLL is megatron's vocab-parallel cross entropy without smoothing; megatron's own smoothing averages
+        over each rank's vocabulary shard (and spreads eps over the K-1 non-targets), so the loss would change
+        with the TP size. With -log p_v = lse - logit_v and NLL = lse - logit_target, the smoothed loss is
+        NLL - eps * (mean_v logit_v - logit_target): two sums over the FULL vocabulary (all TP ranks), and no
+        second [.., V] tensor kept for backward. The full vocabulary is the model's, padded ids (beyond the
+        tokenizer's pieces) included: they are ordinary rows of the tied embedding, the model does not know the
+        tokenizer's size, and each gets eps / V (data_pipeline pads to a multiple of 128: a small share of eps).
+        """
+        logits = self.logits_local(hidden).float()
+        if label_smoothing == 0.0:
+            return vocab_parallel_cross_entropy(logits, targets)
+        # Both sums come before the NLL: megatron's cross entropy overwrites a float32 input in place (with the
+        # softmax), and neither sum nor indexing keeps `logits` for its backward.
+        shard = logits.shape[-1]
+        mean_logit = parallel.sum_over_tp(logits.sum(dim=-1)) / (shard * parallel.tp_size())
+        local = targets - parallel.tp_rank() * shard  # the target's index in this rank's shard
+        in_shard = (local >= 0) & (local < shard)
+        picked = logits.reshape(-1, shard)[torch.arange(local.numel(), device=local.device),
+                                           local.clamp(0, shard - 1).reshape(-1)].view_as(targets)
+        target_logit = parallel.sum_over_tp(torch.where(in_shard, picked, torch.zeros_like(picked)))
+        nll = vocab_parallel_cross_entropy(logits, targets)
+        return nll - label_smoothing * (mean_logit - target_logit)
 
     def length_logits(self, enc: Encoded) -> torch.Tensor:
         """Target-length classes from mean-pooled encoder states (JANUS / CMLM length prediction)."""

@@ -289,6 +289,7 @@ class Engine:
         """One optimizer update over grad_accum micro-batches; adds its figures to `stats`."""
         accum = self.cfg.train.grad_accum
         self._lr = float(self.ds.get_lr()[0])  # the rate this update uses
+        self.objective.start_step(self.step + 1)
         batches = [self._next_batch() for _ in range(accum)]
         if self.zero_stage == 3 and self.dp_size > 1:
             self._check_same_objective(batches)

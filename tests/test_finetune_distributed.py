@@ -4,24 +4,30 @@ on the Gigaword test shards (tests/finetune_helpers.py), tiny model, a few steps
   (a) JANUS at TP=2 x DP=1 gives the per-step losses (and every JANUS term) of TP=1 in one process; the TP=2 run's
       final_model.pt (TP shards merged) decodes in `generate`, which runs in one process at TP=1, and gives the
       TP=1 run's predictions; the beam search of the end-of-training evaluation (valid_generation) scores the
-      same at TP=2 as at TP=1.
+      same at TP=2 as at TP=1. Label smoothing is on (0.1, the configs' value): it is reduced over the full
+      vocabulary, not per TP shard.
   (b, c) `bang_mixed` (nar_ratio 0.5) at DP=2 with ZeRO-3 finishes (both ranks take the same AR / NAR path in
       every step, else ZeRO-3's module-by-module gathers would hang), takes both paths, and gives the per-step
-      losses of one process training the same global batch: its AR steps are the `ar` objective's equivalence and
-      its NAR steps the `nar` objective's (one pair of runs instead of two keeps the file near two minutes).
+      losses of one process training the same global batch as two accumulation micro-batches: its AR steps are
+      the `ar` objective's equivalence and its NAR steps the `nar` objective's (one pair of runs instead of two
+      keeps the file near two minutes); both micro-batches of a step take the step's one path (bang_mixed draws
+      once per optimizer step). The end-of-training beam search under ZeRO-3 (valid_generation decodes a plain
+      copy of the gathered weights) scores the same at DP=2 as in the one process.
 
 Per-step losses are read from <output_dir>/metrics.jsonl, which the engine writes on rank 0 whatever MLflow does.
 
 The single-process reference for (b) and (c) is this file run as a script (see `single_process_main`): it is
-`python -m finetune` with one change, the training loader, which reads data-parallel rank 0's and rank 1's batches
-of the same step and concatenates them, so one process sees exactly the global batch the two ranks see. The
-model weights start from one saved random initialisation (the init_weights fixture), identical for every run.
+`python -m finetune` with train.grad_accum=2 and one change, the training loader, which yields data-parallel
+rank 0's and rank 1's batches of the same step in turn, so one process sees exactly the global batch the two ranks
+see, as two micro-batches. The model weights start from one saved random initialisation (the init_weights
+fixture), identical for every run.
 
 Tolerances: measured on the shared 2-core CPU machine, the largest difference over all steps and loss terms was
-1.2e-6 (TP, losses ~14) and 5.3e-7 (DP, losses ~7). The 1e-4 bounds leave room for float summation order on other
-hardware: row-parallel partial sums (TP), a padded concatenated batch against two separate ones (DP). A real fault
-shows far above them: before the length loss was weighted per target token, DP=2 and one process differed by up
-to 8e-4 in nar/loss; megatron's label smoothing under TP (below) moves the very first loss by 1e-3.
+1.9e-6 (TP, losses ~15) and 0 (DP, losses ~7: here the same sums in the same order). The 1e-4 bounds leave room
+for float summation order on other hardware: row-parallel partial sums (TP), ZeRO-3's reduce-scatter against
+local accumulation (DP). A real fault shows far above them: before the length loss was weighted per target token,
+DP=2 and one process differed by up to 8e-4 in nar/loss; megatron-core's own label smoothing (per TP vocabulary
+shard) moved the very first JANUS loss by 1e-3 between TP=2 and TP=1.
 """
 from __future__ import annotations
 
@@ -39,10 +45,6 @@ from finetune_helpers import (ENV, GIGAWORD, REPO_ROOT, as_list_override, build_
 STEPS = 6
 LOSS_TOL_TP = 1e-4  # absolute, on JANUS losses of ~14 (relative 1e-5)
 LOSS_TOL_DP = 1e-4  # absolute, on losses of ~7
-# megatron-core's vocab_parallel_cross_entropy applies label smoothing per tensor-parallel vocabulary shard (its
-# mean log-probability and K are the shard's, not the full vocabulary's), so TP=2 and TP=1 differ with smoothing
-# on; the TP comparison therefore runs without it (see the report of this change).
-NO_SMOOTHING = "objective.janus.label_smoothing=0.0"
 DECODE_EXAMPLES = 24
 VALID_GENERATION = 8  # validation examples decoded by the engine's final evaluation (TP=2 / ZeRO-3 in training)
 
@@ -126,9 +128,8 @@ def assert_same_losses(a: dict[int, dict], b: dict[int, dict], keys: set[str], t
 def janus_runs(data, init_weights, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("janus-tp")
     outs = {"tp1": root / "tp1", "tp2": root / "tp2"}
-    tp1 = finetune_cmd(init_weights, finetune_overrides(data, outs["tp1"], "janus", [NO_SMOOTHING]))
-    tp2 = finetune_cmd(init_weights, finetune_overrides(data, outs["tp2"], "janus",
-                                                        [NO_SMOOTHING, "parallel.tensor_parallel=2"]))
+    tp1 = finetune_cmd(init_weights, finetune_overrides(data, outs["tp1"], "janus", []))
+    tp2 = finetune_cmd(init_weights, finetune_overrides(data, outs["tp2"], "janus", ["parallel.tensor_parallel=2"]))
     run_together({"tp1": [sys.executable, "-m", "finetune", *tp1], "tp2": torchrun_cmd(["-m", "finetune", *tp2])},
                  root / "logs")
     return outs
@@ -183,48 +184,97 @@ def test_tp2_final_model_decodes_like_tp1(janus_runs, data, tmp_path):
 
 # --- (b), (c) ZeRO-3 at DP=2 against one process on the same global batch --------------------------------------
 
-def dp2_and_single(data, init: Path, root: Path, objective: str, extra: list[str]) -> tuple[dict, dict]:
-    # valid_generation off: under ZeRO-3 finetune/valid_generation.py fails in model.logits_local (the tied
-    # embedding weight is released by DeepSpeed's hooks inside GatheredParameters; "size mismatch ... vec (0)").
+def dp2_and_single(data, init: Path, root: Path, objective: str, extra: list[str]) -> tuple[Path, Path]:
     zero3 = "deepspeed.config=configs/deepspeed/zero3.json"
-    extra = [*extra, "valid_generation.samples=0"]
     dp2 = finetune_cmd(init, finetune_overrides(data, root / "dp2", objective, [zero3, *extra]))
-    single = finetune_cmd(init, finetune_overrides(data, root / "single", objective, [zero3, *extra]))
+    single = finetune_cmd(init, finetune_overrides(data, root / "single", objective,
+                                                   [zero3, *extra, "train.grad_accum=2"]))
     run_together({"dp2": torchrun_cmd(["-m", "finetune", *dp2]), "single": [sys.executable, __file__, *single]},
                  root / "logs")
-    return train_losses(root / "dp2"), train_losses(root / "single")
+    return root / "dp2", root / "single"
 
 
 def test_zero3_dp2_matches_single_process_bang_mixed(data, init_weights, tmp_path):
     """(b) and (c) in one pair of runs: bang_mixed trains AR steps and NAR steps, so the AR steps are the `ar`
-    objective's ZeRO-3 equivalence and the NAR steps the `nar` objective's (length loss included)."""
-    dp2, single = dp2_and_single(data, init_weights, tmp_path, "bang_mixed", ["objective.bang_mixed.nar_ratio=0.5"])
+    objective's ZeRO-3 equivalence and the NAR steps the `nar` objective's (length loss included). The one
+    process accumulates two micro-batches per step: both take the step's path, as the two ranks do."""
+    dp2_dir, single_dir = dp2_and_single(data, init_weights, tmp_path, "bang_mixed",
+                                         ["objective.bang_mixed.nar_ratio=0.5"])
+    dp2, single = train_losses(dp2_dir), train_losses(single_dir)
     paths = ["nar" if "nar/loss" in dp2[s] else "ar" for s in sorted(dp2)]
     assert set(paths) == {"ar", "nar"}, paths  # both paths trained within the run (seeded draw)
-    for step in dp2:  # one path per step: the metrics of the other path were not reported by any rank
-        assert ("ar/loss" in dp2[step]) != ("nar/loss" in dp2[step]), dp2[step]
+    for record in (*dp2.values(), *single.values()):
+        # One path per step: the other path's metrics were reported by no rank and by no micro-batch.
+        assert ("ar/loss" in record) != ("nar/loss" in record), record
+    assert paths == ["nar" if "nar/loss" in single[s] else "ar" for s in sorted(single)]
     assert_same_losses(dp2, single, {"loss", "ar/loss", "nar/loss", "nar/token_loss", "nar/length_loss"},
                        LOSS_TOL_DP)
     assert dp2[STEPS]["samples_seen"] == single[STEPS]["samples_seen"] == STEPS * 2 * 8
     ar_losses = [dp2[s]["ar/loss"] for s in sorted(dp2) if "ar/loss" in dp2[s]]
     assert ar_losses[-1] < ar_losses[0] - 0.05, ar_losses  # it trains
+    # Beam search at the end of training under ZeRO-3, in two processes and in one, on the same weights.
+    dp2_scores = final_generation_scores(dp2_dir)
+    assert dp2_scores == pytest.approx(final_generation_scores(single_dir), abs=1e-6)
+    assert dp2_scores["gen/rouge1"] > 0  # it decoded words that overlap the references
+
+
+def bang_mixed_paths(objective, model, steps: int, grad_accum: int) -> list[list[str]]:
+    """The engine's protocol, in process: start_step, then grad_accum losses; the path each micro-batch took."""
+    import torch
+    from test_finetune_objectives import tiny_batch
+
+    paths = []
+    for step in range(1, steps + 1):
+        objective.start_step(step)
+        with torch.no_grad():
+            metrics = [objective.loss(model, tiny_batch(seed=step * 10 + i))[1] for i in range(grad_accum)]
+        paths.append(["nar" if "nar/loss" in m else "ar" for m in metrics])
+    return paths
+
+
+def test_bang_mixed_draws_once_per_step_and_resumes_exactly():
+    """(c) in one process, fast: with grad_accum=2 both micro-batches of every step take the same path; the
+    generator advances one draw per step, so the paths are those of DP ranks taking one micro-batch per step;
+    an objective loaded from the state_dict saved after step 3 continues the sequence exactly."""
+    import torch
+
+    import finetune.objectives  # noqa: F401  (registers bang_mixed)
+    from model import parallel
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+    from pretrain.objectives import build
+
+    parallel.ensure_initialized()
+    torch.manual_seed(0)
+    model = Seq2SeqModel(ModelConfig.preset("tiny"))
+    new = lambda: build("bang_mixed", nar_ratio=0.5, seed=3)  # noqa: E731
+    accumulated = bang_mixed_paths(new(), model, 8, grad_accum=2)
+    assert all(first == second for first, second in accumulated), accumulated
+    assert {first for first, _ in accumulated} == {"ar", "nar"}, accumulated
+    one_per_step = bang_mixed_paths(new(), model, 8, grad_accum=1)
+    assert [p[0] for p in one_per_step] == [p[0] for p in accumulated]
+    interrupted = new()
+    bang_mixed_paths(interrupted, model, 3, grad_accum=2)
+    resumed = new()
+    resumed.load_state_dict({k: v.clone() for k, v in interrupted.state_dict().items()})
+    assert bang_mixed_paths(resumed, model, 5, grad_accum=2) == accumulated[3:]
 
 
 # --- the single-process reference (run as a script) --------------------------------------------------------------
 
-class ConcatenatedRanks:
-    """The training loaders of data-parallel ranks 0 and 1 read in step, each step's two batches padded to one
-    width and concatenated: one process sees the global batch of two ranks (same examples, same order)."""
+class InterleavedRanks:
+    """The training loaders of data-parallel ranks 0 and 1 read in step, each step's two batches yielded in turn:
+    with grad_accum=2 one process sees the global batch of two ranks (same examples, same order)."""
 
     def __init__(self, loaders):
         self.loaders = loaders
 
     def __len__(self) -> int:
-        return min(len(loader) for loader in self.loaders)
+        return len(self.loaders) * min(len(loader) for loader in self.loaders)
 
     def __iter__(self):
         for parts in zip(*self.loaders):
-            yield concatenate(parts)
+            yield from parts
 
     def state_dict(self):
         return [loader.state_dict() for loader in self.loaders]
@@ -234,24 +284,9 @@ class ConcatenatedRanks:
             loader.load_state_dict(s)
 
 
-def concatenate(parts: list[dict]) -> dict:
-    import torch
-
-    from model.config import SPECIAL
-
-    batch = {}
-    for key in ("src_tokens", "tgt_tokens", "prev_tokens", "tgt_positions"):
-        width = max(p[key].shape[1] for p in parts)
-        pad = 0 if key == "tgt_positions" else SPECIAL.pad
-        batch[key] = torch.cat([torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=pad)
-                                for p in parts])
-    batch["sample_ids"] = torch.cat([p["sample_ids"] for p in parts])
-    batch["n_tokens"] = sum(int(p["n_tokens"]) for p in parts)
-    return batch
-
-
 def single_process_main(argv: list[str]) -> int:
-    """`python -m finetune argv` in one process whose training loader yields DP=2's global batches."""
+    """`python -m finetune argv` in one process whose training loader yields DP=2's global batches, rank 0's
+    batch then rank 1's (run with train.grad_accum=2)."""
     import finetune.data
     from finetune.__main__ import main
 
@@ -262,7 +297,7 @@ def single_process_main(argv: list[str]) -> int:
             return task_loader(shard_dir, section, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
                                max_source_len=max_source_len, shuffle=shuffle)
         assert dp_size == 1, "the reference runs in one process"
-        return ConcatenatedRanks([task_loader(shard_dir, section, dp_rank=r, dp_size=2, seed=seed,
+        return InterleavedRanks([task_loader(shard_dir, section, dp_rank=r, dp_size=2, seed=seed,
                                               max_source_len=max_source_len) for r in (0, 1)])
 
     finetune.data.task_loader = global_batches  # finetune.run reads it at call time

@@ -1,6 +1,7 @@
 """Tensor parallelism: TP=2 (2 processes, gloo, real megatron-core layers) equals TP=1 to 1e-5 in fp32 for the
-logits, the vocab-parallel cross entropy, the length head and the gradient of every parameter, in every decoder
-mode (methods.md §7.2). The TP=1 reference runs here, in the pytest process; tests/tp_worker.py holds the cases."""
+logits, the vocab-parallel cross entropy (with and without label smoothing), the length head and the gradient of
+every parameter, in every decoder mode (methods.md §7.2). The TP=1 reference runs here, in the pytest process;
+tests/tp_worker.py holds the cases."""
 import os
 import subprocess
 import sys
@@ -97,3 +98,27 @@ def test_sharded_state_round_trip(tp_results):
                 assert torch.equal(got, tensor), (out["rank"], key, name)
             n_tensors = sum(isinstance(t, torch.Tensor) for t in full.values())
             assert n_tensors == len(dict(tp_worker.build_model(key).named_parameters()))
+
+
+@pytest.mark.parametrize("eps", [0.0, tp_worker.LABEL_SMOOTHING, 0.3])
+def test_token_loss_is_torch_cross_entropy_at_tp1(eps):
+    """token_loss equals torch's cross_entropy(label_smoothing=eps) on the full logits, loss and gradients
+    (of the hidden states and of the tied embedding), to 1e-5 in fp32."""
+    parallel.ensure_initialized()
+    torch.manual_seed(tp_worker.SEED)
+    model = tp_worker.build_model("post")
+    g = torch.Generator().manual_seed(11)
+    hidden = (3 * torch.randn(3, 7, 32, generator=g)).requires_grad_()
+    targets = torch.randint(0, 256, (3, 7), generator=g)
+    weights = torch.rand(3, 7, generator=g)  # unequal per-token weights, as objectives mask and average
+    got = model.token_loss(hidden, targets, eps)
+    want = torch.nn.functional.cross_entropy(model.logits(hidden).transpose(1, 2), targets, reduction="none",
+                                             label_smoothing=eps)
+    assert max_diff(got, want) <= TOL
+    assert float(want.max() - want.min()) > 0.1  # the tokens differ: not a constant loss
+    params = [hidden, model.embed_tokens.weight]
+    got_grads = torch.autograd.grad((got * weights).sum(), params)
+    want_grads = torch.autograd.grad((want * weights).sum(), params)
+    for name, a, b in zip(("hidden", "embedding"), got_grads, want_grads):
+        assert float(b.abs().max()) > 1e-2, name
+        assert max_diff(a, b) <= TOL, f"eps {eps}: grad of {name} differs by {max_diff(a, b):.3g}"

@@ -33,6 +33,7 @@ MODEL_CONFIGS = {
 }
 
 # name -> (model, mode, build_streams kwargs, decode kwargs); tensors are named by key into the inputs.
+# Cases named *_ls run token_loss with label smoothing (LABEL_SMOOTHING), the others without.
 CASES = {
     "ar": ("post", "ar", {}, {}),
     "bang_ar": ("post", "bang_ar", {}, {}),
@@ -48,7 +49,15 @@ CASES = {
     "pre_bang_n2": ("pre", "bang", {"n_predict": 2}, {}),
     "pre_janus": ("pre", "janus", {"masked": "janus_masked"}, {}),
     "pre_lplm": ("pre", "nar_bidir", {}, {"exit_layers": "exit_layers"}),
+    "ar_ls": ("post", "ar", {}, {}),
+    "janus_ls": ("post", "janus", {"masked": "janus_masked"}, {}),
+    "pre_bang_n2_ls": ("pre", "bang", {"n_predict": 2}, {}),
 }
+LABEL_SMOOTHING = 0.1
+
+
+def label_smoothing(case: str) -> float:
+    return LABEL_SMOOTHING if case.endswith("_ls") else 0.0
 
 
 def make_inputs() -> dict[str, torch.Tensor]:
@@ -98,7 +107,7 @@ def run_case(model: Seq2SeqModel, index: int, name: str, inputs: dict[str, torch
     decode_kw = {k: inputs[v].repeat(1, K) for k, v in decode_kw.items()}
     hidden = model.decode(enc, streams, **decode_kw).hidden  # [B, K*T, D]
     logits = model.logits(hidden)  # [B, K*T, V], gathered over TP
-    token_loss = model.token_loss(hidden, inputs["targets"].repeat(1, K))  # vocab-parallel cross entropy
+    token_loss = model.token_loss(hidden, inputs["targets"].repeat(1, K), label_smoothing(name))
     length_logits = model.length_logits(enc)
     # A loss that reaches every logit, the cross entropy and the length head, with fixed weights scaled so that
     # gradients are O(1): an absolute tolerance then means what it says.

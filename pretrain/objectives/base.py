@@ -44,6 +44,11 @@ def registered() -> list[str]:
 class Objective:
     name = "objective"
 
+    def start_step(self, step: int) -> None:
+        """Called by the engine once per optimizer step (`step`, 1-based), before that step's grad_accum
+        micro-batches: a choice made here holds for the whole step (bang_mixed's AR/NAR draw), so one process
+        accumulating micro-batches trains like data-parallel ranks each taking one. No-op by default."""
+
     def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, Metrics]:
         """Training loss (mean over `num_targets(batch)`) and metrics."""
         raise NotImplementedError

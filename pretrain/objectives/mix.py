@@ -22,6 +22,10 @@ class MixObjective(Objective):
             raise ValueError(f"batch objective {name!r} is not one of the mix {sorted(self.parts)}")
         return self.parts[name]
 
+    def start_step(self, step: int) -> None:
+        for part in self.parts.values():
+            part.start_step(step)
+
     def loss(self, model, batch: dict[str, Any]):
         return self._part(batch).loss(model, batch)
 
