@@ -41,6 +41,8 @@ from model import parallel
 from model.config import SPECIAL
 from pretrain import activation_checkpointing, checkpoint, distributed, job
 from pretrain.config import EngineConfig, deepspeed_dict, read_deepspeed_json, resolve_precision, to_dict, to_yaml
+from pretrain.export import export_payload, model_config_dict
+from pretrain.metrics import MetricSums
 from pretrain.objectives import Objective
 from pretrain.schedule import WarmupDecay, build_scheduler
 from pretrain.tracking import Tracker, git_commit, launch_tags
@@ -74,22 +76,6 @@ def real_tokens(batch: dict[str, Any]) -> int:
     return int((batch["src_tokens"] != SPECIAL.pad).sum() + (batch["tgt_tokens"] != SPECIAL.pad).sum())
 
 
-def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
-    import dataclasses
-
-    cfg = getattr(model, "cfg", None)
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None
-
-
-def export_payload(state: dict[str, Any], model_config: dict[str, Any] | None, step: int,
-                   record: dict[str, Any]) -> dict[str, Any]:
-    """What Engine.export_weights saves: {"model": full state dict on CPU, "config": the model config, "step",
-    plus the run record (job, mlflow_run_id, tracking_uri, tokenizer_checksum, ...)}; finetune.init_checkpoint
-    reads it back."""
-    return {**record, "model": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
-            "config": model_config, "step": step}
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices; leave biases, norms and the mask vector (1-d parameters) alone."""
     decay, no_decay = [], []
@@ -97,35 +83,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class MetricSums:
-    """(sum, count) per metric name in a fixed order, reduced over data-parallel ranks in one all-reduce."""
-
-    def __init__(self, names: list[str], extra: tuple[str, ...] = ()):
-        self.names = list(names)
-        self.extra = list(extra)
-        self.values = torch.zeros(2 * len(self.names) + len(self.extra), dtype=torch.float64)
-        self._index = {n: i for i, n in enumerate(self.names)}
-
-    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for name, (total, count) in metrics.items():
-            i = self._index[name]
-            self.values[2 * i] += float(total)
-            self.values[2 * i + 1] += float(count)
-
-    def add_extra(self, name: str, value: float) -> None:
-        self.values[2 * len(self.names) + self.extra.index(name)] += value
-
-    def reduce(self) -> tuple[dict[str, float], dict[str, float]]:
-        """All-reduce over data parallel; returns (means of metrics seen, extra sums)."""
-        values = distributed.all_reduce_sum(self.values.clone(), group=parallel.dp_group())
-        means = {}
-        for i, name in enumerate(self.names):
-            if values[2 * i + 1] > 0:
-                means[name] = float(values[2 * i] / values[2 * i + 1])
-        extras = {name: float(values[2 * len(self.names) + j]) for j, name in enumerate(self.extra)}
-        return means, extras
 
 
 class Engine:

@@ -217,11 +217,11 @@ def test_evaluate_command_scores_files_and_records_runs(tmp_path, capsys):
 
 
 def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
-    """pretrain.engine.export_payload (what Engine.export_weights saves) carries the pretraining run's id, step,
+    """pretrain.export.export_payload (what Engine.export_weights saves) carries the pretraining run's id, step,
     model config and tokenizer checksum; read_init reads them back, pretrain_run_id names the run, and
     check_tokenizer refuses other shards naming both checksums. Finetuned weights point at their pretraining run."""
     from finetune.init_checkpoint import FINETUNE_META, check_tokenizer, pretrain_run_id
-    from pretrain.engine import export_payload, model_config_dict
+    from pretrain.export import export_payload, model_config_dict
 
     source = tiny()
     record = {"job": "pretrain", "mlflow_run_id": "run-pre", "tokenizer_checksum": "aaa111", "experiment": "e"}

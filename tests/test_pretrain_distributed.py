@@ -263,7 +263,7 @@ def test_final_weights_are_exported_tp_merged(tp2_zero2_run, pretrain_shards):
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
     from pretrain import config, run
-    from pretrain.engine import MetricSums
+    from pretrain.metrics import MetricSums
 
     from mlflow.tracking import MlflowClient
 
