@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass
 
 MODES = ("ar", "bang_ar", "bang", "nar_bidir", "nar_causal", "semi_nar", "janus")
 NORMS = ("post", "pre")
 ACTIVATIONS = ("gelu", "relu")
+MIN_INIT_GAIN = 0.3  # init_std * sqrt(d_model); BART-base has 0.02 * sqrt(768) = 0.55
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # auto: FlexAttention block masks on CUDA, dense SDPA elsewhere
 
 
@@ -72,6 +75,14 @@ class ModelConfig:
         for field in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 bad(field, "must be in [0, 1)")
+        if not self.init_std > 0:
+            bad("init_std", "must be positive")
+        gain = self.init_std * math.sqrt(self.d_model)
+        if gain < MIN_INIT_GAIN:  # legal, but the trap the tiny preset fell into (see PRESETS["tiny"])
+            warnings.warn(f"model.init_std={self.init_std} at d_model={self.d_model} gives a per-layer gain "
+                          f"init_std*sqrt(d_model)={gain:.2f} (BART-base: 0.55); below {MIN_INIT_GAIN} the encoder "
+                          f"states of different sources tend to collapse early in training. Consider "
+                          f"init_std={0.55 / math.sqrt(self.d_model):.3g}.", stacklevel=2)
         if self.norm not in NORMS:
             bad("norm", f"must be one of {NORMS}")
         if self.attention_backend not in ATTENTION_BACKENDS:

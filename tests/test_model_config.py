@@ -1,5 +1,6 @@
 """Model config: presets as documented (methods.md §7.1) and validation errors that name the field at fault."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -76,6 +77,7 @@ def tiny(**kw) -> ModelConfig:
     ({"vocab_size": 3.5}, 1, "model.vocab_size"),
     ({"vocab_size": 4}, 1, "model.vocab_size"),  # does not hold the special ids
     ({"n_predict": 0}, 1, "model.n_predict"),
+    ({"init_std": 0.0}, 1, "model.init_std"),
     ({}, 0, "parallel.tp_size"),
 ])
 def test_bad_values_raise_naming_the_field(overrides, tp, field):
@@ -89,6 +91,17 @@ def test_good_values_pass_and_tp_divisibility():
     tiny(n_heads=8).validate(tp_size=8)
     with pytest.raises(ValueError, match=r"^model\.n_heads=4: .*tensor-parallel size 8"):
         tiny(vocab_size=1024, d_ffn=128).validate(tp_size=8)
+
+
+def test_an_init_too_small_for_the_width_warns_with_a_suggestion():
+    """BART-base's init_std=0.02 at d_model=64 collapsed the tiny model's encoder (tests/test_model_learning.py):
+    legal, so a warning naming the field and a value with BART-base's per-layer gain (0.55 / sqrt(64) = 0.0688)."""
+    with pytest.warns(UserWarning, match=r"model\.init_std=0\.02 at d_model=64 .* gain .*=0\.16 .*init_std=0\.0688"):
+        tiny(init_std=0.02).validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny().validate()  # 0.08 * 8 = 0.64
+        ModelConfig.preset("base").validate()  # 0.02 * sqrt(768) = 0.55
 
 
 def test_preset_overrides_are_validated():
