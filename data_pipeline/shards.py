@@ -170,7 +170,7 @@ def shuffled(items: Iterable[Any], size: int, rng: np.random.Generator) -> Itera
 
 
 def _tokenize_file(task: tuple[str, int, int]) -> tuple[list[np.ndarray], dict]:
-    from data_pipeline.extract import read_docs
+    from data_pipeline.documents import read_docs
 
     path, seq_len, min_tokens = task
     assert _WORKER_TOKENIZER is not None
@@ -191,7 +191,8 @@ def _tokenize_file(task: tuple[str, int, int]) -> tuple[list[np.ndarray], dict]:
 
 def run_shard(cfg: DataConfig, force: bool = False) -> dict:
     """Tokenize `extract.out_dir` with the trained tokenizer into `shard.out_dir`; returns the manifest."""
-    from data_pipeline.extract import STATS_FILE, doc_files
+    from data_pipeline.documents import doc_files
+    from data_pipeline.extract import STATS_FILE
 
     s = cfg.shard
     docs_dir = cfg.in_work(cfg.extract.out_dir)

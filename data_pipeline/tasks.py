@@ -28,7 +28,7 @@ import numpy as np
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.corruption import pad_stack
 from data_pipeline.errors import DataError
-from data_pipeline.extract import decode_utf8
+from data_pipeline.documents import decode_utf8
 from data_pipeline.shards import fingerprint, swap_in, token_dtype, up_to_date, write_manifest, write_shards
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
 

@@ -124,7 +124,8 @@ class Tokenizer:
 def _training_sample(cfg: DataConfig, docs_dir: Path, out_file: Path) -> dict:
     """Write a deterministic sample of about `tokenizer.sample_chars` characters, one sentence-sized line each
     (sentencepiece skips lines longer than max_sentence_length)."""
-    from data_pipeline.extract import STATS_FILE, _cut_paragraph, doc_files, iter_all_docs
+    from data_pipeline.documents import _cut_paragraph, doc_files, iter_all_docs
+    from data_pipeline.extract import STATS_FILE
 
     stats_path = docs_dir / STATS_FILE
     total = json.loads(stats_path.read_text())["totals"].get("chars", 0) if stats_path.is_file() else 0

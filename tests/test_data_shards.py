@@ -9,7 +9,7 @@ import pytest
 from data_pipeline.__main__ import main
 from data_pipeline.config import REPO_ROOT, load_config
 from data_pipeline.errors import ConfigError
-from data_pipeline.extract import doc_files, iter_all_docs
+from data_pipeline.documents import doc_files, iter_all_docs
 from data_pipeline.shards import LENGTHS, MANIFEST, read_piece, run_shard, shuffled, split_into_samples
 from data_pipeline.stream import build_pretrain_loader
 from data_pipeline.tokenizer import Tokenizer
