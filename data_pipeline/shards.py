@@ -75,7 +75,8 @@ def write_shards(samples: Iterable[dict[str, np.ndarray]], out_dir: Path, fields
     try:
         for sample_id, sample in enumerate(samples):
             writer.write({"__key__": sample_key(sample_id),
-                          **{f"{f}.tok" if len(fields) > 1 else "tok": sample[f].astype(dtype).tobytes() for f in fields}})
+                          **{f"{f}.tok" if len(fields) > 1 else "tok": sample[f].astype(dtype, copy=False).tobytes()
+                             for f in fields}})
             index = writer.shard - 1  # ShardWriter has already advanced `shard` past the open file
             if index == len(shards):
                 shards.append({"name": SHARD_PATTERN % index, "samples": 0, "tokens": 0, "first_id": sample_id})

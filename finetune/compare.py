@@ -173,7 +173,8 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
-    parser.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or runs/mlflow.db (the store shared with pretraining)")
+    parser.add_argument("--tracking-uri", default="",
+                        help="default: $MLFLOW_TRACKING_URI or runs/mlflow.db (the store shared with pretraining)")
     parser.add_argument("--task", default="", help="only this task's runs")
     parser.add_argument("--out", default="runs/finetune/compare", help="folder for the PNGs")
     args = parser.parse_args(list(argv))

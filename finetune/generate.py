@@ -49,7 +49,8 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
     from data_pipeline.errors import DataError
     from data_pipeline.tokenizer import Tokenizer
     from finetune import run
-    from finetune.init_checkpoint import FINETUNED, InitError, check_dims, load_into, read_init
+    from finetune.init_checkpoint import (FINETUNED, InitError, check_dims, check_tokenizer, load_into,
+                                          pretrain_run_id, pretrain_step, read_init)
     from model import parallel
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
@@ -75,9 +76,10 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
         tokenizer = Tokenizer.load(td.tokenizer)
     except DataError as err:
         raise ConfigError(f"data.config: {err}") from None
-    if finetuned and weights.meta.get("tokenizer_checksum") not in (None, tokenizer.checksum):
-        raise ConfigError(f"{td.tokenizer}: this tokenizer differs from the one {model_path} was finetuned with "
-                          f"(checksum {weights.meta['tokenizer_checksum'][:12]}...)")
+    try:  # finetuned and pretraining exports record their tokenizer; plain state dicts cannot be checked
+        check_tokenizer(weights, tokenizer.checksum, str(td.tokenizer))
+    except InitError as err:
+        raise ConfigError(f"--model: {err}") from None
     if finetuned:
         model_cfg = ModelConfig(**weights.meta["model_config"])
     else:
@@ -97,8 +99,8 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
         meta = {k: v for k, v in weights.meta.items() if k not in ("model_config",)}
     else:  # a model that was not finetuned (the starting point of a finetuning run)
         meta = {"task": cfg.task.name, "difficulty": cfg.task.difficulty, "objective": "none",
-                "finetune_run_id": None, "pretrain_run_id": weights.meta.get("mlflow_run_id", "none"),
-                "pretrain_checkpoint": str(weights.path), "pretrain_step": weights.meta.get("step", "unknown"),
+                "finetune_run_id": None, "pretrain_run_id": pretrain_run_id(weights),
+                "pretrain_checkpoint": str(weights.path), "pretrain_step": pretrain_step(weights),
                 "tokenizer": str(td.tokenizer), "tokenizer_checksum": tokenizer.checksum,
                 "experiment": cfg.tracking.experiment, "tracking_uri": cfg.tracking.uri}
     meta["config"] = _plain(cfg)
@@ -177,6 +179,8 @@ def check_split(config_path: str, overrides: Sequence[str], split: str) -> int:
         sources, _ = read_split(td, split)
     except DataError as err:
         raise ConfigError(f"--split {split}: {err}") from None
+    if not sources:
+        raise ConfigError(f"--split {split}: the {cfg.task.name} split {split!r} has no examples")
     return len(sources)
 
 

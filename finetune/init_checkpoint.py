@@ -7,8 +7,8 @@ Accepted `--init` paths:
     shards are concatenated along each parameter's partition dimension) or, for ZeRO-3, the fp32 partitions
     rebuilt with DeepSpeed's zero_to_fp32;
   * a file: the engine's full-weights export (final_model.pt: {"model": state dict, "config": model config,
-    "step", and the run record: job, mlflow_run_id, tokenizer_checksum, ...}), a plain full (TP=1) state dict (`{name: tensor}` or `{"state_dict"|"module": {...}}`), or one
-    mp_rank file;
+    "step", and the run record: job, mlflow_run_id, tokenizer_checksum, ...}), a plain full (TP=1) state dict
+    (`{name: tensor}` or `{"state_dict"|"module": {...}}`), or one mp_rank file;
   * a finetuning output folder (final_model.pt + finetune_meta.json): a finetuned model with its task, runs and
     config, what `generate` reads.
 
@@ -183,6 +183,15 @@ def pretrain_run_id(weights: InitWeights) -> str:
     if meta.get("format") == FINETUNED or meta.get("job") == "finetune":
         return str(meta.get("pretrain_run_id") or "none")
     return str(meta.get("mlflow_run_id") or "none")
+
+
+def pretrain_step(weights: InitWeights) -> int | str:
+    """The pretraining step these weights descend from, by the same lineage as pretrain_run_id (a finetuned file's
+    own `step` is its finetuning step)."""
+    meta = weights.meta
+    if meta.get("format") == FINETUNED or meta.get("job") == "finetune":
+        return meta.get("pretrain_step", "unknown")
+    return meta.get("step", "unknown")
 
 
 def check_tokenizer(weights: InitWeights, checksum: str, shards: str) -> None:

@@ -154,7 +154,7 @@ class NarObjective(SeededObjective):
         loss = token_loss + self.length_weight * length_loss
         n = real.sum().to(loss.dtype)  # the loss is a mean over the targets: weight it so across ranks
         return loss, {"nar/loss": (loss.detach() * n, n), "nar/token_loss": token_entry,
-                      "nar/length_loss": length_entry}
+                      "nar/length_loss": length_entry}  # logged per example; the loss weighs it per token
 
 
 @register("bang_mixed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,14 +232,14 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
 # --- the run ---------------------------------------------------------------------------------------------------
 
 def run_tags(plan: Plan) -> dict[str, Any]:
-    from finetune.init_checkpoint import pretrain_run_id
+    from finetune.init_checkpoint import pretrain_run_id, pretrain_step
 
-    cfg, meta = plan.cfg, (plan.init.meta if plan.init is not None else {})
+    cfg = plan.cfg
     return {"kind": "finetune", "task": cfg.task.name, "difficulty": cfg.task.difficulty,
             "objective": cfg.objective.name, "decoding_mode": plan.decode_mode,
             "pretrain_run_id": pretrain_run_id(plan.init) if plan.init is not None else "none",
             "pretrain_checkpoint": str(plan.init.path) if plan.init is not None else SCRATCH,
-            "pretrain_step": meta.get("step", "unknown")}
+            "pretrain_step": pretrain_step(plan.init) if plan.init is not None else "unknown"}
 
 
 def run_params(plan: Plan) -> dict[str, Any]:
@@ -290,6 +291,7 @@ def train(plan: Plan) -> dict[str, float]:
     from finetune.valid_generation import ValidGeneration
     from model import parallel
     from model.seq2seq import Seq2SeqModel
+    from pretrain import distributed
     from pretrain.engine import Engine
 
     cfg = plan.cfg
@@ -308,6 +310,8 @@ def train(plan: Plan) -> dict[str, float]:
                                                  max_source_len=plan.max_source_len, shuffle=False)
         extra_eval = ValidGeneration(plan) if cfg.valid_generation.samples > 0 else None
         tags = run_tags(plan)
+        if distributed.is_rank0():  # a meta left by an earlier run in this folder must not pair with new weights
+            (Path(cfg.output_dir) / FINETUNE_META).unlink(missing_ok=True)
         engine = Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=cfg.data.batch_size,
                         eval_loaders=evals, extra_eval=extra_eval, kind="finetune", tags=tags,
                         meta={"tokenizer_checksum": plan.tokenizer_checksum, "pretrain_run_id": tags["pretrain_run_id"],
@@ -319,13 +323,19 @@ def train(plan: Plan) -> dict[str, float]:
         return last
 
 
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_meta(plan: Plan, run_id: str | None) -> None:
     """finetune_meta.json and finetune.yaml beside the exported weights (what `generate` reads); the meta also
     goes to the MLflow run."""
     cfg, out = plan.cfg, Path(plan.cfg.output_dir)
     meta = export_meta(plan, run_id)
-    (out / FINETUNE_META).write_text(json.dumps(meta, indent=1, default=str))
-    (out / "finetune.yaml").write_text(to_yaml(cfg))
+    write_atomically(out / "finetune.yaml", to_yaml(cfg))
+    write_atomically(out / FINETUNE_META, json.dumps(meta, indent=1, default=str))  # last: generate needs both
     if run_id is not None:
         from finetune.tracking import log_json_artifact
 

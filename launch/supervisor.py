@@ -54,7 +54,8 @@ def new_launch_id(name: str, environ: Mapping[str, str], now: float | None = Non
         return (f"slurm-{environ['SLURM_JOB_ID']}.{environ['SLURM_STEP_ID']}"
                 f"-r{environ.get('SLURM_RESTART_COUNT') or 0}")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
-    return f"{name}-{stamp}-{uuid.uuid4().hex[:8]}"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:100] or "job"  # goes into MLflow filters and env files
+    return f"{safe}-{stamp}-{uuid.uuid4().hex[:8]}"
 
 
 def job_vars(launch_id: str, restart: int) -> dict[str, str]:
@@ -156,6 +157,8 @@ class Supervisor:
         write_files(plan)  # .deepspeed_env carries this attempt's TANDEM_RESTART to nodes started over ssh
         self._proc = subprocess.Popen(plan.argv, cwd=self.cwd, env={**os.environ, **plan.env},
                                       start_new_session=True)
+        if self._stop_signal is not None:  # came before Popen: _on_signal had no process to forward it to
+            os.killpg(self._proc.pid, self._stop_signal)
         try:
             code = self._proc.wait()
         finally:
@@ -187,14 +190,12 @@ class Supervisor:
                 self.record()
                 return 0
             if self._stop_signal is not None:
-                self.echo(f"stopped by {signal.Signals(self._stop_signal).name}; not restarting")
-                self._log("stopped", signal=self._stop_signal)
-                self.record()
-                return 128 + self._stop_signal
+                return self._stopped()
             if code == NO_RESTART_CODE:
                 self.echo(f"attempt {attempt} failed ({describe_exit(code)}: the stage rejected its config); "
                           "not restarting")
                 self._log("config_rejected", attempt=attempt, code=code, error="")
+                self.record()
                 return code
             if len(self.restarts) >= self.max_restarts:
                 self.echo(f"attempt {attempt} failed ({describe_exit(code)}); no restarts left "
@@ -203,6 +204,8 @@ class Supervisor:
                 self.record()
                 return code if code > 0 else 128 - code
             problem = self.revalidate() if self.revalidate else None
+            if self._stop_signal is not None:  # arrived while the config was re-checked: no restart to record
+                return self._stopped()
             if problem:
                 self.echo(f"attempt {attempt} failed ({describe_exit(code)}) and the stage rejects its config: "
                           f"{problem}; not restarting")
@@ -219,8 +222,14 @@ class Supervisor:
             self.record()
             self._sleep(self.backoff_s)
             if self._stop_signal is not None:
-                return 128 + self._stop_signal
+                return self._stopped()
             attempt, resume = attempt + 1, True
+
+    def _stopped(self) -> int:
+        self.echo(f"stopped by {signal.Signals(self._stop_signal).name}; not restarting")
+        self._log("stopped", signal=self._stop_signal)
+        self.record()
+        return 128 + self._stop_signal
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -287,13 +287,15 @@ class Engine:
         cfg = self.cfg
         if cfg.checkpoint.resume:
             self.resume()
-        self.start_tracking(params or to_dict(cfg), list(artifacts), run_name)
         names = ["loss"] + self.objective.metric_names()
         window = MetricSums(names, extra=("tokens", "samples"))
         bar = None
         status = "FAILED"
         last: dict[str, float] = {}
         try:
+            # inside the try: a stop signal held back while the run is created is raised as the block ends, and
+            # the finally below must still close that run
+            self.start_tracking(params or to_dict(cfg), list(artifacts), run_name)
             if cfg.train.record_sample_ids:
                 folder = self.output_dir / "samples"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -325,7 +327,7 @@ class Engine:
             status = "FINISHED"
         except BaseException as err:
             if isinstance(err, (job.Stopped, KeyboardInterrupt)) or job.stop_signal() is not None:
-                status = "KILLED"  # also when a peer that stopped first broke a collective here
+                status = "KILLED"  # also when this rank got the signal and a peer that stopped first broke a collective
                 self.log_line(f"stopped at step {self.step} ({err}); closing the MLflow run as KILLED")
             raise
         finally:

@@ -249,3 +249,14 @@ def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
     assert pretrain_run_id(read_init(finetuned / "final_model.pt")) == "run-pre"
     (finetuned / FINETUNE_META).write_text(json.dumps({"finetune_run_id": "run-ft", "pretrain_run_id": "run-pre"}))
     assert pretrain_run_id(read_init(finetuned)) == "run-pre"
+
+
+def test_finetuned_weights_keep_their_pretraining_lineage():
+    """Weights finetuned again name the pretraining run and step they descend from, not their own finetuning step."""
+    from finetune.init_checkpoint import FINETUNED, InitWeights, pretrain_run_id, pretrain_step
+
+    pretrained = InitWeights(Path("p.pt"), {}, {"job": "pretrain", "mlflow_run_id": "PT", "step": 1000})
+    finetuned = InitWeights(Path("f"), {}, {"format": FINETUNED, "job": "finetune", "mlflow_run_id": "FT",
+                                            "step": 50, "pretrain_run_id": "PT", "pretrain_step": 1000})
+    assert (pretrain_run_id(pretrained), pretrain_step(pretrained)) == ("PT", 1000)
+    assert (pretrain_run_id(finetuned), pretrain_step(finetuned)) == ("PT", 1000)

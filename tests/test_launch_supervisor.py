@@ -172,3 +172,58 @@ sys.exit(sup.run())
     assert "stopped by SIGTERM; not restarting" in out
     assert [e["event"] for e in events(tmp_path)] == ["launch", "attempt_start", "attempt_end", "stopped"]
 
+
+
+def run_child_supervisor(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    """A Supervisor set up by `body` (which binds `sup`) and run in a child process, whose own signal handlers the
+    test may trigger from inside the supervisor's callbacks."""
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from pathlib import Path
+from test_launch_supervisor import plans, stage_at
+from launch.command import LaunchPlan
+from launch.supervisor import Supervisor
+tmp = Path({str(tmp_path)!r})
+{body}
+sys.exit(sup.run())
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_a_signal_during_the_config_recheck_records_no_restart(tmp_path):
+    """SIGTERM while the stage re-checks its config after a crash: the job stops, and no restart is announced or
+    recorded (the attempt never happens)."""
+    done = run_child_supervisor(tmp_path, """
+def revalidate():
+    os.kill(os.getpid(), signal.SIGTERM)
+    return None
+sup = Supervisor(plans([sys.executable, "-c", "import sys; sys.exit(1)"]), cwd=tmp, stage=stage_at(tmp, None),
+                 launch_id="x", max_restarts=3, backoff_s=5, log_path=tmp / "supervisor.jsonl",
+                 revalidate=revalidate, echo=print)""")
+    assert done.returncode == 128 + signal.SIGTERM, done.stdout + done.stderr
+    assert [e["event"] for e in events(tmp_path)] == ["launch", "attempt_start", "attempt_end", "stopped"]
+    assert "restart 1/3" not in done.stdout and "stopped by SIGTERM; not restarting" in done.stdout
+
+
+def test_a_signal_just_before_an_attempt_starts_stops_it(tmp_path):
+    """SIGTERM after the loop decided to start an attempt but before its process exists: the new attempt gets the
+    signal at once instead of running to the end (it would sleep 60 s and exit 0)."""
+    started = time.monotonic()
+    done = run_child_supervisor(tmp_path, """
+def plan_for(resume, job_vars):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return LaunchPlan(["bash", "-c", "sleep 60; exit 0"], {}, {})
+sup = Supervisor(plan_for, cwd=tmp, stage=stage_at(tmp, None), launch_id="x", max_restarts=3, backoff_s=0,
+                 log_path=tmp / "supervisor.jsonl", echo=print)""")
+    assert done.returncode == 128 + signal.SIGTERM, done.stdout + done.stderr
+    assert time.monotonic() - started < 50
+    assert [e["event"] for e in events(tmp_path)] == ["launch", "attempt_start", "attempt_end", "stopped"]
+
+
+def test_generated_launch_ids_are_safe_in_filters_and_env_files():
+    a = new_launch_id("bob's run/2", {}, now=0.0)
+    assert re.fullmatch(r"bob-s-run-2-\d{8}-\d{6}-[0-9a-f]{8}", a), a
+    assert new_launch_id("'''", {}, now=0.0).startswith("job-")
