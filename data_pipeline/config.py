@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.errors import ConfigError
-from data_pipeline.typed_config import load_typed
+from data_pipeline.typed_config import load_typed, merge_typed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,14 +214,6 @@ def validate_fields(cfg: DataConfig, where: str = "") -> None:
     validate_loader(cfg.loader, where)
 
 
-def _structured_merge(schema_cls: type, sources: Sequence[Any], where: str) -> Any:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema_cls), *sources)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:  # unknown key, wrong type: omegaconf names the key
-        raise ConfigError(f"{where}{exc}") from None
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DataConfig:
     """Load a data config YAML (or the defaults when path is None), apply `key=value` overrides, validate."""
     cfg: DataConfig = load_typed(DataConfig, path, overrides, label="data config")
@@ -246,9 +237,9 @@ def loader_config_from(obj: Any) -> tuple[LoaderConfig, Path]:
         obj = OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Mapping):
         if "loader" in obj:
-            cfg: DataConfig = _structured_merge(DataConfig, [OmegaConf.create(dict(obj))], "")
+            cfg: DataConfig = merge_typed(DataConfig, [dict(obj)])
             return loader_config_from(cfg.validate())
-        lc: LoaderConfig = _structured_merge(LoaderConfig, [OmegaConf.create(dict(obj))], "loader config: ")
+        lc: LoaderConfig = merge_typed(LoaderConfig, [dict(obj)], where="loader config: ")
         validate_loader(lc)
         return lc, REPO_ROOT
     raise ConfigError(f"cannot build a loader config from {type(obj).__name__}")

@@ -32,13 +32,27 @@ def load_typed(schema: type, path: str | Path | None, overrides: Sequence[str] =
             sources.append(OmegaConf.load(path))
         except Exception as err:  # YAML syntax
             raise error(f"{where}cannot parse: {err}") from None
+    sources.append(dotlist(overrides, where=where, error=error))
+    cfg = merge_typed(schema, sources, where=where, error=error)
+    cfg.config_file = str(path) if path is not None else ""
+    return cfg
+
+
+def dotlist(overrides: Sequence[str], *, where: str = "", error: type[Exception] = ConfigError) -> Any:
+    """`key=value` overrides as an omegaconf node to merge last."""
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise error(f"overrides must be key=value, got {bad}")
     try:
-        sources.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), *sources))
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise error(f"{where}{err}") from None
+
+
+def merge_typed(schema: type, sources: Sequence[Any], *, where: str = "",
+                error: type[Exception] = ConfigError) -> Any:
+    """The schema's defaults with `sources` (YAML nodes, dicts) merged on top, as a dataclass instance."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), *sources))
     except OmegaConfBaseException as err:  # unknown key or wrong type: omegaconf names the key
         raise error(f"{where}{err}") from None
-    cfg.config_file = str(path) if path is not None else ""
-    return cfg

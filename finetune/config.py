@@ -146,22 +146,16 @@ def fail(cfg: FinetuneConfig, field_name: str, why: str):
 def from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> FinetuneConfig:
     """A config saved with a finetuned model (pretrain.config.to_dict) back into a FinetuneConfig, plus overrides."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must be key=value, got {bad}")
-    where = data.get("config_file") or "the model's saved config"
-    schema = OmegaConf.structured(FinetuneConfig)
+    from data_pipeline.typed_config import dotlist, merge_typed
+
+    where = (data.get("config_file") or "the model's saved config") + ": "
+    extra = dotlist(overrides, where=where, error=ConfigError)
     dropped: list[str] = []
-    data = _known_keys(data, schema, "", dropped)
+    data = _known_keys(data, OmegaConf.structured(FinetuneConfig), "", dropped)
     if dropped:  # written by another version of the config classes: keep what still means something
-        warnings.warn(f"{where}: ignoring saved config keys this version does not know: {dropped}", stacklevel=2)
-    try:
-        merged = OmegaConf.merge(schema, OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {err}") from None
+        warnings.warn(f"{where}ignoring saved config keys this version does not know: {dropped}", stacklevel=2)
+    return merge_typed(FinetuneConfig, [data, extra], where=where, error=ConfigError)
 
 
 def _known_keys(data: dict[str, Any], node, prefix: str, dropped: list[str]) -> dict[str, Any]:
