@@ -42,3 +42,23 @@ def tiny(shared_data, tmp_path_factory):
                       [f"data_root={shared_data}", f"work_dir={tmp_path_factory.getbasetemp() / 'tandem-data'}"])
     prepare(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def small(tiny):
+    """Uneven shards (1000, 1000, ~700 samples) of the WikiText documents, in <work_dir>/small_shards; the
+    config returned reads them (loader.shard_dir)."""
+    import shutil
+
+    from data_pipeline.config import load_config
+    from data_pipeline.shards import run_shard
+
+    docs = tiny.in_work("small_docs")
+    docs.mkdir(exist_ok=True)
+    for f in tiny.in_work("docs").glob("wikitext-*.jsonl.gz"):
+        shutil.copy(f, docs / f.name)
+    cfg = load_config(REPO_ROOT / "configs" / "data" / "tiny.yaml",
+                      [f"data_root={tiny.data_root}", f"work_dir={tiny.work_dir}", "extract.out_dir=small_docs",
+                       "shard.out_dir=small_shards", "shard.samples_per_shard=1000", "loader.shard_dir=small_shards"])
+    run_shard(cfg)
+    return cfg

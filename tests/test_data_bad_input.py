@@ -12,30 +12,17 @@ import pytest
 
 from data_pipeline.config import REPO_ROOT, LoaderConfig, load_config
 from data_pipeline.errors import DataError
-from data_pipeline.shards import load_manifest, run_shard
+from data_pipeline.shards import load_manifest
 from data_pipeline.stream import build_pretrain_loader
 from data_pipeline.tokenizer import train_tokenizer
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
 
 
-@pytest.fixture(scope="session")
-def small(tiny):
-    """Uneven shards (1000, 1000, ~700 samples) of the WikiText documents (the same as in test_data_stream.py)."""
-    docs = tiny.in_work("small_docs")
-    docs.mkdir(exist_ok=True)
-    for f in tiny.in_work("docs").glob("wikitext-*.jsonl.gz"):
-        shutil.copy(f, docs / f.name)
-    cfg = load_config(TINY, [f"data_root={tiny.data_root}", f"work_dir={tiny.work_dir}", "extract.out_dir=small_docs",
-                             "shard.out_dir=small_shards", "shard.samples_per_shard=1000"])
-    run_shard(cfg)
-    return cfg.in_work("small_shards")
-
-
 @pytest.fixture
 def shards(small, tmp_path):
     """A private copy of the small shard folder to damage."""
-    return shutil.copytree(small, tmp_path / "shards")
+    return shutil.copytree(small.in_work("small_shards"), tmp_path / "shards")
 
 
 def loader(shard_dir, workers=0, rank=0, world=1, **fields):

@@ -3,7 +3,6 @@ the task loader, and tensor-parallel peers in real processes (torchrun, gloo).""
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,29 +14,15 @@ from conftest import free_port
 
 import data_pipeline.stream as stream_mod
 from data_pipeline.batching import BatchingSpec, plan_epoch
-from data_pipeline.config import REPO_ROOT, load_config
+from data_pipeline.config import REPO_ROOT
 from data_pipeline.errors import ConfigError
-from data_pipeline.shards import load_manifest, run_shard
+from data_pipeline.shards import load_manifest
 from data_pipeline.stream import build_pretrain_loader, build_task_loader
 from data_pipeline.tasks import build_task_shards, read_task_split
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
 MIX = {"bang": 0.5, "elmer": 0.5}
-
-
-@pytest.fixture(scope="session")
-def small(tiny):
-    """Uneven shards (1000, 1000, ~700 samples) of the WikiText documents, whose sample lengths vary a lot."""
-    docs = tiny.in_work("small_docs")
-    docs.mkdir(exist_ok=True)
-    for f in tiny.in_work("docs").glob("wikitext-*.jsonl.gz"):
-        shutil.copy(f, docs / f.name)
-    cfg = load_config(TINY, [f"data_root={tiny.data_root}", f"work_dir={tiny.work_dir}", "extract.out_dir=small_docs",
-                             "shard.out_dir=small_shards", "shard.samples_per_shard=1000",
-                             "loader.shard_dir=small_shards"])
-    run_shard(cfg)
-    return cfg
 
 
 def make_loader(cfg, rank=0, world=1, workers=2, seed=7, weights=MIX, **loader_fields):
