@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -323,15 +322,11 @@ def train(plan: Plan) -> dict[str, float]:
         return last
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_meta(plan: Plan, run_id: str | None) -> None:
     """finetune_meta.json and finetune.yaml beside the exported weights (what `generate` reads); the meta also
     goes to the MLflow run."""
+    from pretrain.checkpoint import write_atomically
+
     cfg, out = plan.cfg, Path(plan.cfg.output_dir)
     meta = export_meta(plan, run_id)
     write_atomically(out / "finetune.yaml", to_yaml(cfg))

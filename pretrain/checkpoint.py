@@ -62,7 +62,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -112,7 +112,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_s
     _torch_save({"world_size": world, **rank_state}, ckpt_dir / tag / f"rank_{rank:05d}.pt")
     distributed.barrier()  # every rank's files are on disk
     if rank == 0:
-        _write_atomically(ckpt_dir / POINTER, tag)
+        write_atomically(ckpt_dir / POINTER, tag)
         if keep_last > 0:
             _prune(ckpt_dir, keep=keep_last, current=tag)
     distributed.barrier()

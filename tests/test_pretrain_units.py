@@ -42,7 +42,7 @@ def test_latest_pointer_is_atomic_and_torn_checkpoints_are_ignored(tmp_path):
     ckpt.mkdir()
     assert checkpoint.read_pointer(ckpt) is None  # nothing saved yet: --resume starts fresh
     (ckpt / "step_00000010").mkdir()
-    checkpoint._write_atomically(ckpt / checkpoint.POINTER, "step_00000010")
+    checkpoint.write_atomically(ckpt / checkpoint.POINTER, "step_00000010")
     # A save that died half-way: its directory exists, but the pointer was never moved to it.
     torn = ckpt / "step_00000020"
     torn.mkdir()
