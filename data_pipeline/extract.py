@@ -28,13 +28,12 @@ from mwparserfromhell.nodes import Argument, Comment, Heading, Tag, Template, Wi
 from mwparserfromhell.wikicode import Wikicode
 import mwxml
 
+from data_pipeline.artifacts import STATS_FILE, fingerprint, read_record, staging_for, swap_in
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.documents import DocWriter, RepairingUTF8Reader, decode_utf8, emit_document, open_binary
 from data_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
-
-STATS_FILE = "extract_stats.json"
 
 # ---- Wikipedia ------------------------------------------------------------------------------------------------
 DROP_TAGS = {
@@ -273,12 +272,8 @@ def _stem(path: Path) -> str:
 def run_extract(cfg: DataConfig, force: bool = False) -> dict:
     """Extract every configured source into `extract.out_dir`; returns the stats written to extract_stats.json.
     Skipped (returns the previous stats) when the inputs and the config are unchanged, unless force."""
-    from data_pipeline.shards import fingerprint
-
     out_dir = cfg.in_work(cfg.extract.out_dir)
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_for(out_dir)
     per_source: dict[str, collections.Counter] = {}
     files: list[Path] = []
     inputs = {kind: cfg.source_files(kind) for kind in ("wikipedia", "books", "wikitext")}
@@ -286,13 +281,11 @@ def run_extract(cfg: DataConfig, force: bool = False) -> dict:
         raise DataError(f"{cfg.config_file or 'data config'}: no sources configured (sources.wikipedia/books/wikitext)")
     fp = fingerprint({"extract": to_plain(cfg.extract), "inputs": [
         (str(p), p.stat().st_size, p.stat().st_mtime_ns) for v in inputs.values() for p in v]})
-    previous = out_dir / STATS_FILE
-    if not force and previous.is_file():
-        old = json.loads(previous.read_text())
-        if old.get("fingerprint") == fp and all((out_dir / f).is_file() for f in old.get("files", [])):
-            log.info("extract: %s is up to date (same inputs and config); nothing to do", out_dir)
-            shutil.rmtree(staging, ignore_errors=True)
-            return old
+    old = read_record(out_dir / STATS_FILE)
+    if not force and old.get("fingerprint") == fp and all((out_dir / f).is_file() for f in old.get("files", [])):
+        log.info("extract: %s is up to date (same inputs and config); nothing to do", out_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        return old
     workers = cfg.extract.num_workers
     pool = mp.get_context("fork").Pool(workers) if workers > 1 and inputs["wikipedia"] else None
     try:
@@ -319,7 +312,6 @@ def run_extract(cfg: DataConfig, force: bool = False) -> dict:
         "fingerprint": fp,
     }
     (staging / STATS_FILE).write_text(json.dumps(result, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)  # replace, never append: re-running does not duplicate
-    staging.rename(out_dir)
+    swap_in(staging, out_dir)  # replace, never append: re-running does not duplicate
     log.info("extract: %d documents in %d files -> %s (%s)", totals["docs"], len(files), out_dir, dict(totals))
     return result

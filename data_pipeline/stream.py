@@ -55,11 +55,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.artifacts import MANIFEST, check_shards, load_lengths, load_manifest
 from data_pipeline.batching import BatchingSpec, StreamPlan, plan_epoch, plan_key
 from data_pipeline.config import REPO_ROOT, CorruptionConfig, LoaderConfig, loader_config_from, resolve, validate_loader
 from data_pipeline.corruption import CorruptionTables, PretrainCollator, normalize_weights, to_torch
 from data_pipeline.errors import ConfigError, DataError
-from data_pipeline.shards import MANIFEST, check_shards, load_lengths, load_manifest, read_piece
+from data_pipeline.shards import read_piece
 from data_pipeline.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

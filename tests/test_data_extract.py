@@ -11,8 +11,9 @@ import pytest
 
 from data_pipeline.config import REPO_ROOT, load_config
 from data_pipeline.errors import ConfigError, DataError
+from data_pipeline.artifacts import STATS_FILE
 from data_pipeline.documents import doc_files, iter_all_docs
-from data_pipeline.extract import STATS_FILE, run_extract
+from data_pipeline.extract import run_extract
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
 DUMP = "wikipedia/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
