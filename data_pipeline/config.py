@@ -93,8 +93,10 @@ class LoaderConfig:
     shuffle: bool = True
     shuffle_buffer: int = 512  # seeded shuffle buffer (samples), reset at every shard piece
     bucket_window: int = 64  # samples sorted by length together before cutting batches (1 = no sorting)
-    verify: str = "size"  # "size" (fast) or "sha256" (reads every shard once at start)
-    on_corrupt_shard: str = "error"  # "error" stops naming the shard; "skip" leaves it out and counts it
+    # "sha256": each shard hashed the first time it is opened in a run (all at start with on_corrupt_shard=skip);
+    # "size": sizes only. Every sample is checked either way (lengths, token ids; see data_pipeline/stream.py).
+    verify: str = "sha256"
+    on_corrupt_shard: str = "error"  # "error" stops naming shard/sample; "skip" leaves bad ones out and counts them
     prefetch_factor: int = 2
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
 

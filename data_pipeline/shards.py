@@ -42,7 +42,7 @@ from data_pipeline.artifacts import (FORMAT, LENGTHS, MANIFEST, check_shards, ex
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.documents import doc_files, read_docs
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import META_FILE, MODEL_FILE, Tokenizer
+from data_pipeline.tokenizer import META_FILE, MODEL_FILE, PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,19 @@ def read_piece(path: Path, first_id: int, start: int, count: int, fields: Sequen
     if got < count:
         raise DataError(f"{path}: ended after {start + got} samples, {MANIFEST} promises at least {start + count} "
                         f"(truncated shard)")
+
+
+def sample_problem(sample: dict[str, np.ndarray], lengths: np.ndarray, vocab_size: int) -> str:
+    """Why a sample read from a shard must not be trained on, "" when it is fine: a field whose length differs
+    from its row of the lengths file (a truncated, emptied or rewritten member), or a token id outside
+    [1, vocab_size) (the tokenizer never writes the pad id 0 into a sample, and every other id is a real piece).
+    One vectorized min and max per field: cheap next to the corruption the worker applies anyway."""
+    for (name, ids), expected in zip(sample.items(), lengths):
+        if len(ids) != expected:
+            return f"{name} has {len(ids)} tokens, {LENGTHS} says {expected}"
+        if len(ids) and (ids.max() >= vocab_size or ids.min() <= PAD_ID):
+            return f"{name} has token ids {ids.min()}..{ids.max()}, outside [1, {vocab_size}) (the vocabulary)"
+    return ""
 
 
 # ---- the `inspect` command -----------------------------------------------------------------------------------
