@@ -59,8 +59,8 @@ planned number of batches, and tensor-parallel peers (same dp rank, same bytes) 
 that is dropped is logged and counted where its batch is yielded, so the count is exact across a resume (the
 replayed part of a piece is read again but not counted). A planned batch whose samples are all bad cannot be
 yielded smaller: it stops with a DataError naming the shard. `counters()` returns the counts for the trainer to
-log ({"samples_skipped", "shards_skipped"}; this dp rank's, cumulative over the run: sum them over the
-data-parallel group, not the tensor-parallel one); `samples_skipped` is part of the loader state.
+log: "samples_skipped", this dp rank's over the run (part of the loader state; sum it over the data-parallel
+group, not the tensor-parallel one, whose peers hold the same count), and "shards_skipped", the same on every rank.
 """
 from __future__ import annotations
 
@@ -290,9 +290,9 @@ class ShardLoader:
                             "data-parallel rank)", self.shard_dir / name, sid, why, self.samples_skipped)
 
     def counters(self) -> dict[str, int]:
-        """What this dp rank has left out so far in the run, for the trainer's log and MLflow: samples dropped
-        from their batches and shards left out of the plan. Tensor-parallel peers hold the same counts; sum over
-        the data-parallel group."""
+        """What was left out so far in the run, for the trainer's log and MLflow: samples dropped from this dp
+        rank's batches (sum over the data-parallel group; tensor-parallel peers hold the same count) and shards
+        left out of the plan (the same on every rank)."""
         return {"samples_skipped": self.samples_skipped, "shards_skipped": len(self.skipped_shards)}
 
     def infinite(self) -> Iterator[dict]:
