@@ -14,6 +14,7 @@ import torch
 from finetune.glge_tasks import get_task
 from model.config import SPECIAL
 from model.generation import MODES, DecodeOptions, decode
+from model.generation.postprocess import finish_text
 
 DEFAULT_MODE = {"ar": "ar_beam", "nar": "nar", "bang_mixed": "ar_beam", "janus": "ar_beam"}
 
@@ -104,5 +105,5 @@ def generate(model, tokenizer, source_ids: list[list[int]], mode: str, options: 
                "decoder_passes_per_batch": passes_sum / max(batches, 1)}
     if mode == "early_exit":
         figures["mean_exit_layer"] = exit_sum / max(n, 1)
-    hyps = [" ".join(tokenizer.decode(ids).split()) for ids in outputs]  # one line each: no newlines inside
+    hyps = [finish_text(tokenizer.decode(ids), mode, options.postprocess) for ids in outputs]
     return Generated(hyps, figures)

@@ -14,7 +14,7 @@ from model.config import SPECIAL, ModelConfig
 from model.generation import MODES, DecodeOptions, decode, get_mode
 from model.generation.common import constrain_step, log_probs
 from model.generation.incremental import ArStepper, run_block
-from model.generation.postprocess import collapse_repeats, cut_at_eos, nar_postprocess
+from model.generation.postprocess import collapse_repeats, cut_at_eos, finish_text, nar_postprocess
 from model.seq2seq import Seq2SeqModel
 from model.streams import build_streams
 
@@ -228,6 +228,30 @@ def test_nar_postprocessing_by_hand():
     assert cut_at_eos([e, 7]) == []
     assert cut_at_eos([7, p, 8]) == [7, 8]
     assert collapse_repeats([5, 5, 6, 5, 5]) == [5, 6, 5]
+
+
+def test_nar_postprocessing_on_pieces_and_on_words_with_real_sentencepiece(tiny):
+    """BANG cleans the pieces and again the merged words; ELMER collapses repeated words. With the data pipeline's
+    sentencepiece model, 'Woodhouse' is two pieces, so 'Woodhouse Woodhouse' has no repeated piece and only the
+    word pass collapses it, while 'the the' is one repeated piece."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny.in_work("tokenizer"))
+    woodhouse = tok.encode("Woodhouse")
+    assert len(woodhouse) > 1 and tok.encode("Woodhouse Woodhouse") == woodhouse * 2  # ▁Wood house ▁Wood house
+    the = tok.encode("the")
+    assert len(the) == 1
+    row = [EOS] + tok.encode("Woodhouse Woodhouse said the the news") + [EOS] + tok.encode("later")
+    pieces = nar_postprocess(row)  # leading EOS skipped, cut at the second, ▁the ▁the collapsed
+    assert pieces == tok.encode("Woodhouse Woodhouse said the news")
+    text = tok.decode(pieces)
+    assert text == "Woodhouse Woodhouse said the news"
+    for mode in ("nar", "mask_predict", "early_exit", "semi_nar"):
+        assert finish_text(text, mode, postprocess=True) == "Woodhouse said the news"
+        assert finish_text(text, mode, postprocess=False) == text
+    assert finish_text(text, "ar_beam", postprocess=True) == text  # AR outputs are never post-processed
+    assert finish_text("Woodhouse  Woodhouse,\nWoodhouse", "nar", True) == "Woodhouse Woodhouse, Woodhouse"
+    assert finish_text("a b a a\n", "nar", True) == "a b a"  # consecutive repeats only, one line
 
 
 @pytest.mark.parametrize("nar_mode", ["nar_bidir", "nar_causal"])

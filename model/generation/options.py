@@ -37,7 +37,8 @@ class DecodeOptions:
     # early_exit: a slot exits at the first layer whose off-ramp entropy (nats) is below this
     exit_entropy: float = 1.0
     # NAR modes: cut at the first EOS once the output is non-empty and collapse repeats (BANG's
-    # post_processed_nar); semi_nar: collapse repeats. Off: plain cut at the first EOS.
+    # post_processed_nar); semi_nar: collapse repeats. Repeated words are collapsed too where the ids become text
+    # (postprocess.finish_text). Off: plain cut at the first EOS.
     postprocess: bool = True
 
     def validate(self) -> "DecodeOptions":
