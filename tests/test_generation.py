@@ -14,6 +14,7 @@ from model.config import SPECIAL, ModelConfig
 from model.generation import MODES, DecodeOptions, decode, get_mode
 from model.generation.common import constrain_step, log_probs
 from model.generation.incremental import ArStepper, run_block
+from model.generation.lengths import length_beam
 from model.generation.postprocess import collapse_repeats, cut_at_eos, finish_text, nar_postprocess
 from model.seq2seq import Seq2SeqModel
 from model.streams import build_streams
@@ -276,12 +277,23 @@ def test_nar_one_pass_is_argmax_at_predicted_length(model, src, nar_mode, length
     assert result.figures["decoder_passes"] == 1
 
 
+def test_length_beam_is_argmax_plus_offsets_as_fairseq():
+    """fairseq's length beam (IterativeRefinementGenerator): best + (-(l//2) .. l-1-l//2), clamped (to 1..cap
+    here: one slot is the EOS alone)."""
+    best = torch.tensor([1, 5, 9])
+    assert length_beam(best, 3, cap=9).tolist() == [[1, 1, 2], [4, 5, 6], [8, 9, 9]]
+    assert length_beam(best, 4, cap=9).tolist() == [[1, 1, 1, 2], [3, 4, 5, 6], [7, 8, 9, 9]]
+    assert length_beam(best, 1, cap=9).tolist() == [[1], [5], [9]]
+
+
 def test_nar_length_beam_picks_best_mean_log_prob(model, src):
     beam = decode("nar", model, src, DecodeOptions(length_beam=3, postprocess=False))
     with torch.no_grad():
         head = model.length_logits(model.encode(src))
         head[:, 0] = -math.inf
-        top = head.topk(3, dim=1).indices.tolist()
+        best = head.argmax(1).tolist()
+        top = [[max(L - 1, 1), L, L + 1] for L in best]  # argmax -1, 0, +1 (an argmax of 1 gives 1, 1, 2)
+        assert all(sorted(row) != sorted(head.topk(3, dim=1).indices[b].tolist()) for b, row in enumerate(top))
     single = {L: decode("nar", model, src, DecodeOptions(length_source="fixed", fixed_length=L, postprocess=False))
               for L in {L for row in top for L in row}}
     for b in range(src.shape[0]):
@@ -299,7 +311,8 @@ def test_mask_predict_one_iteration_equals_nar_pass(model, src):
 
 
 def test_mask_predict_refines_only_the_least_confident(model, src):
-    """Two iterations by hand: pass 0 over all slots, re-mask floor(L/2) least confident, predict those again."""
+    """Two iterations by hand: pass 0 over all slots, re-mask the floor((L-1)/2) least confident content slots
+    (fairseq counts content tokens; the last slot, EOS, is never re-masked), predict those again."""
     L = 8
     opts = DecodeOptions(iterations=2, length_source="fixed", fixed_length=L, postprocess=False)
     result = decode("mask_predict", model, src, opts)
@@ -309,7 +322,8 @@ def test_mask_predict_refines_only_the_least_confident(model, src):
         streams = build_streams("nar_bidir", length=L, batch_size=src.shape[0])
         p0, tok0 = log_probs(model, model.decode(enc, streams).hidden).max(-1)
         remask = torch.zeros_like(tok0, dtype=torch.bool)
-        remask.scatter_(1, p0.argsort(1)[:, :L // 2], True)
+        remask.scatter_(1, p0[:, :L - 1].argsort(1)[:, :(L - 1) // 2], True)  # 3 of the 7 content slots
+        assert (p0[:, L - 1] < p0[:, :L - 1].sort(1).values[:, 3]).any()  # the EOS slot would have been among 4
         streams = build_streams("nar_bidir", tgt_tokens=tok0, masked=remask)
         p1, tok1 = log_probs(model, model.decode(enc, streams).hidden).max(-1)
         final = torch.where(remask, tok1, tok0)
