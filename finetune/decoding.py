@@ -51,6 +51,7 @@ def resolve(section, task: str, objective) -> tuple[str, DecodeOptions]:
         block_size=section.block_size,
         iterations=section.iterations,
         exit_entropy=float(section.exit_entropy),
+        exit_layer=section.exit_layer,
         postprocess=section.postprocess,
     )
     return mode, options.validate()

@@ -348,6 +348,29 @@ def test_early_exit_infinite_threshold_exits_at_layer_one(model, src):
             assert result.tokens[b] == cut_at_eos(ids)
 
 
+def test_early_exit_fixed_layer(model, src):
+    """exit_layer=k: every slot leaves at layer k (k layers run), its tokens the argmax of layer k's off-ramp;
+    k = L is the plain NAR pass. The entropy threshold is then unused."""
+    L = model.cfg.n_decoder_layers
+    real = torch.arange(src.shape[1])[None] < (src != PAD).sum(1)[:, None]
+    with torch.no_grad():
+        states = model.decode(model.encode(src), build_streams("nar_bidir", tgt_mask=real),
+                              keep_layer_states=True).layer_states
+    outputs = {}
+    for k in range(1, L + 1):
+        opts = DecodeOptions(exit_layer=k, exit_entropy=math.inf, length_source="source", postprocess=False)
+        result = decode("early_exit", model, src, opts)
+        assert result.figures["mean_exit_layer"] == k and result.figures["layers_run"] == k
+        ids = log_probs(model, model.decoder_final_norm(states[k - 1])).argmax(-1).tolist()
+        assert result.tokens == [cut_at_eos(row[:n]) for row, n in zip(ids, real.sum(1).tolist())]
+        outputs[k] = result.tokens
+    assert outputs[1] != outputs[L]  # the layers' off-ramps disagree: the test tells them apart
+    nar = decode("nar", model, src, DecodeOptions(length_source="source", postprocess=False, nar_mode="nar_bidir"))
+    assert result.tokens == nar.tokens and result.scores == pytest.approx(nar.scores, abs=TOL)
+    with pytest.raises(ValueError, match=f"decode.exit_layer={L + 1}: the model has {L} decoder layers"):
+        decode("early_exit", model, src, DecodeOptions(exit_layer=L + 1))
+
+
 def test_early_exit_minus_infinity_equals_nar_pass(model, src):
     opts = DecodeOptions(exit_entropy=-math.inf, length_beam=2, nar_mode="nar_bidir")
     result = decode("early_exit", model, src, opts)
@@ -378,7 +401,8 @@ def test_early_exit_threshold_in_between(model, src):
 @pytest.mark.parametrize("field, value", [
     ("beam_size", 0), ("min_len", -1), ("max_len", 0), ("no_repeat_ngram_size", -2), ("length_beam", 0),
     ("block_size", 0), ("iterations", 0), ("ar_logits", "bang"), ("nar_mode", "janus"),
-    ("length_source", "oracle"), ("exit_entropy", float("nan")), ("postprocess", "yes"),
+    ("length_source", "oracle"), ("exit_entropy", float("nan")), ("postprocess", "yes"), ("exit_layer", 0),
+    ("exit_layer", 1.5),
 ])
 def test_bad_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"decode.{field}="):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from model.config import ModelConfig
+
 AR_LOGITS = ("ar", "bang_ar")
 NAR_MODES = ("nar_bidir", "nar_causal")
 LENGTH_SOURCES = ("length_head", "source", "fixed")
@@ -28,7 +30,7 @@ class DecodeOptions:
     # NAR (nar, mask_predict, early_exit)
     nar_mode: str = "nar_bidir"  # mode "nar" only; mask_predict and early_exit are nar_bidir
     length_source: str = "length_head"
-    length_beam: int = 1  # top-l lengths from the length head; the best candidate by mean log-prob wins
+    length_beam: int = 1  # length-head argmax + offsets (-1, 0, +1 for 3); the best candidate by mean log-prob wins
     fixed_length: int | None = None  # slots (EOS included) when length_source == "fixed"
     # semi_nar
     block_size: int = 4
@@ -36,6 +38,7 @@ class DecodeOptions:
     iterations: int = 10
     # early_exit: a slot exits at the first layer whose off-ramp entropy (nats) is below this
     exit_entropy: float = 1.0
+    exit_layer: int | None = None  # early_exit: every slot exits at this layer (1-based); the entropy is unused
     # NAR modes: cut at the first EOS once the output is non-empty and collapse repeats (BANG's
     # post_processed_nar); semi_nar: collapse repeats. Repeated words are collapsed too where the ids become text
     # (postprocess.finish_text). Off: plain cut at the first EOS.
@@ -56,6 +59,9 @@ class DecodeOptions:
             bad("length_penalty", "must be a number")
         if not isinstance(self.exit_entropy, (int, float)) or math.isnan(self.exit_entropy):
             bad("exit_entropy", "must be a number (inf and -inf are allowed)")
+        if self.exit_layer is not None and (not isinstance(self.exit_layer, int) or isinstance(self.exit_layer, bool)
+                                            or self.exit_layer < 1):
+            bad("exit_layer", "must be a layer number >= 1, or null for the entropy threshold")
         if self.ar_logits not in AR_LOGITS:
             bad("ar_logits", f"must be one of {AR_LOGITS}")
         if self.nar_mode not in NAR_MODES:
@@ -66,6 +72,13 @@ class DecodeOptions:
             bad("fixed_length", "must be a positive integer when length_source='fixed'")
         if not isinstance(self.postprocess, bool):
             bad("postprocess", "must be true or false")
+        return self
+
+    def check_model(self, cfg: ModelConfig) -> "DecodeOptions":
+        """The checks that need the model's config (every mode runs them; finetuning runs them before training)."""
+        if self.exit_layer is not None and self.exit_layer > cfg.n_decoder_layers:
+            raise ValueError(f"decode.exit_layer={self.exit_layer}: the model has {cfg.n_decoder_layers} decoder "
+                             f"layers")
         return self
 
 
