@@ -143,6 +143,10 @@ def test_decoding_follows_the_objective_and_the_task():
     with pytest.raises(ValueError, match=r"decode\.block_size=0"):
         decoding.resolve(DecodeSection(mode="semi_nar", block_size=0), "xsum", nar)
     assert decoding.resolve(DecodeSection(mode="early_exit", exit_layer=2), "xsum", nar)[1].exit_layer == 2
+    opts = decoding.resolve(DecodeSection(), "xsum", nar)[1]
+    assert (opts.length_candidates, opts.remask_slots) == ("offsets", "content")  # fairseq's mask-predict
+    opts = decoding.resolve(DecodeSection(length_candidates="top", remask_slots="all"), "xsum", nar)[1]
+    assert (opts.length_candidates, opts.remask_slots) == ("top", "all")
     with pytest.raises(ValueError, match=r"decode\.exit_layer=0: must be a layer number >= 1"):
         decoding.resolve(DecodeSection(mode="early_exit", exit_layer=0), "xsum", nar)
 

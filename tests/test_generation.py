@@ -286,18 +286,22 @@ def test_length_beam_is_argmax_plus_offsets_as_fairseq():
     assert length_beam(best, 1, cap=9).tolist() == [[1], [5], [9]]
 
 
-def test_nar_length_beam_picks_best_mean_log_prob(model, src):
-    beam = decode("nar", model, src, DecodeOptions(length_beam=3, postprocess=False))
+@pytest.mark.parametrize("rule", ["offsets", "top"])
+def test_nar_length_beam_picks_best_mean_log_prob(model, src, rule):
+    """The candidates: fairseq's argmax -1, 0, +1 by default, the 3 likeliest classes with length_candidates=top
+    (the two differ on every row here); the candidate with the best mean log-prob wins."""
+    beam = decode("nar", model, src, DecodeOptions(length_beam=3, postprocess=False, length_candidates=rule))
     with torch.no_grad():
         head = model.length_logits(model.encode(src))
         head[:, 0] = -math.inf
-        best = head.argmax(1).tolist()
-        top = [[max(L - 1, 1), L, L + 1] for L in best]  # argmax -1, 0, +1 (an argmax of 1 gives 1, 1, 2)
-        assert all(sorted(row) != sorted(head.topk(3, dim=1).indices[b].tolist()) for b, row in enumerate(top))
+        top = head.topk(3, dim=1).indices.tolist()
+        offsets = [[max(L - 1, 1), L, L + 1] for L in head.argmax(1).tolist()]  # an argmax of 1 gives 1, 1, 2
+        assert all(sorted(a) != sorted(b) for a, b in zip(offsets, top))
+    candidates = offsets if rule == "offsets" else top
     single = {L: decode("nar", model, src, DecodeOptions(length_source="fixed", fixed_length=L, postprocess=False))
-              for L in {L for row in top for L in row}}
+              for L in {L for row in candidates for L in row}}
     for b in range(src.shape[0]):
-        best = max(top[b], key=lambda L: single[L].scores[b])
+        best = max(candidates[b], key=lambda L: single[L].scores[b])
         assert beam.tokens[b] == single[best].tokens[b]
         assert abs(beam.scores[b] - single[best].scores[b]) <= TOL
 
@@ -310,20 +314,23 @@ def test_mask_predict_one_iteration_equals_nar_pass(model, src):
         assert mp.figures["decoder_passes"] == 1
 
 
-def test_mask_predict_refines_only_the_least_confident(model, src):
+@pytest.mark.parametrize("slots", ["content", "all"])
+def test_mask_predict_refines_only_the_least_confident(model, src, slots):
     """Two iterations by hand: pass 0 over all slots, re-mask the floor((L-1)/2) least confident content slots
-    (fairseq counts content tokens; the last slot, EOS, is never re-masked), predict those again."""
+    (fairseq counts content tokens; the last slot, EOS, is never re-masked), predict those again. With
+    remask_slots=all: the floor(L/2) least confident of all L slots."""
     L = 8
-    opts = DecodeOptions(iterations=2, length_source="fixed", fixed_length=L, postprocess=False)
+    opts = DecodeOptions(iterations=2, length_source="fixed", fixed_length=L, postprocess=False, remask_slots=slots)
     result = decode("mask_predict", model, src, opts)
     assert result.figures["decoder_passes"] == 2
+    eligible = L - 1 if slots == "content" else L
     with torch.no_grad():
         enc = model.encode(src)
         streams = build_streams("nar_bidir", length=L, batch_size=src.shape[0])
         p0, tok0 = log_probs(model, model.decode(enc, streams).hidden).max(-1)
         remask = torch.zeros_like(tok0, dtype=torch.bool)
-        remask.scatter_(1, p0[:, :L - 1].argsort(1)[:, :(L - 1) // 2], True)  # 3 of the 7 content slots
-        assert (p0[:, L - 1] < p0[:, :L - 1].sort(1).values[:, 3]).any()  # the EOS slot would have been among 4
+        remask.scatter_(1, p0[:, :eligible].argsort(1)[:, :eligible // 2], True)  # 3 of 7, or 4 of 8
+        assert (p0[:, L - 1] < p0[:, :L - 1].sort(1).values[:, 3]).any()  # the EOS slot is among the 4 lowest
         streams = build_streams("nar_bidir", tgt_tokens=tok0, masked=remask)
         p1, tok1 = log_probs(model, model.decode(enc, streams).hidden).max(-1)
         final = torch.where(remask, tok1, tok0)
@@ -402,7 +409,7 @@ def test_early_exit_threshold_in_between(model, src):
     ("beam_size", 0), ("min_len", -1), ("max_len", 0), ("no_repeat_ngram_size", -2), ("length_beam", 0),
     ("block_size", 0), ("iterations", 0), ("ar_logits", "bang"), ("nar_mode", "janus"),
     ("length_source", "oracle"), ("exit_entropy", float("nan")), ("postprocess", "yes"), ("exit_layer", 0),
-    ("exit_layer", 1.5),
+    ("exit_layer", 1.5), ("length_candidates", "best"), ("remask_slots", "eos"),
 ])
 def test_bad_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"decode.{field}="):

@@ -18,7 +18,8 @@ def candidate_lengths(model: Seq2SeqModel, enc: Encoded, src_tokens: torch.Tenso
     """[B, l] slot counts: from the length head (class = target length with its EOS), the source length (non-pad
     tokens), or the fixed length; l = length_beam for the head, else 1. The head's candidates are fairseq's
     (IterativeRefinementGenerator, what JANUS and CMLM decode with): its argmax plus the offsets
-    -(l//2) .. l-1-l//2 (-1, 0, +1 for l = 3), clamped to the possible lengths."""
+    -(l//2) .. l-1-l//2 (-1, 0, +1 for l = 3), clamped to the possible lengths; or, with
+    options.length_candidates="top", its l likeliest classes."""
     cap = length_cap(model, options)
     if options.length_source == "fixed":
         if options.fixed_length > model.cfg.max_target_positions:
@@ -34,6 +35,8 @@ def candidate_lengths(model: Seq2SeqModel, enc: Encoded, src_tokens: torch.Tenso
     if options.length_beam > n_valid:
         raise ValueError(f"decode.length_beam={options.length_beam}: only {n_valid} lengths are possible "
                          f"(model.n_length_classes={model.cfg.n_length_classes}, max_len={options.max_len})")
+    if options.length_candidates == "top":
+        return logits.topk(options.length_beam, dim=1).indices
     return length_beam(logits.argmax(dim=1), options.length_beam, cap)
 
 

@@ -9,6 +9,8 @@ from model.config import ModelConfig
 AR_LOGITS = ("ar", "bang_ar")
 NAR_MODES = ("nar_bidir", "nar_causal")
 LENGTH_SOURCES = ("length_head", "source", "fixed")
+LENGTH_CANDIDATES = ("offsets", "top")
+REMASK_SLOTS = ("content", "all")
 
 
 @dataclass
@@ -30,12 +32,14 @@ class DecodeOptions:
     # NAR (nar, mask_predict, early_exit)
     nar_mode: str = "nar_bidir"  # mode "nar" only; mask_predict and early_exit are nar_bidir
     length_source: str = "length_head"
-    length_beam: int = 1  # length-head argmax + offsets (-1, 0, +1 for 3); the best candidate by mean log-prob wins
+    length_beam: int = 1  # length-head candidates; the best candidate by mean log-prob wins
+    length_candidates: str = "offsets"  # fairseq's argmax + offsets (-1, 0, +1 for 3), or "top": the l likeliest
     fixed_length: int | None = None  # slots (EOS included) when length_source == "fixed"
     # semi_nar
     block_size: int = 4
     # mask_predict
     iterations: int = 10
+    remask_slots: str = "content"  # fairseq: re-mask a share of the content slots, never EOS's; "all": EOS's too
     # early_exit: a slot exits at the first layer whose off-ramp entropy (nats) is below this
     exit_entropy: float = 1.0
     exit_layer: int | None = None  # early_exit: every slot exits at this layer (1-based); the entropy is unused
@@ -68,6 +72,10 @@ class DecodeOptions:
             bad("nar_mode", f"must be one of {NAR_MODES}")
         if self.length_source not in LENGTH_SOURCES:
             bad("length_source", f"must be one of {LENGTH_SOURCES}")
+        if self.length_candidates not in LENGTH_CANDIDATES:
+            bad("length_candidates", f"must be one of {LENGTH_CANDIDATES}")
+        if self.remask_slots not in REMASK_SLOTS:
+            bad("remask_slots", f"must be one of {REMASK_SLOTS}")
         if self.length_source == "fixed" and (not isinstance(self.fixed_length, int) or self.fixed_length < 1):
             bad("fixed_length", "must be a positive integer when length_source='fixed'")
         if not isinstance(self.postprocess, bool):
