@@ -14,6 +14,7 @@ import torch
 from finetune.glge_tasks import get_task
 from model.config import SPECIAL
 from model.generation import MODES, DecodeOptions, decode
+from model.generation.postprocess import finish_text
 
 DEFAULT_MODE = {"ar": "ar_beam", "nar": "nar", "bang_mixed": "ar_beam", "janus": "ar_beam"}
 
@@ -46,10 +47,13 @@ def resolve(section, task: str, objective) -> tuple[str, DecodeOptions]:
         nar_mode=section.nar_mode or ("nar_causal" if causal else "nar_bidir"),
         length_source=section.length_source,
         length_beam=section.length_beam,
+        length_candidates=section.length_candidates,
         fixed_length=section.fixed_length,
         block_size=section.block_size,
         iterations=section.iterations,
+        remask_slots=section.remask_slots,
         exit_entropy=float(section.exit_entropy),
+        exit_layer=section.exit_layer,
         postprocess=section.postprocess,
     )
     return mode, options.validate()
@@ -104,5 +108,5 @@ def generate(model, tokenizer, source_ids: list[list[int]], mode: str, options: 
                "decoder_passes_per_batch": passes_sum / max(batches, 1)}
     if mode == "early_exit":
         figures["mean_exit_layer"] = exit_sum / max(n, 1)
-    hyps = [" ".join(tokenizer.decode(ids).split()) for ids in outputs]  # one line each: no newlines inside
+    hyps = [finish_text(tokenizer.decode(ids), mode, options.postprocess) for ids in outputs]
     return Generated(hyps, figures)

@@ -28,6 +28,7 @@ from pretrain.objectives.base import Metrics, Objective, register
 AR_STREAMS = ("ar", "bang_ar")
 NAR_MODES = ("nar_bidir", "nar_causal")
 NAR_MASKING = ("all", "uniform")
+NAR_EXITS = ("last", "all", "random")
 
 
 def symmetric_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -82,6 +83,12 @@ class SeededObjective(Objective):
     def uniform(self, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator)
 
+    def device_generator(self, device: torch.device) -> torch.Generator:
+        """A generator on `device`, seeded by one draw of this objective's (checkpointed) generator: draws made
+        with it happen on the device (nothing is copied there) and repeat on resume and on every rank."""
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))  # a CPU value: no device sync
+        return torch.Generator(device=device).manual_seed(seed)
+
 
 def ar_hidden(model, batch, stream: str) -> torch.Tensor:
     """Teacher-forced decoder states that predict each target: main stream ("ar") or predicting stream ("bang_ar")."""
@@ -114,20 +121,29 @@ class ArObjective(Objective):
 @register("nar")
 class NarObjective(SeededObjective):
     """Mask-slot loss plus a length loss. masking="all": every target is a slot (BANG NAR, ELMER); "uniform":
-    CMLM — a uniformly drawn number of targets are slots, the rest shown (what mask-predict decoding expects)."""
+    CMLM — a uniformly drawn number of targets are slots, the rest shown (what mask-predict decoding expects).
+
+    exits: which decoder layers the token loss trains (ELMER's off-ramps, the tied head on a layer's normed
+    states; early-exit decoding reads them). "last": the final layer only. "all": the mean over every layer's
+    cross entropy from one decoder pass (ELMER's released finetuning: (CE_L + sum_{l<L} CE_l) / L). "random":
+    LPLM as in pretraining (methods.md §2.3), each scored slot exits at a layer drawn uniformly from 1..L and
+    later layers see its detached state; shown and pad slots run to the last layer."""
 
     def __init__(self, mode: str = "nar_bidir", masking: str = "all", label_smoothing: float = 0.1,
-                 length_weight: float = 0.1, seed: int = 0):
+                 length_weight: float = 0.1, exits: str = "last", seed: int = 0):
         super().__init__(seed)
         if mode not in NAR_MODES:
             raise ValueError(f"objective.mode={mode!r}: choose one of {NAR_MODES}")
         if masking not in NAR_MASKING:
             raise ValueError(f"objective.masking={masking!r}: choose one of {NAR_MASKING}")
-        self.mode, self.masking = mode, masking
+        if exits not in NAR_EXITS:
+            raise ValueError(f"objective.exits={exits!r}: choose one of {NAR_EXITS}")
+        self.mode, self.masking, self.exits = mode, masking, exits
         self.label_smoothing, self.length_weight = label_smoothing, length_weight
 
     def metric_names(self) -> list[str]:
-        return ["nar/loss", "nar/token_loss", "nar/length_loss"]
+        extra = ["nar/last_layer_loss"] if self.exits == "all" else []
+        return ["nar/loss", "nar/token_loss", "nar/length_loss"] + extra
 
     def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor | None:
         if self.masking == "all":
@@ -146,15 +162,37 @@ class NarObjective(SeededObjective):
         streams = build_streams(self.mode, tgt_tokens=tgt, tgt_positions=batch["tgt_positions"], tgt_mask=real,
                                 masked=masked)
         enc = model.encode(batch["src_tokens"])
-        per_token = model.token_loss(model.decode(enc, streams).hidden, tgt, self.label_smoothing)
         scored = real if masked is None else masked
-        token_loss, token_entry = masked_mean(per_token, scored)
+        token_loss, token_entry, exit_metrics = self.token_term(model, enc, streams, tgt, scored)
         length_loss, length_entry = token_weighted_length_loss(model.length_logits(enc), tgt,
                                                                model.cfg.n_length_classes)
         loss = token_loss + self.length_weight * length_loss
         n = real.sum().to(loss.dtype)  # the loss is a mean over the targets: weight it so across ranks
         return loss, {"nar/loss": (loss.detach() * n, n), "nar/token_loss": token_entry,
-                      "nar/length_loss": length_entry}  # logged per example; the loss weighs it per token
+                      "nar/length_loss": length_entry, **exit_metrics}  # length: logged per example
+
+    def draw_exits(self, scored: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """LPLM exit layers [B, T] on scored's device: uniform in 1..n_layers where scored, n_layers elsewhere."""
+        draw = torch.randint(1, n_layers + 1, scored.shape, device=scored.device,
+                             generator=self.device_generator(scored.device))
+        return torch.where(scored, draw, torch.full_like(draw, n_layers))
+
+    def token_term(self, model, enc, streams, tgt: torch.Tensor, scored: torch.Tensor):
+        """The token term at the trained exits (see the class), its metric entry and the exit metrics. Every layer
+        runs whatever the exits: no host sync, and the same layers on every rank."""
+        ls = self.label_smoothing
+        if self.exits == "last":
+            return (*masked_mean(model.token_loss(model.decode(enc, streams).hidden, tgt, ls), scored), {})
+        if self.exits == "random":
+            exits = self.draw_exits(scored, len(model.decoder_layers))
+            hidden = model.decode(enc, streams, exit_layers=exits, stop_when_all_exited=False).hidden
+            return (*masked_mean(model.token_loss(hidden, tgt, ls), scored), {})
+        states = model.decode(enc, streams, keep_layer_states=True).layer_states
+        per_layer = [masked_mean(model.token_loss(model.decoder_final_norm(h), tgt, ls), scored) for h in states]
+        loss = sum(layer_loss for layer_loss, _ in per_layer) / len(per_layer)
+        count = per_layer[-1][1][1]
+        entry = (sum(total for _, (total, _) in per_layer) / len(per_layer), count)
+        return loss, entry, {"nar/last_layer_loss": per_layer[-1][1]}
 
 
 @register("bang_mixed")

@@ -91,12 +91,15 @@ class Seq2SeqModel(nn.Module):
         return self.dropout(self.decoder_embed_norm(x))
 
     def decode(self, enc: Encoded, streams: DecoderStreams, exit_layers: torch.Tensor | None = None,
-               exit_rule: ExitRule | None = None, keep_layer_states: bool = False) -> DecoderOutput:
+               exit_rule: ExitRule | None = None, keep_layer_states: bool = False,
+               stop_when_all_exited: bool = True) -> DecoderOutput:
         """Run the decoder over all streams.
 
         exit_layers [B, K*T] (ELMER LPLM): row t exits at layer exit_layers[t] (1-based); its state there is the
         output, and a detached copy is what later layers see, so the copies carry no gradient. exit_rule decides
-        exits on the fly instead (entropy early exit). Computation stops once every row has exited.
+        exits on the fly instead (entropy early exit). Computation stops once every row has exited, unless
+        stop_when_all_exited=False (training): then every layer runs, with no host sync to check, and every
+        data-parallel rank runs the same layers (ZeRO-3 gathers parameters layer by layer).
         """
         x = self.embed_decoder(streams.ids, streams.is_slot, streams.positions)
         cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
@@ -127,7 +130,7 @@ class Seq2SeqModel(nn.Module):
             x = torch.where(exited[..., None], frozen, x)
             if keep_layer_states:
                 states.append(x)
-            if bool(exited.all()):
+            if stop_when_all_exited and bool(exited.all()):
                 break
         return DecoderOutput(out, exit_at, states)
 
