@@ -4,7 +4,7 @@ Stream s predicts y_i with the s preceding tokens masked; it is trained only on 
 predecessors (span_index >= s). L = sum_s w_s * sum_i CE_s(i) * 1[span_index_i >= s] / (number of real targets).
 
 Only those rows go through the LM head: at 9 streams over 9-token spans they are 45 of 81 (55%), and the head
-(d_model x vocabulary, fp32 logits, cross entropy) is the largest single cost of the step. They are gathered
+(d_model x vocabulary, fp32 logits, cross entropy) is the largest single matmul of the step. They are gathered
 before it, in a number of rows counted on the host from the batch's span counts (data_pipeline/corruption.py),
 so that no step waits for the GPU to count them.
 """
