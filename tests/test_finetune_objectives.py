@@ -7,7 +7,7 @@ import finetune.objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus)
 from finetune.objectives import JanusObjective, length_targets, symmetric_kl
 from model.config import SPECIAL, ModelConfig
 from model.seq2seq import Seq2SeqModel
-from pretrain.objectives import build
+from pretrain.core import build
 
 
 def tiny_batch(seed=0, B=3, S=7, T=8):

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from pretrain import checkpoint, config
-from pretrain.schedule import WarmupDecay
-from pretrain.tracking import Tracker, flatten
+from pretrain import pretrain_config
+from pretrain.core import checkpoint, config
+from pretrain.core.schedule import WarmupDecay
+from pretrain.core.tracking import Tracker, flatten
 
 TINY = str(REPO_ROOT / "configs" / "pretrain" / "tiny.yaml")
 
@@ -186,7 +187,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(dropout):
     from model import parallel
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
-    from pretrain import activation_checkpointing
+    from pretrain.core import activation_checkpointing
     from pretrain.objectives import build
 
     parallel.ensure_initialized(seed=0)
@@ -209,7 +210,7 @@ def test_checkpointed_recompute_replays_tp_region_dropout():
     """Dropout inside tensor-parallel regions draws from megatron's RNG tracker (model/layers.py forks it at
     TP > 1); the recomputation in backward must see the tracker as it was in forward."""
     from model import parallel
-    from pretrain import activation_checkpointing
+    from pretrain.core import activation_checkpointing
 
     parallel.ensure_initialized(seed=0)
 
@@ -237,14 +238,14 @@ def test_checkpointed_recompute_replays_tp_region_dropout():
 # --- DeepSpeed config and mpu -------------------------------------------------------------------------------
 
 def test_deepspeed_dict_takes_batch_precision_and_optimizer_from_the_typed_config():
-    cfg = config.load(TINY, ["train.grad_accum=3", "optim.clip_grad=0.5", "deepspeed.precision=bf16",
+    cfg = pretrain_config.load(TINY, ["train.grad_accum=3", "optim.clip_grad=0.5", "deepspeed.precision=bf16",
                              "deepspeed.config=configs/deepspeed/zero2_offload.json"])
     ds = config.deepspeed_dict(cfg, dp_size=4, micro_batch_size=8)
     assert ds["train_batch_size"] == 8 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False  # torch AdamW over offloaded states
-    cfg = config.load(TINY, ["optim.impl=deepspeed", "deepspeed.precision=fp32"])
+    cfg = pretrain_config.load(TINY, ["optim.impl=deepspeed", "deepspeed.precision=fp32"])
     ds = config.deepspeed_dict(cfg, dp_size=1, micro_batch_size=16)
     assert ds["optimizer"]["type"] == "AdamW" and ds["bf16"] == {"enabled": False}
     for name in ("zero1", "zero2", "zero3", "zero2_offload"):  # the reference files never set owned keys
@@ -254,7 +255,7 @@ def test_deepspeed_dict_takes_batch_precision_and_optimizer_from_the_typed_confi
 
 def test_mpu_adapter_answers_what_deepspeed_asks():
     from model import parallel
-    from pretrain.distributed import MegatronMpu
+    from pretrain.core.distributed import MegatronMpu
 
     parallel.ensure_initialized(seed=0)
     mpu = MegatronMpu()
@@ -276,7 +277,7 @@ def test_mpu_adapter_answers_what_deepspeed_asks():
     (["deepspeed.config=configs/deepspeed/nope.json"], 1, "deepspeed.config", "file not found"),
 ])
 def test_engine_config_errors_name_the_field(overrides, world, field, words):
-    cfg = config.load(TINY, overrides)
+    cfg = pretrain_config.load(TINY, overrides)
     with pytest.raises(config.ConfigError) as err:
         config.validate_engine(cfg, world)
     assert f"tiny.yaml: {field}" in str(err.value) and words in str(err.value)
@@ -284,15 +285,15 @@ def test_engine_config_errors_name_the_field(overrides, world, field, words):
 
 def test_unknown_keys_and_bad_types_name_the_key():
     with pytest.raises(config.ConfigError, match="trian"):
-        config.load(TINY, ["trian.steps=5"])
+        pretrain_config.load(TINY, ["trian.steps=5"])
     with pytest.raises(config.ConfigError, match="train.steps"):
-        config.load(TINY, ["train.steps=many"])
+        pretrain_config.load(TINY, ["train.steps=many"])
 
 
 def test_deepspeed_json_may_not_set_what_the_typed_config_owns(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 64}))
-    cfg = config.load(TINY, [f"deepspeed.config={bad}"])
+    cfg = pretrain_config.load(TINY, [f"deepspeed.config={bad}"])
     with pytest.raises(config.ConfigError, match=r"deepspeed.config: .*ds.json sets \['train_batch_size'\]"):
         config.validate_engine(cfg, 1)
 
@@ -338,7 +339,7 @@ def test_stop_signals_raise_once_and_wait_for_cleanup():
     ends; outside the block the previous handler is back."""
     import signal
 
-    from pretrain import job
+    from pretrain.core import job
 
     before = signal.getsignal(signal.SIGTERM)
     with job.stop_on_signals():
@@ -366,7 +367,7 @@ def test_tracking_store_default_env_and_launch_tags(monkeypatch):
     """One default store for pretraining and finetuning, an absolute path under the repository; tracking.uri wins
     over $MLFLOW_TRACKING_URI, which wins over the default. The launcher's ids become tags."""
     from finetune.tracking import resolve_uri as finetune_uri
-    from pretrain.tracking import artifact_root, launch_tags, resolve_uri
+    from pretrain.core.tracking import artifact_root, launch_tags, resolve_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     default = f"sqlite:///{REPO_ROOT / 'runs' / 'mlflow.db'}"
