@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from finetune.init_checkpoint import read_init
-from pretrain.core import InitError, check_dims, checkpoint_dims, full_weights, load_into
+from pretrain.core.weights import InitError, check_dims, checkpoint_dims, full_weights, load_into
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("cnndm", "gigaword", "xsum", "msnews", "squadqg", "msqg", "coqa", "personachat", "iwslt14")
@@ -255,7 +255,7 @@ def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
 def test_finetuned_weights_keep_their_pretraining_lineage():
     """Weights finetuned again name the pretraining run and step they descend from, not their own finetuning step."""
     from finetune.init_checkpoint import FINETUNED, pretrain_run_id, pretrain_step
-    from pretrain.core import InitWeights
+    from pretrain.core.weights import InitWeights
 
     pretrained = InitWeights(Path("p.pt"), {}, {"job": "pretrain", "mlflow_run_id": "PT", "step": 1000})
     finetuned = InitWeights(Path("f"), {}, {"format": FINETUNED, "job": "finetune", "mlflow_run_id": "FT",

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from configs import ConfigError, load_typed
 from pretrain.core.schedule import DECAYS
 
+
 # --- engine sections (shared with finetuning) ------------------------------------------------------------
 
 @dataclass
@@ -84,7 +85,7 @@ class EvalSection:
 class TrackingSection:
     mlflow: bool = True
     # empty: $MLFLOW_TRACKING_URI, else the project's one store sqlite:///<repo>/runs/mlflow.db (pretraining,
-    # finetuning and evaluation side by side; pretrain.tracking.resolve_uri)
+    # finetuning and evaluation side by side; pretrain.core.tracking.resolve_uri)
     uri: str = ""
     experiment: str = "tandem-pretrain"
     run_name: str = ""  # empty: the config name
@@ -102,7 +103,7 @@ class EngineConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
-    config_file: str = ""  # filled by load(); used in error messages
+    config_file: str = ""  # filled by load_config(); used in error messages
 
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
