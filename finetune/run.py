@@ -119,6 +119,11 @@ def read_init_checkpoint(cfg: FinetuneConfig, model_cfg: ModelConfig, field_name
     return weights
 
 
+def output_dir(cfg: FinetuneConfig) -> str:
+    """Where the job writes: output_dir, else runs/finetune/<task>-<difficulty>-<objective>."""
+    return cfg.output_dir or f"runs/finetune/{cfg.task.name}-{cfg.task.difficulty}-{cfg.objective.name}"
+
+
 def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
     """Validate the whole job before any process group exists; ConfigError names the field or file at fault."""
     cfg.output_dir = output_dir(cfg)
@@ -146,8 +151,8 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
 
     tp = cfg.parallel.tensor_parallel
     dp = max(world_size // max(tp, 1), 1)
-    loader = data.task_loader(td.shard_dir(cfg.task.train_split), cfg.data, dp_rank=0, dp_size=dp, seed=cfg.train.seed,
-                         max_source_len=max_source_len)
+    loader = data.task_loader(td.shard_dir(cfg.task.train_split), cfg.data, dp_rank=0, dp_size=dp,
+                              seed=cfg.train.seed, max_source_len=max_source_len)
     batches_per_epoch = len(loader)
     if cfg.task.epochs > 0:
         cfg.train.steps = max(1, math.ceil(cfg.task.epochs * batches_per_epoch / cfg.train.grad_accum))
@@ -167,11 +172,6 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
-
-def output_dir(cfg: FinetuneConfig) -> str:
-    """Where the job writes: output_dir, else runs/finetune/<task>-<difficulty>-<objective>."""
-    return cfg.output_dir or f"runs/finetune/{cfg.task.name}-{cfg.task.difficulty}-{cfg.objective.name}"
-
 
 def run_tags(plan: Plan) -> dict[str, Any]:
     cfg = plan.cfg
@@ -232,20 +232,20 @@ def train(plan: Plan) -> dict[str, float]:
         dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
         objective = build_objective(plan)
         train_loader = data.task_loader(plan.task.shard_dir(cfg.task.train_split), cfg.data, dp_rank=dp_rank,
-                                   dp_size=dp_size, seed=cfg.train.seed, max_source_len=plan.max_source_len)
+                                        dp_size=dp_size, seed=cfg.train.seed, max_source_len=plan.max_source_len)
         valid_dir = plan.task.shard_dir(cfg.task.valid_split)
         evals = {}
         if cfg.eval.batches > 0:
-            evals["valid"] = lambda: data.task_loader(valid_dir, cfg.data, dp_rank=dp_rank, dp_size=dp_size, seed=0,
-                                                 max_source_len=plan.max_source_len, shuffle=False)
+            evals["valid"] = lambda: data.task_loader(valid_dir, cfg.data, dp_rank=dp_rank, dp_size=dp_size,
+                                                      seed=0, max_source_len=plan.max_source_len, shuffle=False)
         extra_eval = ValidGeneration(plan) if cfg.valid_generation.samples > 0 else None
         tags = run_tags(plan)
         if core.is_rank0():  # a meta left by an earlier run in this folder must not pair with new weights
             (Path(cfg.output_dir) / FINETUNE_META).unlink(missing_ok=True)
         engine = core.Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=cfg.data.batch_size,
-                        eval_loaders=evals, extra_eval=extra_eval, kind="finetune", tags=tags,
-                        meta={"tokenizer_checksum": plan.tokenizer_checksum, "pretrain_run_id": tags["pretrain_run_id"],
-                              "pretrain_step": tags["pretrain_step"]})
+                             eval_loaders=evals, extra_eval=extra_eval, kind="finetune", tags=tags,
+                             meta={"tokenizer_checksum": plan.tokenizer_checksum,
+                                   "pretrain_run_id": tags["pretrain_run_id"], "pretrain_step": tags["pretrain_step"]})
         run_name = cfg.tracking.run_name or f"{cfg.task.name}-{cfg.task.difficulty} {cfg.objective.name}"
         last = engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg), run_name=run_name)
         if engine.rank0:
@@ -297,9 +297,9 @@ def stage_facts(cfg: FinetuneConfig) -> dict[str, list]:
 
 def main(argv: Sequence[str]) -> int:
     parser = core.cli_parser("python -m finetune", "Finetune a pretrained model on one GLGE task or IWSLT14, on the "
-                                              "pretraining engine. Subcommands: data, generate, evaluate, compare "
-                                              "(python -m finetune <subcommand> --help).",
-                        "a YAML file under configs/finetune/")
+                                                   "training core's engine. Subcommands: data, generate, evaluate, "
+                                                   "compare (python -m finetune <subcommand> --help).",
+                             "a YAML file under configs/finetune/")
     parser.add_argument("--init", default="", help="pretraining checkpoint: a pretraining output folder, a DeepSpeed "
                                                    "checkpoint folder (or one step_* tag in it) or a full state dict "
                                                    "(.pt, e.g. final_model.pt)")

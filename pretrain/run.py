@@ -204,8 +204,8 @@ def train(plan: Plan) -> dict[str, float]:
         objective = build_objective(plan, dp_rank)
         train_loader, eval_loaders = build_loaders(plan, dp_rank, dp_size)
         engine = core.Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=plan.micro_batch_size,
-                        eval_loaders=eval_loaders, kind="pretrain",
-                        meta={"tokenizer_checksum": plan.tokenizer_checksum})
+                             eval_loaders=eval_loaders, kind="pretrain",
+                             meta={"tokenizer_checksum": plan.tokenizer_checksum})
         return engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg),
                           run_name=cfg.tracking.run_name or cfg.name)
 
@@ -240,7 +240,7 @@ def stage_facts(cfg: PretrainConfig) -> dict[str, list]:
 
 def main(argv: Sequence[str]) -> int:
     parser = core.cli_parser("python -m pretrain", "Pretrain the seq2seq model (BANG, ELMER or their mix) with "
-                                                   "DeepSpeed and tensor parallelism.", "a YAML file under "
-                                                                                        "configs/pretrain/")
+                                                   "DeepSpeed and tensor parallelism.",
+                             "a YAML file under configs/pretrain/")
     return core.cli_main("pretrain", core.parse_args(parser, argv), config_from_args, prepare, train, describe,
                          stage_facts)
