@@ -334,6 +334,41 @@ def test_validate_only_and_world_size_flags(capsys, tmp_path):
     assert exit_.value.code == 2 and "--world-size must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_validate_only_json_states_the_stage_facts_even_for_a_refused_config(capsys, tmp_path):
+    """--validate-only --json: one JSON object with the verdict and what the launcher needs (folders, pointer,
+    layout, store, inputs, shard folders), also when the config is refused (exit 2: no shards here); --json goes
+    with --validate-only."""
+    import json
+
+    from pretrain.run import main
+
+    nodata = tmp_path / "nodata"
+    argv = ["--validate-only", "--json", "--world-size", "4", "--config", TINY, f"output_dir={tmp_path / 'o'}",
+            f"checkpoint.dir={tmp_path / 'c'}", "parallel.tensor_parallel=2", "tracking.uri=sqlite:////x/m.db",
+            "data.num_workers=3", f"data.overrides=['work_dir={nodata}']", "data.eval_overrides=[]"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert (report["stage"], report["world_size"], report["ok"], report["message"]) == ("pretrain", 4, False, None)
+    assert "data.config: no shards at" in report["error"] and captured.err == f"error: {report['error']}\n"
+    assert (report["output_dir"], report["checkpoint_dir"], report["latest_pointer"]) == \
+        (str(tmp_path / "o"), str(tmp_path / "c"), checkpoint.POINTER)
+    assert (report["tensor_parallel"], report["mlflow"], report["tracking_uri"]) == (2, True, "sqlite:////x/m.db")
+    assert report["config_file"] == TINY
+    assert [i["field"] for i in report["inputs"]] == ["deepspeed.config", "data.config"]
+    assert report["shards"] == [{"field": "data.config", "dir": str(nodata / "shards"), "training": True,
+                                 "num_workers": 3, "num_shards": None, "num_samples": None,
+                                 "problem": "manifest.json missing",
+                                 "build": "python -m data_pipeline prepare --config configs/data/tiny.yaml "
+                                          "(with data.overrides)"}]
+    assert main(["--validate-only", "--json", "--config", TINY, "trian.steps=1"]) == 2  # not even loadable
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and "trian" in report["error"] and "output_dir" not in report
+    with pytest.raises(SystemExit) as exit_:
+        main(["--json", "--config", TINY])
+    assert exit_.value.code == 2 and "--json goes with --validate-only" in capsys.readouterr().err
+
+
 def test_stop_signals_raise_once_and_wait_for_cleanup():
     """Inside stop_on_signals a SIGTERM raises Stopped; a signal inside signals_deferred is held until the block
     ends; outside the block the previous handler is back."""
