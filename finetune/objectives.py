@@ -1,4 +1,4 @@
-"""Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.objectives).
+"""Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.core).
 
 `ar` (plain main stream, or BANG's predicting stream), `nar` (mask slots + length loss), `bang_mixed` (a NAR step
 with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR views with symmetric-KL auxiliary
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from model import parallel
 from model.config import SPECIAL
+from model.generation.options import NAR_MODES
 from model.streams import build_streams
-from pretrain.objectives.base import Metrics, Objective, gather_rows, register
+from pretrain.core import Metrics, Objective, gather_rows, register
 
 AR_STREAMS = ("ar", "bang_ar")
-NAR_MODES = ("nar_bidir", "nar_causal")
 NAR_MASKING = ("all", "uniform")
 NAR_EXITS = ("last", "all", "random")
 
