@@ -1,7 +1,8 @@
 """The one training engine: DeepSpeed (ZeRO 0-3, offload, bf16) over a megatron-core tensor-parallel model.
 
 Finetuning reuses it unchanged: hand it a model, an objective (pretrain.core.objectives interface), a training
-loader (iterable of batch dicts with state_dict/load_state_dict), factories of held-out loaders (called afresh
+loader (iterable of batch dicts with state_dict/load_state_dict; where it has them, counters() reaches the log and
+MLflow and resume_mismatch(state) explains a checkpoint it cannot continue), factories of held-out loaders (called afresh
 at every evaluation, so each evaluation reads the same batches) and, optionally, an extra evaluation function
 (generation metrics), the job's kind ("pretrain" | "finetune": log prefix and a tag), its extra MLflow tags, and
 the facts its weights must carry (`meta`, e.g. the tokenizer checksum): checkpoints and the exported weights
@@ -178,18 +179,23 @@ class Engine:
         rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
                       "objective": self.objective.state_dict(), "step": self.step}
         tag = checkpoint.save(self.ds, self.cfg.checkpoint_dir(), self.step, client, rank_state,
-                              keep_last=self.cfg.checkpoint.keep_last)
+                              keep_last=self.cfg.checkpoint.keep_last,
+                              facts={"objective": self.objective.name, "config": to_dict(self.cfg)})
         self.log_line(f"saved checkpoint {self.cfg.checkpoint_dir() / tag}")
         return tag
 
     def resume(self) -> bool:
-        """Load the checkpoint `latest` names; False (and a fresh start) when there is none yet."""
+        """Load the checkpoint `latest` names, or the newest intact one before it when that one is broken (see
+        pretrain.core.checkpoint); False (and a fresh start) when there is none yet. ConfigError (before anything
+        is loaded) when this job cannot continue it exactly."""
         ckpt_dir = self.cfg.checkpoint_dir()
-        tag = checkpoint.read_pointer(ckpt_dir)
+        tag = checkpoint.resume_tag(ckpt_dir, say=self.log_line)
         if tag is None:
             self.log_line(f"--resume: no complete checkpoint in {ckpt_dir} ({checkpoint.POINTER} missing); "
                           "starting from step 0")
             return False
+        checkpoint.check_continues(ckpt_dir, tag, self.cfg, torch.distributed.get_world_size(), self.objective.name,
+                                   getattr(self.train_loader, "resume_mismatch", None))
         client, rank_state = checkpoint.load(self.ds, ckpt_dir, tag)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             # The next update's rate from the current config's schedule (equal to the saved one when unchanged).
@@ -374,6 +380,7 @@ class Engine:
             "step_time_s": seconds / max(steps, 1),
             "samples_seen": float(self.samples_seen),
             "tokens_seen": float(self.tokens_seen),
+            **self._data_counters(),
         })
         self.tracker.log_metrics(metrics, self.step, kind="train")
         if bar is not None:
@@ -381,10 +388,24 @@ class Engine:
                             refresh=False)
         elif self.rank0 and self.cfg.train.progress_bar:  # no terminal: plain lines with the same figures
             eta = (self.cfg.train.steps - self.step) * metrics["step_time_s"]
+            skipped = "".join(f" {k} {metrics[k]:.0f}" for k in ("samples_skipped", "shards_skipped")
+                              if metrics.get(k))
             self.log_line(f"step {self.step}/{self.cfg.train.steps} loss {metrics.get('loss', math.nan):.4f} "
                           f"lr {lr:.3g} grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f} "
-                          f"eta {eta:.0f}s")
+                          f"eta {eta:.0f}s{skipped}")
         return metrics
+
+    def _data_counters(self) -> dict[str, float]:
+        """What the training loader left out so far in the run (its counters(), when it has them): samples summed
+        over the data-parallel group (tensor-parallel peers hold the same count), shards the same on every rank.
+        Collective over data parallel: every rank calls it once per log window."""
+        counters = getattr(self.train_loader, "counters", None)
+        if counters is None:
+            return {}
+        counts = counters()
+        samples = torch.tensor([float(counts["samples_skipped"])], dtype=torch.float64, device=self.device)
+        distributed.all_reduce_sum(samples, group=parallel.dp_group())
+        return {"samples_skipped": samples.item(), "shards_skipped": float(counts["shards_skipped"])}
 
     # --- evaluation -------------------------------------------------------------------------------------
 
