@@ -14,8 +14,9 @@ elsewhere, ...).
 
 Decoding runs in one process at tensor-parallel size 1, whatever the training used: final_model.pt holds the full
 weights (the engine merges TP shards and gathers ZeRO-3 partitions when it exports), and a DeepSpeed checkpoint
-written at TP=N is merged on load. It runs on the GPU when there is one (cuda:0), else on the CPU. tests/test_finetune_distributed.py checks that a TP=2 finetune decodes exactly
-as the TP=1 run of the same job. Decoding a model too large for one device is not supported.
+written at TP=N is merged on load. tests/test_finetune_distributed.py checks that a TP=2 finetune decodes exactly
+as the TP=1 run of the same job. Decoding a model too large for one device is not supported. The model decodes on
+the GPU when there is one (cuda:0), else on the CPU.
 
 `--check --config C --split S` only checks that split S of the config's task can be read (the per-task scripts run
 it before training, so a missing test split fails in seconds).

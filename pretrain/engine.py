@@ -243,7 +243,8 @@ class Engine:
             self._check_same_objective([m.batch for m in micro])
         if self._sample_log is not None:
             for m in micro:
-                self._sample_log.write(json.dumps({"step": self.step + 1, "ids": m.batch["sample_ids"].tolist()}) + "\n")
+                ids = m.batch["sample_ids"].tolist()  # a host tensor
+                self._sample_log.write(json.dumps({"step": self.step + 1, "ids": ids}) + "\n")
         step.train_step(micro, forward=self.ds, backward=self.ds.backward, optimizer_step=self.ds.step,
                         to_device=self._to_device, device=self.device, stats=stats, dp_size=self.dp_size,
                         dp_group=parallel.dp_group())

@@ -277,7 +277,8 @@ def test_a_new_length_compiles_nothing_new():
         mask_mod = stream_mask_mod("bang", T, n_predict=2, tgt_mask=tgt_mask)
         bm = build(mask_mod, B, None, L, L, device="cpu", BLOCK_SIZE=TILE)
         reference = create_block_mask(mask_mod, B, None, L, L, device="cpu", BLOCK_SIZE=TILE)
-        assert torch.equal(bm.kv_num_blocks, reference.kv_num_blocks) and torch.equal(bm.kv_indices, reference.kv_indices)
+        assert torch.equal(bm.kv_num_blocks, reference.kv_num_blocks)
+        assert torch.equal(bm.kv_indices, reference.kv_indices)
         q, k, v = qkv(L, seed=T)
         with torch.no_grad():
             out = flex(q, k, v, block_mask=bm)
