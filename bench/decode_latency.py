@@ -7,7 +7,8 @@ tgt-len (semi-NAR without collapsing repeats, which would shorten outputs); the 
 (the length head is skipped: `length_source=fixed`). Mask-predict always runs its 10 passes with this length.
 Early exit uses the entropy threshold given (`--exit-entropy`) and reports the mean exit layer it reached: with
 random weights few slots are confident, so expect the last layer; pass `--checkpoint` (a finetuning or
-pretraining output folder, or a final_model.pt) to measure a trained model.
+pretraining output folder, or a final_model.pt) to measure a trained model. `early_exit@k` rows exit every slot at
+layer k (`--exit-layers`, those within the model's decoder layers): k of the L layers run, no entropy computed.
 
 Latency is the wall time of `model.generation.decode` (encoder + decoder + search, like fairseq's timer) per
 sample: at batch 1 the time of one call; at batch B the time of one call / B. Modes are interleaved round by round
@@ -40,7 +41,7 @@ from model.generation import DecodeOptions, decode  # noqa: E402
 from model.seq2seq import Seq2SeqModel  # noqa: E402
 
 
-def modes(tgt_len: int, exit_entropy: float) -> dict[str, tuple[str, DecodeOptions]]:
+def modes(tgt_len: int, exit_entropy: float, exit_layers: list[int]) -> dict[str, tuple[str, DecodeOptions]]:
     fixed = dict(length_source="fixed", fixed_length=tgt_len + 1)
     ar = dict(min_len=tgt_len, max_len=tgt_len, ar_logits="bang_ar")
     return {
@@ -50,6 +51,7 @@ def modes(tgt_len: int, exit_entropy: float) -> dict[str, tuple[str, DecodeOptio
         "semi_nar_k4": ("semi_nar", DecodeOptions(block_size=4, min_len=tgt_len, max_len=tgt_len, postprocess=False)),
         "mask_predict_10": ("mask_predict", DecodeOptions(iterations=10, **fixed)),
         "early_exit": ("early_exit", DecodeOptions(exit_entropy=exit_entropy, **fixed)),
+        **{f"early_exit@{k}": ("early_exit", DecodeOptions(exit_layer=k, **fixed)) for k in exit_layers},
     }
 
 
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per batch size (after one warmup)")
     parser.add_argument("--exit-entropy", type=float, default=1.0)
+    parser.add_argument("--exit-layers", default="2,4", help="fixed exit layers to time (early_exit@k rows)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -101,7 +104,8 @@ def main() -> None:
           f"ffn={cfg.d_ffn}, vocab={cfg.vocab_size} ({'checkpoint' if args.checkpoint else 'random weights'}); "
           f"src {args.src_len} tokens, output {args.tgt_len} tokens; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fp32")
-    table = modes(args.tgt_len, args.exit_entropy)
+    exit_layers = [int(k) for k in args.exit_layers.split(",") if k and int(k) <= cfg.n_decoder_layers]
+    table = modes(args.tgt_len, args.exit_entropy, exit_layers)
     results: dict[tuple[str, int], dict] = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         src = sources(batch, args.src_len, min(cfg.vocab_size, 30000))

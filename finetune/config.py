@@ -62,6 +62,8 @@ class NarObjectiveSection:
     masking: str = "all"  # all: every target a slot; uniform: CMLM (for mask-predict decoding)
     label_smoothing: float = 0.1
     length_weight: float = 0.1
+    exits: str = "last"  # layers the token loss trains: last; all (ELMER finetuning, mean CE of every layer's
+    #                      off-ramp); random (LPLM exits). all/random train the exits early_exit decoding reads
 
 
 @dataclass
@@ -106,10 +108,13 @@ class DecodeSection:
     nar_mode: str = ""  # "": nar_causal for bang_mixed and objective.nar.mode=nar_causal, else nar_bidir
     length_source: str = "length_head"
     length_beam: int = 1
+    length_candidates: str = "offsets"  # offsets: fairseq's argmax -1/0/+1 (beam 3); top: the likeliest classes
     fixed_length: Optional[int] = None
     block_size: int = 4
     iterations: int = 10
+    remask_slots: str = "content"  # mask_predict: content (fairseq: never the EOS slot) or all
     exit_entropy: float = 1.0
+    exit_layer: Optional[int] = None  # early_exit: every slot exits at this layer (1-based) instead of by entropy
     postprocess: bool = True
     batch_size: int = 32  # examples per decoding batch
 

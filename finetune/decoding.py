@@ -14,6 +14,7 @@ import torch
 from finetune.glge_tasks import get_task
 from model.config import SPECIAL
 from model.generation import MODES, DecodeOptions, decode
+from model.generation.postprocess import finish_text
 
 DEFAULT_MODE = {"ar": "ar_beam", "nar": "nar", "bang_mixed": "ar_beam", "janus": "ar_beam"}
 
@@ -46,10 +47,13 @@ def resolve(section, task: str, objective) -> tuple[str, DecodeOptions]:
         nar_mode=section.nar_mode or ("nar_causal" if causal else "nar_bidir"),
         length_source=section.length_source,
         length_beam=section.length_beam,
+        length_candidates=section.length_candidates,
         fixed_length=section.fixed_length,
         block_size=section.block_size,
         iterations=section.iterations,
+        remask_slots=section.remask_slots,
         exit_entropy=float(section.exit_entropy),
+        exit_layer=section.exit_layer,
         postprocess=section.postprocess,
     )
     return mode, options.validate()
@@ -117,5 +121,5 @@ def generate(model, tokenizer, source_ids: list[list[int]], mode: str, options: 
              batch_size: int) -> Generated:
     """Decode every source (decode_ids) and detokenize the outputs, one line each, in input order."""
     outputs, figures = decode_ids(model, source_ids, mode, options, batch_size)
-    hyps = [" ".join(tokenizer.decode(ids).split()) for ids in outputs]  # one line each: no newlines inside
+    hyps = [finish_text(tokenizer.decode(ids), mode, options.postprocess) for ids in outputs]
     return Generated(hyps, figures)

@@ -143,6 +143,7 @@ def run_generate(model_path: str, *, config_path: str | None = None, overrides: 
     model, cfg, meta, tokenizer, td = load_for_decoding(model_path, config_path, overrides)
     try:
         mode, options = decoding.resolve(cfg.decode, cfg.task.name, cfg.objective)
+        options.check_model(model.cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     try:

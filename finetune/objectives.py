@@ -5,9 +5,10 @@ with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR vie
 terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator, seeded alike on every rank
 (finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-step AR/NAR choice
 must be the same on every data-parallel rank. Masks are drawn on the host, before the batch moves to the device
-(`prepare`, pretrain.objectives.Objective), and travel with it: batch["nar_masked"] [B, T] bool and, for janus,
+(`prepare`, pretrain.objectives.Objective), and travel with it: batch["nar_masked"] [B, T] bool, for janus
 batch["nar_masked_rows"], the flat indices of the masked targets, so the loss gathers them without asking the
-device how many there are. Evaluation draws from a fixed-seed copy, never from the training generator, so
+device how many there are, and for nar with exits="random" batch["nar_exit_uniform"], what its exit layers are
+drawn from. Evaluation draws from a fixed-seed copy, never from the training generator, so
 evaluating does not change training and every evaluation sees the same masks.
 
 Split invariance: the engine rescales each micro-batch loss by its share of the step's targets, which gives the
@@ -31,6 +32,7 @@ from pretrain.objectives.base import Metrics, Objective, register
 AR_STREAMS = ("ar", "bang_ar")
 NAR_MODES = ("nar_bidir", "nar_causal")
 NAR_MASKING = ("all", "uniform")
+NAR_EXITS = ("last", "all", "random")
 
 
 def symmetric_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,12 @@ def token_weighted_length_loss(length_logits: torch.Tensor, tgt: torch.Tensor, n
     return loss, (per_example.detach().sum(), per_example.numel())  # the count is known on the host
 
 
+def exit_layers(uniform: torch.Tensor, scored: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """LPLM exit layers [B, T] from uniforms in [0, 1): uniform in 1..n_layers where scored, n_layers elsewhere."""
+    drawn = (uniform * n_layers).long().clamp(max=n_layers - 1) + 1
+    return torch.where(scored, drawn, torch.full_like(drawn, n_layers))
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The mean of values where mask, and its (sum, count) metric entry."""
     mask = mask.to(values.dtype)
@@ -73,14 +81,14 @@ class SeededObjective(Objective):
         """The batch with this objective's draws. evaluate=True draws from a generator reset to the seed: each
         evaluation draws the same masks, and the training generator (checkpointed, shared by all ranks) is left
         where it was."""
-        if "nar_masked" in batch:
+        if batch.get("drawn_by") == self.name:
             return batch
         if not evaluate:
-            return {**batch, **self.draws(batch)}
+            return {**batch, **self.draws(batch), "drawn_by": self.name}
         training_state = self.generator.get_state()
         self.generator.manual_seed(self.seed)
         try:
-            return {**batch, **self.draws(batch)}
+            return {**batch, **self.draws(batch), "drawn_by": self.name}
         finally:
             self.generator.set_state(training_state)
 
@@ -130,20 +138,29 @@ class ArObjective(Objective):
 @register("nar")
 class NarObjective(SeededObjective):
     """Mask-slot loss plus a length loss. masking="all": every target is a slot (BANG NAR, ELMER); "uniform":
-    CMLM — a uniformly drawn number of targets are slots, the rest shown (what mask-predict decoding expects)."""
+    CMLM — a uniformly drawn number of targets are slots, the rest shown (what mask-predict decoding expects).
+
+    exits: which decoder layers the token loss trains (ELMER's off-ramps, the tied head on a layer's normed
+    states; early-exit decoding reads them). "last": the final layer only. "all": the mean over every layer's
+    cross entropy from one decoder pass (ELMER's released finetuning: (CE_L + sum_{l<L} CE_l) / L). "random":
+    LPLM as in pretraining (methods.md §2.3), each scored slot exits at a layer drawn uniformly from 1..L and
+    later layers see its detached state; shown and pad slots run to the last layer."""
 
     def __init__(self, mode: str = "nar_bidir", masking: str = "all", label_smoothing: float = 0.1,
-                 length_weight: float = 0.1, seed: int = 0):
+                 length_weight: float = 0.1, exits: str = "last", seed: int = 0):
         super().__init__(seed)
         if mode not in NAR_MODES:
             raise ValueError(f"objective.mode={mode!r}: choose one of {NAR_MODES}")
         if masking not in NAR_MASKING:
             raise ValueError(f"objective.masking={masking!r}: choose one of {NAR_MASKING}")
-        self.mode, self.masking = mode, masking
+        if exits not in NAR_EXITS:
+            raise ValueError(f"objective.exits={exits!r}: choose one of {NAR_EXITS}")
+        self.mode, self.masking, self.exits = mode, masking, exits
         self.label_smoothing, self.length_weight = label_smoothing, length_weight
 
     def metric_names(self) -> list[str]:
-        return ["nar/loss", "nar/token_loss", "nar/length_loss"]
+        extra = ["nar/last_layer_loss"] if self.exits == "all" else []
+        return ["nar/loss", "nar/token_loss", "nar/length_loss"] + extra
 
     def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor | None:
         """CMLM masks [B, T] on tgt's device, drawn on the host (None for masking="all")."""
@@ -157,8 +174,14 @@ class NarObjective(SeededObjective):
         return ((rank < n_mask) & real).to(tgt.device)
 
     def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        masked = self.draw_masked(batch["tgt_tokens"])
-        return {} if masked is None else {"nar_masked": masked}
+        """CMLM masks (masking="uniform") and, for exits="random", one uniform per target that the loss turns
+        into an exit layer (the objective does not know the model's depth before it sees the model)."""
+        tgt = batch["tgt_tokens"]
+        masked = self.draw_masked(tgt)
+        drawn = {} if masked is None else {"nar_masked": masked}
+        if self.exits == "random":
+            drawn["nar_exit_uniform"] = self.uniform(*tgt.shape).to(tgt.device)
+        return drawn
 
     def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
         batch = self.prepare(batch)  # a no-op for the engine's batches, prepared on the host
@@ -168,15 +191,38 @@ class NarObjective(SeededObjective):
         streams = build_streams(self.mode, tgt_tokens=tgt, tgt_positions=batch["tgt_positions"], tgt_mask=real,
                                 masked=masked)
         enc = model.encode(batch["src_tokens"])
-        per_token = model.token_loss(model.decode(enc, streams).hidden, tgt, self.label_smoothing)
         scored = real if masked is None else masked
-        token_loss, token_entry = masked_mean(per_token, scored)
+        token_loss, token_entry, exit_metrics = self.token_term(model, enc, streams, tgt, scored,
+                                                                batch.get("nar_exit_uniform"))
         length_loss, length_entry = token_weighted_length_loss(model.length_logits(enc), tgt,
                                                                model.cfg.n_length_classes)
         loss = token_loss + self.length_weight * length_loss
         n = real.sum().to(loss.dtype)  # the loss is a mean over the targets: weight it so across ranks
         return loss, {"nar/loss": (loss.detach() * n, n), "nar/token_loss": token_entry,
-                      "nar/length_loss": length_entry}  # logged per example; the loss weighs it per token
+                      "nar/length_loss": length_entry, **exit_metrics}  # length: logged per example
+
+    def draw_exits(self, scored: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """LPLM exit layers [B, T] on scored's device: uniform in 1..n_layers where scored, n_layers elsewhere
+        (the draw a prepared batch carries: this objective's next uniforms, from its checkpointed generator)."""
+        return exit_layers(self.uniform(*scored.shape).to(scored.device), scored, n_layers)
+
+    def token_term(self, model, enc, streams, tgt: torch.Tensor, scored: torch.Tensor,
+                   uniform: torch.Tensor | None = None):
+        """The token term at the trained exits (see the class), its metric entry and the exit metrics. Every layer
+        runs whatever the exits: no host sync, and the same layers on every rank."""
+        ls = self.label_smoothing
+        if self.exits == "last":
+            return (*masked_mean(model.token_loss(model.decode(enc, streams).hidden, tgt, ls), scored), {})
+        if self.exits == "random":
+            exits = exit_layers(uniform, scored, len(model.decoder_layers))
+            hidden = model.decode(enc, streams, exit_layers=exits, stop_when_all_exited=False).hidden
+            return (*masked_mean(model.token_loss(hidden, tgt, ls), scored), {})
+        states = model.decode(enc, streams, keep_layer_states=True).layer_states
+        per_layer = [masked_mean(model.token_loss(model.decoder_final_norm(h), tgt, ls), scored) for h in states]
+        loss = sum(layer_loss for layer_loss, _ in per_layer) / len(per_layer)
+        count = per_layer[-1][1][1]
+        entry = (sum(total for _, (total, _) in per_layer) / len(per_layer), count)
+        return loss, entry, {"nar/last_layer_loss": per_layer[-1][1]}
 
 
 @register("bang_mixed")

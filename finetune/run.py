@@ -201,6 +201,7 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
                                 shards=f"the task shards {td.shard_dir(cfg.task.train_split)}")
     try:
         decode_mode, decode_options = decoding.resolve(cfg.decode, cfg.task.name, cfg.objective)
+        decode_options.check_model(model_cfg)
     except ValueError as err:
         fail(cfg, "decode", str(err))
 

@@ -92,21 +92,20 @@ class Seq2SeqModel(nn.Module):
 
     def decode(self, enc: Encoded, streams: DecoderStreams, exit_layers: torch.Tensor | None = None,
                exit_rule: ExitRule | None = None, keep_layer_states: bool = False,
-               depth: int | None = None) -> DecoderOutput:
+               stop_when_all_exited: bool = True, depth: int | None = None) -> DecoderOutput:
         """Run the decoder over all streams.
 
         exit_layers [B, K*T] (ELMER LPLM): row t exits at layer exit_layers[t] (1-based); its state there is the
-        output, and a detached copy is what later layers see, so the copies carry no gradient. The decoder runs
-        `depth` layers (default all; every row still in at layer `depth` exits there): a depth the host knows,
-        never one read back from the device (ELMER's training draws always include the last layer; its
-        evaluation at a fixed exit layer l passes depth=l). exit_rule decides exits on the fly instead (entropy
-        early exit, decoding): computation stops once every row has exited, which reads one flag per layer on
-        the host.
+        output, and a detached copy is what later layers see, so the copies carry no gradient. exit_rule decides
+        exits on the fly instead (entropy early exit). Computation stops once every row has exited, which reads
+        one flag per layer on the host, unless stop_when_all_exited=False (training): then every layer runs, with
+        no host read, and every data-parallel rank runs the same layers (ZeRO-3 gathers parameters layer by
+        layer). depth: run only that many layers (a count the host knows; rows still in at layer `depth` exit
+        there), e.g. ELMER's evaluation at a fixed exit layer, without reading anything back.
         """
         x = self.embed_decoder(streams.ids, streams.is_slot, streams.positions)
         cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
         self_mask = self.self_attention_mask(streams, x.device)
-        stop_when_all_exited = exit_layers is None
         if exit_layers is not None:
             exit_rule = lambda layer, _h: exit_layers == layer  # noqa: E731
         n_layers = len(self.decoder_layers) if depth is None else depth

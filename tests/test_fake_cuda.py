@@ -61,6 +61,7 @@ def objectives() -> dict:
                      weights={"bang": 0.5, "elmer": 0.5}),
         "ar": build("ar", stream="ar"), "ar_bang": build("ar", stream="bang_ar"),
         "nar_all": build("nar", masking="all"), "nar_uniform": build("nar", masking="uniform", seed=2),
+        "nar_exits_all": build("nar", exits="all"), "nar_exits_random": build("nar", masking="uniform", exits="random"),
         "bang_mixed_ar": build("bang_mixed", nar_ratio=0.0), "bang_mixed_nar": build("bang_mixed", nar_ratio=1.0),
         "janus": build("janus", seed=4),
     }
@@ -117,7 +118,7 @@ def decoder_pass(fd: FakeDevice, model, mode: str, kw: dict, backward: bool):
     with fd.strict():
         streams = build_streams(mode, prev_tokens=b["prev_tokens"], tgt_tokens=b["tgt_tokens"],
                                 tgt_positions=b["tgt_positions"], tgt_mask=real, **kw, **extra)
-        out = model(b["src_tokens"], streams, exit_layers=exits)
+        out = model(b["src_tokens"], streams, exit_layers=exits, stop_when_all_exited=False)  # as training runs
         loss = model.token_loss(out.hidden[:, :T], b["tgt_tokens"], 0.1).sum()
         if backward:
             loss.backward()
@@ -225,10 +226,11 @@ def test_evaluation_agrees_on_a_batch_count_and_restores_rng(world):
 # count once (answer 3: three slots) and its outputs twice (ids, scores) plus its figures once.
 DECODING = [("ar_greedy", {}, 0, 1), ("ar_beam", {"beam_size": 3}, 0, 2), ("semi_nar", {"block_size": 2}, 0, 1),
             ("nar", {"length_beam": 2}, 3, 4), ("mask_predict", {"iterations": 3}, 3, 4),
-            ("early_exit", {"exit_entropy": 1.0}, 3, 4)]
+            ("early_exit", {"exit_entropy": 1.0}, 3, 4), ("early_exit", {"exit_layer": 1}, 3, 4)]
 
 
-@pytest.mark.parametrize("mode,extra,answer,fixed", DECODING, ids=[d[0] for d in DECODING])
+@pytest.mark.parametrize("mode,extra,answer,fixed", DECODING,
+                         ids=[d[0] + "".join(f"-{k}{v}" for k, v in d[1].items()) for d in DECODING])
 def test_decoding_reads_one_flag_per_step(world, mode, extra, answer, fixed):
     """Every decoding mode on the device: no host->device copy (the batch entered on the device), at most one
     host read per decoder pass (early exit: per layer) plus a fixed few to size NAR slots and read results."""

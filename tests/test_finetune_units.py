@@ -142,6 +142,13 @@ def test_decoding_follows_the_objective_and_the_task():
         decoding.resolve(DecodeSection(mode="beam"), "xsum", nar)
     with pytest.raises(ValueError, match=r"decode\.block_size=0"):
         decoding.resolve(DecodeSection(mode="semi_nar", block_size=0), "xsum", nar)
+    assert decoding.resolve(DecodeSection(mode="early_exit", exit_layer=2), "xsum", nar)[1].exit_layer == 2
+    opts = decoding.resolve(DecodeSection(), "xsum", nar)[1]
+    assert (opts.length_candidates, opts.remask_slots) == ("offsets", "content")  # fairseq's mask-predict
+    opts = decoding.resolve(DecodeSection(length_candidates="top", remask_slots="all"), "xsum", nar)[1]
+    assert (opts.length_candidates, opts.remask_slots) == ("top", "all")
+    with pytest.raises(ValueError, match=r"decode\.exit_layer=0: must be a layer number >= 1"):
+        decoding.resolve(DecodeSection(mode="early_exit", exit_layer=0), "xsum", nar)
 
 
 def test_prediction_files_are_named_as_glge_submissions_expect():

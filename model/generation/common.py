@@ -30,7 +30,7 @@ def decoding_mode(fn: DecodeFn) -> DecodeFn:
 
     @functools.wraps(fn)
     def run(model: Seq2SeqModel, src_tokens: torch.Tensor, options: DecodeOptions | None = None) -> DecodeResult:
-        options = (options if options is not None else DecodeOptions()).validate()
+        options = (options if options is not None else DecodeOptions()).validate().check_model(model.cfg)
         if src_tokens.dim() != 2:
             raise ValueError(f"src_tokens must be [batch, length], got shape {tuple(src_tokens.shape)}")
         was_training = model.training

@@ -15,8 +15,11 @@ def length_cap(model: Seq2SeqModel, options: DecodeOptions) -> int:
 
 def candidate_lengths(model: Seq2SeqModel, enc: Encoded, src_tokens: torch.Tensor,
                       options: DecodeOptions) -> torch.Tensor:
-    """[B, l] slot counts: the top-l classes of the length head (class = target length with its EOS), the
-    source length (non-pad tokens), or the fixed length; l = length_beam for the head, else 1."""
+    """[B, l] slot counts: from the length head (class = target length with its EOS), the source length (non-pad
+    tokens), or the fixed length; l = length_beam for the head, else 1. The head's candidates are fairseq's
+    (IterativeRefinementGenerator, what JANUS and CMLM decode with): its argmax plus the offsets
+    -(l//2) .. l-1-l//2 (-1, 0, +1 for l = 3), clamped to the possible lengths; or, with
+    options.length_candidates="top", its l likeliest classes."""
     cap = length_cap(model, options)
     if options.length_source == "fixed":
         if options.fixed_length > model.cfg.max_target_positions:
@@ -32,7 +35,16 @@ def candidate_lengths(model: Seq2SeqModel, enc: Encoded, src_tokens: torch.Tenso
     if options.length_beam > n_valid:
         raise ValueError(f"decode.length_beam={options.length_beam}: only {n_valid} lengths are possible "
                          f"(model.n_length_classes={model.cfg.n_length_classes}, max_len={options.max_len})")
-    return logits.topk(options.length_beam, dim=1).indices
+    if options.length_candidates == "top":
+        return logits.topk(options.length_beam, dim=1).indices
+    return length_beam(logits.argmax(dim=1), options.length_beam, cap)
+
+
+def length_beam(best: torch.Tensor, beam: int, cap: int) -> torch.Tensor:
+    """[B, beam] lengths around best [B]: best + (-(beam//2) .. beam-1-beam//2), clamped to 1..cap (a length
+    near a bound can appear twice; pick_best then keeps the first)."""
+    offsets = torch.arange(beam, device=best.device) - beam // 2
+    return (best[:, None] + offsets).clamp(1, cap)
 
 
 def real_slots(lengths: torch.Tensor) -> torch.Tensor:
