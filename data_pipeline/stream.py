@@ -4,16 +4,17 @@ Entry points (what pretrain/ and finetune/ call):
 
     build_pretrain_loader(cfg, *, dp_rank: int, dp_world_size: int, seed: int,
                           objective_weights: Mapping[str, float] | Sequence[str] | str,
-                          num_workers: int) -> ShardLoader
+                          num_workers: int, pin_memory: bool = False) -> ShardLoader
         cfg: a DataConfig (its `loader` section; relative paths against its work_dir), a LoaderConfig (relative
              paths against the repository root), a path to a data YAML, or a mapping/DictConfig of either.
         objective_weights: e.g. {"bang": 0.5, "elmer": 0.5}; "bang" or ["bang"] means weight 1.
         Yields the batch dicts documented in corruption.py (objective, src_tokens, tgt_tokens, prev_tokens,
-        tgt_positions, span_index, sample_ids, n_tokens).
+        tgt_positions, span_index, span_counts, sample_ids, n_tokens).
+        pin_memory: tensors in page-locked memory (a CUDA trainer: its host-to-device copy is then asynchronous).
 
     build_task_loader(shard_dir, *, dp_rank, dp_world_size, seed, num_workers, batch_size=32, max_tokens=0,
                       shuffle=True, bucket_window=64, shuffle_buffer=512, max_source_len=0, tokenizer="",
-                      verify="sha256", on_corrupt_shard="error", prefetch_factor=2) -> ShardLoader
+                      verify="sha256", on_corrupt_shard="error", prefetch_factor=2, pin_memory=False) -> ShardLoader
         Reads shards written by `python -m data_pipeline tasks` (see tasks.py); batch dicts: src_tokens,
         tgt_tokens (y + eos), prev_tokens ([bos] + y), tgt_positions (1..T, 0 at pad), sample_ids (line index in
         the split), n_tokens.
@@ -218,9 +219,11 @@ class ShardLoader:
 
     def __init__(self, shard_dir: Path, manifest: dict, cost: np.ndarray, collate: Collator, *, spec: BatchingSpec,
                  checks: SampleChecks, dp_rank: int, dp_world_size: int, seed: int, num_workers: int,
-                 prefetch_factor: int, tokenizer: Tokenizer, skipped_shards: list[str], key_extra: str = ""):
+                 prefetch_factor: int, tokenizer: Tokenizer, skipped_shards: list[str], key_extra: str = "",
+                 pin_memory: bool = False):
         self.shard_dir, self.manifest, self.cost, self.collate, self.spec = shard_dir, manifest, cost, collate, spec
         self.checks = checks
+        self.pin_memory = pin_memory
         self.dp_rank, self.dp_world_size, self.seed = dp_rank, dp_world_size, seed
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.tokenizer, self.skipped_shards = tokenizer, skipped_shards
@@ -276,7 +279,7 @@ class ShardLoader:
         for batch in loader:
             self._account(batch)
             self.batches_in_epoch += 1
-            yield to_torch(batch)
+            yield to_torch(batch, pin_memory=self.pin_memory)
         self._roll_epoch()
 
     def _account(self, batch: dict) -> None:
@@ -382,7 +385,7 @@ def sample_checks(lengths: np.ndarray, tok: Tokenizer, verify: str, on_corrupt_s
 
 def build_pretrain_loader(cfg: Any, *, dp_rank: int, dp_world_size: int, seed: int,
                           objective_weights: Mapping[str, float] | Sequence[str] | str,
-                          num_workers: int) -> ShardLoader:
+                          num_workers: int, pin_memory: bool = False) -> ShardLoader:
     lc, base = loader_config_from(cfg)
     _check_rank(dp_rank, dp_world_size, num_workers, seed)
     weights = normalize_weights(objective_weights)
@@ -396,13 +399,15 @@ def build_pretrain_loader(cfg: Any, *, dp_rank: int, dp_world_size: int, seed: i
     return ShardLoader(shard_dir, manifest, cost, collate, spec=spec,
                        checks=sample_checks(lengths, tok, lc.verify, lc.on_corrupt_shard), dp_rank=dp_rank,
                        dp_world_size=dp_world_size, seed=seed, num_workers=num_workers,
-                       prefetch_factor=lc.prefetch_factor, tokenizer=tok, skipped_shards=skipped, key_extra=extra)
+                       prefetch_factor=lc.prefetch_factor, tokenizer=tok, skipped_shards=skipped, key_extra=extra,
+                       pin_memory=pin_memory)
 
 
 def build_task_loader(shard_dir: str | Path, *, dp_rank: int, dp_world_size: int, seed: int, num_workers: int,
                       batch_size: int = 32, max_tokens: int = 0, shuffle: bool = True, bucket_window: int = 64,
                       shuffle_buffer: int = 512, max_source_len: int = 0, tokenizer: str | Path = "",
-                      verify: str = "size", on_corrupt_shard: str = "error", prefetch_factor: int = 2) -> ShardLoader:
+                      verify: str = "sha256", on_corrupt_shard: str = "error", prefetch_factor: int = 2,
+                      pin_memory: bool = False) -> ShardLoader:
     from data_pipeline.tasks import TaskCollator
 
     lc = LoaderConfig(shard_dir=str(shard_dir), tokenizer=str(tokenizer), batch_size=batch_size,
@@ -423,4 +428,4 @@ def build_task_loader(shard_dir: str | Path, *, dp_rank: int, dp_world_size: int
                        checks=sample_checks(lengths, tok, verify, on_corrupt_shard), dp_rank=dp_rank,
                        dp_world_size=dp_world_size, seed=seed, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, tokenizer=tok, skipped_shards=skipped,
-                       key_extra=f"max_source_len={max_source_len}")
+                       key_extra=f"max_source_len={max_source_len}", pin_memory=pin_memory)

@@ -35,7 +35,9 @@ class FinetuneDataSection:
     max_source_len: int = 0  # truncate sources (0: the model's max_source_positions)
     shuffle_buffer: int = 512
     bucket_window: int = 64
-    num_workers: int = 0
+    # Loader worker processes per rank for the training split (held-out splits load in the trainer): batches are
+    # read and padded while the step runs. Preflight wants data-parallel ranks x workers <= shards.
+    num_workers: int = 1
 
 
 @dataclass

@@ -78,8 +78,10 @@ def task_loader(shard_dir: Path, section, *, dp_rank: int, dp_size: int, seed: i
                 shuffle: bool = True):
     """data_pipeline's task loader over one split's shards, with the finetune config's batching."""
     from data_pipeline.stream import build_task_loader
+    from pretrain.distributed import uses_gpu
 
     return build_task_loader(shard_dir, dp_rank=dp_rank, dp_world_size=dp_size, seed=seed,
                              num_workers=section.num_workers if shuffle else 0, batch_size=section.batch_size,
                              max_tokens=section.max_tokens, shuffle=shuffle, bucket_window=section.bucket_window,
-                             shuffle_buffer=section.shuffle_buffer, max_source_len=max_source_len)
+                             shuffle_buffer=section.shuffle_buffer, max_source_len=max_source_len,
+                             pin_memory=uses_gpu())

@@ -5,9 +5,8 @@ with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR vie
 terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator, seeded alike on every rank
 (finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-step AR/NAR choice
 must be the same on every data-parallel rank. Masks are drawn on the host, before the batch moves to the device
-(`prepare`, pretrain.objectives.Objective), and travel with it: batch["nar_masked"] [B, T] bool, for janus
-batch["nar_masked_rows"], the flat indices of the masked targets, so the loss gathers them without asking the
-device how many there are, and for nar with exits="random" batch["nar_exit_uniform"], what its exit layers are
+(`prepare`, pretrain.objectives.Objective), and travel with it: batch["nar_masked"] [B, T] bool (nar with
+masking="uniform", janus) and, for nar with exits="random", batch["nar_exit_uniform"], what its exit layers are
 drawn from. Evaluation draws from a fixed-seed copy, never from the training generator, so
 evaluating does not change training and every evaluation sees the same masks.
 
@@ -25,9 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model import parallel
 from model.config import SPECIAL
 from model.streams import build_streams
-from pretrain.objectives.base import Metrics, Objective, register
+from pretrain.objectives.base import Metrics, Objective, gather_rows, register
 
 AR_STREAMS = ("ar", "bang_ar")
 NAR_MODES = ("nar_bidir", "nar_causal")
@@ -35,10 +35,29 @@ NAR_MASKING = ("all", "uniform")
 NAR_EXITS = ("last", "all", "random")
 
 
-def symmetric_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """½[KL(P‖Q) + KL(Q‖P)] per row from log-probabilities [..., V]; both sides carry gradients."""
-    p, q = logp.exp(), logq.exp()
-    return 0.5 * ((p * (logp - logq)).sum(-1) + (q * (logq - logp)).sum(-1))
+def symmetric_kl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None,
+                 q: torch.Tensor | None = None) -> torch.Tensor:
+    """½[KL(P‖Q) + KL(Q‖P)] = ½ Σ_v (p_v − q_v)(log p_v − log q_v) per row, from log-probabilities [..., V] or this
+    tensor-parallel rank's vocabulary shard of them (the sum runs over the full vocabulary); p, q: their exp, when
+    already at hand. Both sides carry gradients."""
+    p = logp.exp() if p is None else p
+    q = logq.exp() if q is None else q
+    return 0.5 * parallel.sum_over_tp(((p - q) * (logp - logq)).sum(-1))
+
+
+def log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities over the full vocabulary, as this TP rank's shard [..., V/tp] (no gather)."""
+    return parallel.log_softmax_over_tp(model.logits_local(hidden).float())
+
+
+def smoothed_nll(logp: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Label-smoothed cross entropy per row from (sharded) log-probabilities, as torch's cross_entropy and
+    Seq2SeqModel.token_loss define it: (1 - eps)(-log p_target) + eps * mean over the full vocabulary of -log p_v."""
+    vocab = logp.shape[-1] * parallel.tp_size()
+    nll = -parallel.pick_over_tp(logp, targets)
+    if label_smoothing == 0.0:
+        return nll
+    return (1 - label_smoothing) * nll - label_smoothing * parallel.sum_over_tp(logp.sum(-1)) / vocab
 
 
 def length_targets(tgt: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -269,7 +288,13 @@ class JanusObjective(SeededObjective):
 
     L = LS(P_AR) + w_ar_c·symKL(P_AR,P_C) + w_ar_q·symKL(P_AR,P_Q) + ½[LS(P_Q) + LS(P_C)] + w_len·CE_len
         + w_c_q·symKL(P_C,P_Q), every KL over the masked targets.
-    Targets are span-masked at `mask_ratio` with Poisson(span_lambda) spans; the final eos is never masked."""
+    Targets are span-masked at `mask_ratio` with Poisson(span_lambda) spans; the final eos is never masked.
+
+    Every term lives on real target rows, so the LM head runs on those alone (gathered first, their number from
+    the batch's host-side n_tokens, so nothing waits on the GPU), once per view, and one log-softmax per view
+    serves both its label-smoothed cross entropy and its KL terms (formerly: the head on every row for the cross
+    entropies, then again on the masked rows for the KLs). The masked rows are not gathered apart: their number
+    is drawn on the device, and a host-known bound for it is the number of real rows anyway."""
 
     def __init__(self, w_ar_c: float = 1.0, w_ar_q: float = 3.0, w_c_q: float = 1.0, length_weight: float = 0.1,
                  label_smoothing: float = 0.1, mask_ratio: float = 0.7, span_lambda: float = 2.0, seed: int = 0):
@@ -317,11 +342,10 @@ class JanusObjective(SeededObjective):
 
     def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         tgt = batch["tgt_tokens"]
-        masked = self.draw_masked(tgt) & (tgt != SPECIAL.pad)
-        return {"nar_masked": masked, "nar_masked_rows": masked.flatten().nonzero().squeeze(1)}
+        return {"nar_masked": self.draw_masked(tgt) & (tgt != SPECIAL.pad)}
 
     def forward_views(self, model, batch, masked):
-        """Log-probabilities [B, T, V] of P_AR, P_C, P_Q, and the length logits."""
+        """Decoder states [B, T, D] of the AR query, content and NAR query views, and the length logits."""
         tgt = batch["tgt_tokens"]
         streams = build_streams("janus", prev_tokens=batch["prev_tokens"], tgt_tokens=tgt,
                                 tgt_positions=batch["tgt_positions"], tgt_mask=tgt != SPECIAL.pad, masked=masked)
@@ -334,19 +358,24 @@ class JanusObjective(SeededObjective):
         batch = self.prepare(batch)  # a no-op for the engine's batches, prepared on the host
         tgt = batch["tgt_tokens"]
         real = tgt != SPECIAL.pad
-        masked, rows = batch["nar_masked"], batch["nar_masked_rows"]
-        (h_ar, h_c, h_q), length_logits = self.forward_views(model, batch, masked)
+        masked = batch["nar_masked"]  # drawn on the host (prepare)
+        views, length_logits = self.forward_views(model, batch, masked)
+        B, T = tgt.shape
+        rows, valid = gather_rows(real, batch.get("n_tokens", B * T))
+        example, position = rows // T, rows % T
+        logp = [log_probs(model, h[example, position]) for h in views]  # AR query, content, NAR query: [R, V/tp]
+        probs = [lp.exp() for lp in logp]
+        targets = tgt[example, position]
+        on_masked = masked[example, position] & valid  # the gathered rows hold every real row, so every masked one
+
+        def kl(i: int, j: int) -> torch.Tensor:
+            return masked_mean(symmetric_kl(logp[i], logp[j], probs[i], probs[j]), on_masked)[0]
+
         ls = self.label_smoothing
-        ar, ar_e = masked_mean(model.token_loss(h_ar, tgt, ls), real)
-        nar_c, c_e = masked_mean(model.token_loss(h_c, tgt, ls), masked)
-        nar_q, q_e = masked_mean(model.token_loss(h_q, tgt, ls), masked)
-        # Full log-probabilities only at the masked targets: the KL terms need every vocabulary entry. The rows
-        # were listed on the host: h[masked] would ask the device how many there are.
-        logp_ar, logp_c, logp_q = (F.log_softmax(model.logits(h.flatten(0, 1).index_select(0, rows)).float(), -1)
-                                   for h in (h_ar, h_c, h_q))
-        kl_ar_c = symmetric_kl(logp_ar, logp_c).mean()
-        kl_ar_q = symmetric_kl(logp_ar, logp_q).mean()
-        kl_c_q = symmetric_kl(logp_c, logp_q).mean()
+        ar, ar_e = masked_mean(smoothed_nll(logp[0], targets, ls), valid)
+        nar_c, c_e = masked_mean(smoothed_nll(logp[1], targets, ls), on_masked)
+        nar_q, q_e = masked_mean(smoothed_nll(logp[2], targets, ls), on_masked)
+        kl_ar_c, kl_ar_q, kl_c_q = kl(0, 1), kl(0, 2), kl(1, 2)
         length = F.cross_entropy(length_logits.float(), length_targets(tgt, model.cfg.n_length_classes))
         loss = (ar + self.w_ar_c * kl_ar_c + self.w_ar_q * kl_ar_q + 0.5 * (nar_q + nar_c)
                 + self.length_weight * length + self.w_c_q * kl_c_q)

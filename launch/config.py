@@ -40,6 +40,10 @@ class NodesSection:
 @dataclass
 class EnvSection:
     omp_num_threads: int = 1  # OMP_NUM_THREADS of every rank (0 = leave it as the launching shell has it)
+    # The network interface(s) of NCCL's and gloo's socket traffic (bootstrap, gloo collectives), e.g. "ib0" or
+    # "eth0,eth1": sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME ("" = their own choice, often wrong on nodes
+    # with several interfaces). An NCCL_SOCKET_IFNAME in env.nccl wins over it.
+    socket_ifname: str = ""
     nccl: dict[str, str] = field(default_factory=dict)  # NCCL_* variables (GPU runs), e.g. NCCL_SOCKET_IFNAME: ib0
     vars: dict[str, str] = field(default_factory=dict)  # any other variables for every rank
     # Copied from the launching shell into every rank's environment when set there.
@@ -151,6 +155,9 @@ def validate(cfg: LaunchConfig) -> LaunchConfig:
         _fail(cfg, "bind_cores_to_rank", "is a deepspeed launcher option")
     if e.omp_num_threads < 0:
         _fail(cfg, "env.omp_num_threads", f"must be >= 0 (0 = unset), got {e.omp_num_threads}")
+    if any(c.isspace() for c in e.socket_ifname):
+        _fail(cfg, "env.socket_ifname", f"must be interface names without spaces (e.g. ib0 or eth0,eth1), got "
+                                        f"{e.socket_ifname!r}")
     bad_nccl = [k for k in e.nccl if not k.startswith("NCCL_")]
     if bad_nccl:
         _fail(cfg, "env.nccl", f"holds {bad_nccl}; only NCCL_* variables belong here (others go in env.vars)")

@@ -194,13 +194,8 @@ class Seq2SeqModel(nn.Module):
             return vocab_parallel_cross_entropy(logits, targets)
         # Both sums come before the NLL: megatron's cross entropy overwrites a float32 input in place (with the
         # softmax), and neither sum nor indexing keeps `logits` for its backward.
-        shard = logits.shape[-1]
-        mean_logit = parallel.sum_over_tp(logits.sum(dim=-1)) / (shard * parallel.tp_size())
-        local = targets - parallel.tp_rank() * shard  # the target's index in this rank's shard
-        in_shard = (local >= 0) & (local < shard)
-        picked = logits.reshape(-1, shard)[torch.arange(local.numel(), device=local.device),
-                                           local.clamp(0, shard - 1).reshape(-1)].view_as(targets)
-        target_logit = parallel.sum_over_tp(torch.where(in_shard, picked, torch.zeros_like(picked)))
+        mean_logit = parallel.sum_over_tp(logits.sum(dim=-1)) / (logits.shape[-1] * parallel.tp_size())
+        target_logit = parallel.pick_over_tp(logits, targets)
         nll = vocab_parallel_cross_entropy(logits, targets)
         return nll - label_smoothing * (mean_logit - target_logit)
 

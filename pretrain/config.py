@@ -39,7 +39,11 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    impl: str = "torch"  # "torch": torch.optim.AdamW; "deepspeed": DeepSpeed's AdamW (fused on GPU, JIT CPU Adam)
+    # "torch": torch.optim.AdamW, its fused kernel on CUDA (part of torch: nothing to build). "deepspeed":
+    # DeepSpeed's FusedAdam (CPUAdam under optimizer offload), accepted only where that op was prebuilt at install
+    # (DS_BUILD_FUSED_ADAM=1 / DS_BUILD_CPU_ADAM=1): otherwise DeepSpeed JIT-compiles it at the first step, which
+    # needs nvcc and CUDA_HOME on every node.
+    impl: str = "torch"
     lr: float = 3e-4  # peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -185,7 +189,11 @@ def _fail(cfg: EngineConfig, field_name: str, why: str):
 
 
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler", "data_types")
+# ZeRO-3 keeps parameters of at most this many elements whole on every rank instead of gathering them for each
+# module: "auto" in the JSON means PERSISTENCE_PER_D_MODEL x d_model (as Hugging Face's integration resolves it),
+# so norms and biases stay resident while every weight matrix, at any model size, is partitioned.
+PERSISTENCE_PER_D_MODEL = 10
 
 
 def read_deepspeed_json(cfg: EngineConfig) -> dict[str, Any]:
@@ -238,6 +246,13 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         _fail(cfg, "train.log_every", f"must be >= 1, got {t.log_every}")
     if o.impl not in ("torch", "deepspeed"):
         _fail(cfg, "optim.impl", f"must be 'torch' or 'deepspeed', got {o.impl!r}")
+    if o.impl == "deepspeed":
+        op = deepspeed_adam_op(cfg)
+        if not deepspeed_op_prebuilt(op):
+            _fail(cfg, "optim.impl", f"'deepspeed' uses DeepSpeed's {op} op, which this DeepSpeed install does not "
+                                     "have prebuilt: DeepSpeed would JIT-compile it at the first step, which needs "
+                                     "nvcc and CUDA_HOME on every node. Use optim.impl=torch (torch's fused AdamW "
+                                     f"on CUDA), or install DeepSpeed with DS_BUILD_{op.upper()}=1")
     if not o.lr > 0:
         _fail(cfg, "optim.lr", f"must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -270,13 +285,38 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         _fail(cfg, "eval.every_steps" if e.every_steps < 0 else "eval.batches", "must be >= 0")
 
 
-def deepspeed_dict(cfg: EngineConfig, dp_size: int, micro_batch_size: int) -> dict[str, Any]:
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+
+
+def deepspeed_adam_op(cfg: EngineConfig) -> str:
+    """The DeepSpeed op that optim.impl=deepspeed runs: CPUAdam on offloaded optimizer states, else FusedAdam."""
+    return "cpu_adam" if offloads_optimizer(read_deepspeed_json(cfg)) else "fused_adam"
+
+
+def deepspeed_op_prebuilt(op: str) -> bool:
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get(op, False))
+
+
+def deepspeed_dict(cfg: EngineConfig, dp_size: int, micro_batch_size: int, d_model: int = 0) -> dict[str, Any]:
     """The DeepSpeed config: the JSON file's ZeRO/communication settings plus the fields the typed config owns.
 
     The JSON files in configs/deepspeed/ are the reference for ZeRO settings; batch sizes, clipping, precision
-    and the optimizer are filled in here so they have one source of truth."""
+    and the optimizer are filled in here so they have one source of truth. Under bf16 with ZeRO, gradients are
+    accumulated over micro-batches in fp32 (data_types.grad_accum_dtype): bf16 sums keep 8 bits of mantissa, so
+    grad_accum micro-batches would lose the small ones (ZeRO-1 then runs DeepSpeed's BF16_Optimizer; without
+    ZeRO DeepSpeed has no fp32 accumulation for bf16 weights). d_model resolves a ZeRO-3
+    stage3_param_persistence_threshold of "auto" (PERSISTENCE_PER_D_MODEL x d_model)."""
     ds = read_deepspeed_json(cfg)
     precision = resolve_precision(cfg)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        if d_model < 1:
+            _fail(cfg, "deepspeed.config", f"{cfg.deepspeed.config}: stage3_param_persistence_threshold=auto needs "
+                                           "the model's d_model")
+        zero["stage3_param_persistence_threshold"] = PERSISTENCE_PER_D_MODEL * d_model
     ds.update({
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -286,11 +326,12 @@ def deepspeed_dict(cfg: EngineConfig, dp_size: int, micro_batch_size: int) -> di
         "steps_per_print": 1 << 30,  # the engine logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     })
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if precision == "bf16" and zero.get("stage", 0) >= 1:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if cfg.optim.impl == "deepspeed":
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                        "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}}
-    elif offload not in (None, "none"):
+    elif offloads_optimizer(ds):
         ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states: slower, but no JIT build
     return ds
 

@@ -145,10 +145,9 @@ class DeviceDiscipline(TorchDispatchMode):
         frame = _caller_frame()
         if self.events is None:
             raise DeviceDisciplineError(f"host sync in the step: {what} ({func}) at {_site(frame)}")
-        # One Python-level read (a .tolist() reads every element) counts once: same frame, instruction, storage.
-        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        key = (id(frame), None if frame is None else frame.f_lasti,
-               None if tensor is None else id(tensor.untyped_storage()))
+        # One Python-level read (a .tolist() reads every element, with only views and device queries between the
+        # reads) counts once: the same frame and instruction, and no other op since (see __torch_dispatch__).
+        key = (id(frame), None if frame is None else frame.f_lasti)
         if key != self.events._last:
             self.events.syncs[_site(frame)] += 1
         self.events._last = key
@@ -163,6 +162,9 @@ class DeviceDiscipline(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.events is not None and func is not aten._local_scalar_dense.default \
+                and not getattr(func, "is_view", False) and func is not torch.ops.prim.device.default:
+            self.events._last = None  # real work since the last read: a new read is a new sync
         if func is aten._local_scalar_dense.default:
             if self.events is None or self._on_device(args[0]):  # a host value read after a copy is no new sync
                 self._sync("a read of a device value", func, args)

@@ -39,7 +39,8 @@ from torch import nn
 
 from model import parallel
 from pretrain import activation_checkpointing, checkpoint, distributed, job, step
-from pretrain.config import EngineConfig, deepspeed_dict, read_deepspeed_json, resolve_precision, to_dict, to_yaml
+from pretrain.config import (EngineConfig, deepspeed_dict, offloads_optimizer, read_deepspeed_json, resolve_precision,
+                             to_dict, to_yaml)
 from pretrain.export import export_payload, model_config_dict
 from pretrain.metrics import MetricSums
 from pretrain.objectives import Objective
@@ -75,6 +76,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_adamw_applies(ds_config: dict[str, Any]) -> bool:
+    """torch's fused AdamW (one kernel over all parameters, shipped with torch) where the optimizer states live
+    on a GPU: the job runs on CUDA and ZeRO does not offload them to the CPU."""
+    return distributed.uses_gpu() and not offloads_optimizer(ds_config)
+
+
+def adamw(groups: list[dict[str, Any]], cfg: EngineConfig, fused: bool) -> torch.optim.AdamW:
+    o = cfg.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True if fused else None)
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig, model: nn.Module, objective: Objective, train_loader,
                  mpu: distributed.MegatronMpu, *, micro_batch_size: int,
@@ -106,12 +118,12 @@ class Engine:
         if cfg.train.activation_checkpointing:
             activation_checkpointing.apply(model)
         self.module = ObjectiveModule(model, objective)
-        self.ds_config = deepspeed_dict(cfg, self.dp_size, micro_batch_size)
+        self.ds_config = deepspeed_dict(cfg, self.dp_size, micro_batch_size, d_model=model.cfg.d_model)
         optimizer = scheduler = None
         factor = WarmupDecay(cfg.schedule.decay, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr_ratio)
         groups = param_groups(model, cfg.optim.weight_decay)
         if cfg.optim.impl == "torch":
-            optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            optimizer = adamw(groups, cfg, fused=fused_adamw_applies(self.ds_config))
             scheduler = build_scheduler(optimizer, factor)
         else:  # DeepSpeed builds the optimizer from ds_config; the schedule is a callable on it
             scheduler = lambda opt: build_scheduler(opt, factor)  # noqa: E731

@@ -159,16 +159,20 @@ def build_loaders(plan: Plan, dp_rank: int, dp_size: int):
     """The training loader (split by the data-parallel rank: TP peers read the same batches) and one held-out
     loader factory per objective."""
     from data_pipeline.stream import build_pretrain_loader
+    from pretrain.distributed import uses_gpu
 
     cfg = plan.cfg
+    pin = uses_gpu()
     train = build_pretrain_loader(plan.data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, seed=cfg.train.seed,
-                                  objective_weights=cfg.objective.active(), num_workers=cfg.data.num_workers)
+                                  objective_weights=cfg.objective.active(), num_workers=cfg.data.num_workers,
+                                  pin_memory=pin)
     evals = {}
     if plan.eval_data_cfg is not None:
         for name in cfg.objective.active():
             evals[name] = (lambda n=name: build_pretrain_loader(plan.eval_data_cfg, dp_rank=dp_rank,
                                                                 dp_world_size=dp_size, seed=0,
-                                                                objective_weights={n: 1.0}, num_workers=0))
+                                                                objective_weights={n: 1.0}, num_workers=0,
+                                                                pin_memory=pin))
     return train, evals
 
 

@@ -192,3 +192,6 @@ def test_collated_pretraining_batch_contract(samples, tables):
         assert (b["tgt_positions"][pad] == 0).all() and (b["span_index"][pad] == -1).all()
         assert (b["prev_tokens"][pad] == 0).all()
         assert b["n_tokens"] == int((~pad).sum())
+        # span counts on the host (a list, not a tensor): real targets per span index, as the tensor has them
+        assert b["span_counts"] == np.bincount(b["span_index"][~pad].numpy()).tolist()
+        assert isinstance(b["span_counts"], list) and sum(b["span_counts"]) == b["n_tokens"]

@@ -91,3 +91,17 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     """(sum of values where mask, count of mask) as float tensors, detached: one metric entry."""
     mask = mask.to(values.dtype)
     return (values.detach() * mask).sum(), mask.sum()
+
+
+def gather_rows(mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat indices of mask's True entries, in order, padded to a fixed `size` (at least their number), and
+    which of the `size` slots hold one (the padding repeats index 0, to be weighted 0).
+
+    The size comes from the host (counted where the batch was built, e.g. the data side's span counts), never
+    from the device: mask.nonzero() or h[mask] would wait for the GPU to know the count (a host sync), while a
+    stable sort of the flat mask puts the True entries first with a shape known in advance."""
+    flat = mask.reshape(-1)
+    size = min(size, flat.numel())
+    index = torch.argsort((~flat).to(torch.uint8), stable=True)[:size]
+    valid = torch.arange(size, device=flat.device) < flat.sum()
+    return index, valid
