@@ -81,7 +81,7 @@ def build_model(args) -> Seq2SeqModel:
     parallel.ensure_initialized(seed=0)
     torch.manual_seed(0)
     if args.checkpoint:
-        from finetune.init_checkpoint import load_into, read_init
+        from pretrain.core import load_into, read_weights as read_init
 
         weights = read_init(args.checkpoint)
         if not weights.meta.get("model_config"):

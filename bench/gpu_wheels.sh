@@ -14,7 +14,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl NAME==VERSION
 # DeepSpeed publishes only a source archive: it is built here as a pure-Python wheel (DS_BUILD_OPS=0: no op is
-# compiled; the GPU check never needs one, see optim.impl in pretrain/config.py).
+# compiled; the GPU check never needs one, see optim.impl in pretrain/core/config.py).
 # .gpu_data/: the base data config's pipeline (Wikipedia excerpt + books from ../shared/data, 32k unigram
 # tokenizer, 511-token samples) into .gpu_data/base: the device machine receives only the repository tree, so the
 # data travels inside it, in this ignored folder. Both folders go to the device with `carry`.

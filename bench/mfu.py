@@ -233,7 +233,7 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float,
 # --- main ----------------------------------------------------------------------------------------------------------
 
 def model_config(args) -> tuple[ModelConfig, int, dict[str, float]]:
-    from pretrain.config import load
+    from pretrain.pretrain_config import load
 
     cfg = load(REPO_ROOT / args.config)
     overrides = {k: v for k, v in cfg.model.overrides.items()}

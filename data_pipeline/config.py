@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+from configs import load_typed, merge_typed
 from data_pipeline.errors import ConfigError
-from data_pipeline.typed_config import load_typed, merge_typed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

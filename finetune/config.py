@@ -1,18 +1,21 @@
-"""Typed finetuning config: the engine's sections (pretrain.config.EngineConfig) plus task, data, model, init
+"""Typed finetuning config: the engine's sections (pretrain.core.EngineConfig) plus task, data, model, init
 checkpoint, objective and decoding. One YAML per task in configs/finetune/; `key=value` overrides on top.
 
-Validation (`finetune.run.prepare`) runs before any process group starts and names the field or file at fault.
+Validation (`finetune.run.prepare`, `finetune.resolve`) runs before any process group starts and names the field or
+file at fault.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
-from pretrain.config import ConfigError, EngineConfig, TrackingSection
-from pretrain.config import load as load_yaml
+from omegaconf import DictConfig, OmegaConf
 
-DEFAULT_EXPERIMENT = "tandem-finetune"  # the store is the project's one (pretrain.tracking.resolve_uri)
+from configs import ConfigError, dotlist, merge_typed
+from pretrain import core
+
+DEFAULT_EXPERIMENT = "tandem-finetune"  # the store is the project's one (pretrain.core.resolve_uri)
 
 
 @dataclass
@@ -88,11 +91,15 @@ class JanusObjectiveSection:
 
 @dataclass
 class FinetuneObjectiveSection:
-    name: str = "ar"  # ar, nar, bang_mixed or janus
+    name: str = "ar"  # ar, nar, bang_mixed or janus: one of the sections below
     ar: ArObjectiveSection = field(default_factory=ArObjectiveSection)
     nar: NarObjectiveSection = field(default_factory=NarObjectiveSection)
     bang_mixed: BangMixedObjectiveSection = field(default_factory=BangMixedObjectiveSection)
     janus: JanusObjectiveSection = field(default_factory=JanusObjectiveSection)
+
+
+# The finetuning objectives: one section of settings each (finetune.objectives registers one class per name).
+OBJECTIVES = tuple(f.name for f in fields(FinetuneObjectiveSection) if f.name != "name")
 
 
 @dataclass
@@ -127,7 +134,7 @@ class ValidGenerationSection:
 
 
 @dataclass
-class FinetuneConfig(EngineConfig):
+class FinetuneConfig(core.EngineConfig):
     name: str = "finetune"
     output_dir: str = ""  # empty: runs/finetune/<task>-<difficulty>-<objective>
     task: TaskSection = field(default_factory=TaskSection)
@@ -137,12 +144,12 @@ class FinetuneConfig(EngineConfig):
     objective: FinetuneObjectiveSection = field(default_factory=FinetuneObjectiveSection)
     decode: DecodeSection = field(default_factory=DecodeSection)
     valid_generation: ValidGenerationSection = field(default_factory=ValidGenerationSection)
-    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment=DEFAULT_EXPERIMENT))
+    tracking: core.TrackingSection = field(default_factory=lambda: core.TrackingSection(experiment=DEFAULT_EXPERIMENT))
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """YAML + overrides -> FinetuneConfig (not yet validated); ConfigError names the file or key at fault."""
-    return load_yaml(path, overrides, schema=FinetuneConfig)
+    return core.load_config(path, overrides, FinetuneConfig)
 
 
 def fail(cfg: FinetuneConfig, field_name: str, why: str):
@@ -151,24 +158,18 @@ def fail(cfg: FinetuneConfig, field_name: str, why: str):
 
 
 def from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> FinetuneConfig:
-    """A config saved with a finetuned model (pretrain.config.to_dict) back into a FinetuneConfig, plus overrides."""
-    from omegaconf import OmegaConf
-
-    from data_pipeline.typed_config import dotlist, merge_typed
-
+    """A config saved with a finetuned model (pretrain.core.to_dict) back into a FinetuneConfig, plus overrides."""
     where = (data.get("config_file") or "the model's saved config") + ": "
-    extra = dotlist(overrides, where=where, error=ConfigError)
+    extra = dotlist(overrides, where=where)
     dropped: list[str] = []
     data = _known_keys(data, OmegaConf.structured(FinetuneConfig), "", dropped)
     if dropped:  # written by another version of the config classes: keep what still means something
         warnings.warn(f"{where}ignoring saved config keys this version does not know: {dropped}", stacklevel=2)
-    return merge_typed(FinetuneConfig, [data, extra], where=where, error=ConfigError)
+    return merge_typed(FinetuneConfig, [data, extra], where=where)
 
 
 def _known_keys(data: dict[str, Any], node, prefix: str, dropped: list[str]) -> dict[str, Any]:
     """`data` without the keys the structured config `node` lacks (free-form dict fields are kept whole)."""
-    from omegaconf import DictConfig, OmegaConf
-
     out = {}
     for key, value in data.items():
         if key not in node:

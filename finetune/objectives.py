@@ -1,11 +1,11 @@
-"""Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.objectives).
+"""Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.core).
 
 `ar` (plain main stream, or BANG's predicting stream), `nar` (mask slots + length loss), `bang_mixed` (a NAR step
 with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR views with symmetric-KL auxiliary
 terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator, seeded alike on every rank
 (finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-step AR/NAR choice
 must be the same on every data-parallel rank. Masks are drawn on the host, before the batch moves to the device
-(`prepare`, pretrain.objectives.Objective), and travel with it: batch["nar_masked"] [B, T] bool (nar with
+(`prepare`, pretrain.core.Objective), and travel with it: batch["nar_masked"] [B, T] bool (nar with
 masking="uniform", janus) and, for nar with exits="random", batch["nar_exit_uniform"], what its exit layers are
 drawn from. Evaluation draws from a fixed-seed copy, never from the training generator, so
 evaluating does not change training and every evaluation sees the same masks.
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from model import parallel
 from model.config import SPECIAL
+from model.generation.options import NAR_MODES
 from model.streams import build_streams
-from pretrain.objectives.base import Metrics, Objective, gather_rows, register
+from pretrain.core import Metrics, Objective, gather_rows, register
 
 AR_STREAMS = ("ar", "bang_ar")
-NAR_MODES = ("nar_bidir", "nar_causal")
 NAR_MASKING = ("all", "uniform")
 NAR_EXITS = ("last", "all", "random")
 

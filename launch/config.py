@@ -1,8 +1,8 @@
 """Typed launch config: where the processes run (nodes, processes per node, master), how they are started
 (the deepspeed launcher or torchrun), the environment every rank gets, preflight checks and auto-resume.
 
-Loaded from configs/launch/<cluster>.yaml with `key=value` overrides; `validate()` raises LaunchConfigError naming
-the field (and file) at fault. Paths are relative to the repository root.
+Loaded from configs/launch/<cluster>.yaml with `key=value` overrides (the project's one loader, configs/);
+`validate()` raises ConfigError naming the field (and file) at fault. Paths are relative to the repository root.
 """
 from __future__ import annotations
 
@@ -10,17 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from configs import ConfigError, load_typed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 LAUNCHERS = ("deepspeed", "torchrun")
 ACCELERATORS = ("gpu", "cpu")
-
-
-class LaunchConfigError(ValueError):
-    """A launch config value that cannot work; the message names the field or the file."""
 
 
 @dataclass
@@ -101,28 +96,12 @@ def resolve(path: str | Path) -> Path:
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> LaunchConfig:
     """YAML file + `key=value` overrides -> a validated LaunchConfig."""
-    path = Path(path)
-    if not path.is_file():
-        raise LaunchConfigError(f"launch config file not found: {path}")
-    try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as err:  # YAML syntax
-        raise LaunchConfigError(f"{path}: cannot parse: {err}") from None
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise LaunchConfigError(f"launch overrides must be key=value, got {bad}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(LaunchConfig), file_cfg, OmegaConf.from_dotlist(list(overrides)))
-        cfg: LaunchConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:  # unknown key or wrong type; omegaconf names the key
-        raise LaunchConfigError(f"{path}: {err}") from None
-    cfg.config_file = str(path)
-    return validate(cfg)
+    return validate(load_typed(LaunchConfig, path, overrides, label="launch config"))
 
 
 def _fail(cfg: LaunchConfig, name: str, why: str):
     where = f"{cfg.config_file}: " if cfg.config_file else ""
-    raise LaunchConfigError(f"{where}{name}: {why}")
+    raise ConfigError(f"{where}{name}: {why}")
 
 
 def validate(cfg: LaunchConfig) -> LaunchConfig:

@@ -84,7 +84,7 @@ class Seq2SeqModel(nn.Module):
     def embed_decoder(self, ids: torch.Tensor, is_slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # Position ids are not checked here (that would read device values on the host every forward): the data
         # side bounds them (pretrain.run / finetune.run validate lengths against max_target_positions, the
-        # training step checks each host batch: pretrain.step.MicroBatch) and decoding caps its lengths.
+        # training step checks each host batch: pretrain.core.step.MicroBatch) and decoding caps its lengths.
         tok = self.embed_tokens(ids)
         tok = torch.where(is_slot[..., None], self.slot_embed.to(tok.dtype), tok)
         x = tok + self.embed_target_positions(positions)

@@ -1,4 +1,4 @@
-"""The fake-CUDA dry run (pretrain/dry_run.py): the model, every objective, the training step, evaluation,
+"""The fake-CUDA dry run (pretrain/core/dry_run.py): the model, every objective, the training step, evaluation,
 checkpoint RNG state and every decoding mode run over tensors on cuda:0 without a GPU, at TP=1 and TP=2 (data
 parallel 2 both times) over torch's fake process group, and must neither mix host and device tensors, nor copy
 between them inside a step, nor hand a host tensor to a collective, nor read a device value on the host inside a
@@ -14,8 +14,8 @@ from model.config import SPECIAL, ModelConfig
 from model.generation import DecodeOptions, decode
 from model.seq2seq import Seq2SeqModel
 from model.streams import build_streams
-from pretrain import checkpoint, dry_run, step
-from pretrain.dry_run import DeviceDisciplineError, FakeDevice, fake_world
+from pretrain.core import checkpoint, dry_run, step
+from pretrain.core.dry_run import DeviceDisciplineError, FakeDevice, fake_world
 from pretrain.objectives import build
 
 FORWARD, BACKWARD = dry_run.pass_devices()
@@ -174,7 +174,7 @@ def test_objective_losses(world, name):
 
 @pytest.mark.parametrize("name", ["mix", "janus", "nar_uniform"])
 def test_training_step_reads_nothing_on_the_host_and_reduces_once(world, name):
-    """pretrain.step.train_step (what the Engine runs with DeepSpeed) over two micro-batches: the step's target
+    """pretrain.core.step.train_step (what the Engine runs with DeepSpeed) over two micro-batches: the step's target
     count all-reduced as a device tensor, losses scaled by it on the device, metrics summed on the device; not one
     host read or copy in the micro-steps (strict). The log window's reduction reads once and copies the host
     sums once. Forward on cuda, the full step with backward on the backward device."""
@@ -195,7 +195,7 @@ def test_training_step_reads_nothing_on_the_host_and_reduces_once(world, name):
 
 
 def test_evaluation_agrees_on_a_batch_count_and_restores_rng(world):
-    """pretrain.step.evaluate: every rank runs the smallest batch count over all ranks (a device all-reduce,
+    """pretrain.core.step.evaluate: every rank runs the smallest batch count over all ranks (a device all-reduce,
     read once per loader), metrics on the device, one read for the reduction; the checkpoint RNG state taken
     before and restored after evaluation (the fake world's TP tracker included) is restored exactly."""
     objective = objectives()["janus"]

@@ -121,7 +121,7 @@ def _export(tmp_path, run_id: str, checksum: str):
     from model import parallel
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
-    from pretrain.export import export_payload, model_config_dict
+    from pretrain.core.export import export_payload, model_config_dict
 
     parallel.ensure_initialized()
     model = Seq2SeqModel(ModelConfig.preset("tiny"))

@@ -8,7 +8,7 @@ from finetune.objectives import JanusObjective, length_targets, symmetric_kl
 from model.config import SPECIAL, ModelConfig
 from model.seq2seq import Seq2SeqModel
 from model.streams import build_streams
-from pretrain.objectives import build
+from pretrain.core import build
 
 
 def tiny_batch(seed=0, B=3, S=7, T=8):

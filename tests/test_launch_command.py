@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from configs import ConfigError as LaunchConfigError
 from launch import command
-from launch.config import LaunchConfig, LaunchConfigError, load, validate
+from launch.config import LaunchConfig, load, validate
 from launch.nodes import expand_nodelist, resolve_layout, slurm_gpus_per_node
 from launch.supervisor import job_vars
 

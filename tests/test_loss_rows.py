@@ -19,7 +19,7 @@ from model.config import SPECIAL, ModelConfig
 from model.seq2seq import Seq2SeqModel
 from model.streams import build_streams
 from pretrain.objectives import build
-from pretrain.objectives.base import gather_rows, masked_sum
+from pretrain.core.objectives import gather_rows, masked_sum
 
 TOL = 2e-5  # relative, fp32
 

@@ -16,7 +16,7 @@ import torch
 
 from model.config import SPECIAL
 from model.streams import build_streams
-from pretrain.objectives.base import Metrics, Objective, gather_rows, masked_sum, register
+from pretrain.core.objectives import Metrics, Objective, gather_rows, masked_sum, register
 
 
 @register("bang")

@@ -13,7 +13,7 @@ import torch
 
 from model.config import SPECIAL
 from model.streams import build_streams
-from pretrain.objectives.base import Metrics, Objective, masked_sum, register
+from pretrain.core.objectives import Metrics, Objective, masked_sum, register
 
 
 @register("elmer")

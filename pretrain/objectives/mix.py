@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.objectives.base import Metrics, Objective, register
+from pretrain.core.objectives import Metrics, Objective, register
 
 
 @register("mix")

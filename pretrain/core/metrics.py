@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from model import parallel
-from pretrain import distributed
+from pretrain.core import distributed
 
 
 class MetricSums:

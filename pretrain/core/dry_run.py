@@ -321,15 +321,15 @@ def _shutdown() -> None:
 # --- the step -------------------------------------------------------------------------------------------------
 
 def train_step(device: FakeDevice, model: torch.nn.Module, objective, host_batches: list[dict[str, Any]]):
-    """pretrain.step.train_step on the fake device: the batches prepared on the host (the objective's draws, the
+    """pretrain.core.step.train_step on the fake device: the batches prepared on the host (the objective's draws, the
     counts), then every micro-step under `strict()` with the objective as forward (what DeepSpeed wraps,
-    pretrain.engine.ObjectiveModule) and autograd's backward where the device allows one. DeepSpeed's optimizer
+    pretrain.core.engine.ObjectiveModule) and autograd's backward where the device allows one. DeepSpeed's optimizer
     step is not part of the dry run (DeepSpeed does not run under FakeTensorMode). Call it inside the device's
     block; returns the step's MetricSums (on the device, not yet reduced)."""
     from model import parallel
-    from pretrain import step
-    from pretrain.engine import ObjectiveModule
-    from pretrain.metrics import MetricSums
+    from pretrain.core import step
+    from pretrain.core.engine import ObjectiveModule
+    from pretrain.core.metrics import MetricSums
 
     with _disable_current_modes():  # host work on real host tensors, as in the engine
         objective.start_step(1)

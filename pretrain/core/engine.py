@@ -1,6 +1,6 @@
 """The one training engine: DeepSpeed (ZeRO 0-3, offload, bf16) over a megatron-core tensor-parallel model.
 
-Finetuning reuses it unchanged: hand it a model, an objective (pretrain.objectives interface), a training
+Finetuning reuses it unchanged: hand it a model, an objective (pretrain.core.objectives interface), a training
 loader (iterable of batch dicts with state_dict/load_state_dict), factories of held-out loaders (called afresh
 at every evaluation, so each evaluation reads the same batches) and, optionally, an extra evaluation function
 (generation metrics), the job's kind ("pretrain" | "finetune": log prefix and a tag), its extra MLflow tags, and
@@ -8,14 +8,14 @@ the facts its weights must carry (`meta`, e.g. the tokenizer checksum): checkpoi
 record them with the MLflow run id, the step and the model config, so a later job can name where its weights came
 from and refuse a tokenizer they were not trained with.
 
-On SIGTERM / SIGINT (pretrain.job arms the handlers) training stops where it is and rank 0 closes its MLflow run
+On SIGTERM / SIGINT (pretrain.core.job arms the handlers) training stops where it is and rank 0 closes its MLflow run
 as KILLED; any other failure closes it as FAILED.
 
 A step reads `grad_accum` micro-batches on every data-parallel rank. Each micro-batch loss is a mean over its
 own targets; it is rescaled by (its targets / the step's targets over all ranks) x dp x accum before
 DeepSpeed's backward (which divides by accum and averages over dp), so the gradient is the mean over every
 target of the global batch however that batch is split. That is why ZeRO stages, DP sizes and a single
-process agree on the same global batch. The step's logic lives in pretrain/step.py (host preparation, device
+process agree on the same global batch. The step's logic lives in pretrain/core/step.py (host preparation, device
 micro-steps without a host sync); this class gives it DeepSpeed's forward, backward and optimizer step.
 
 ZeRO-3 gathers parameters module by module with collectives, so in every micro-step all data-parallel ranks
@@ -38,17 +38,16 @@ import torch
 from torch import nn
 
 from model import parallel
-from pretrain import activation_checkpointing, checkpoint, distributed, job, step
-from pretrain.config import (EngineConfig, deepspeed_dict, offloads_optimizer, read_deepspeed_json, resolve_precision,
-                             to_dict, to_yaml)
-from pretrain.export import export_payload, model_config_dict
-from pretrain.metrics import MetricSums
-from pretrain.objectives import Objective
-from pretrain.schedule import WarmupDecay, build_scheduler
-from pretrain.tracking import Tracker, git_commit, launch_tags
+from pretrain.core import activation_checkpointing, checkpoint, distributed, job, step
+from pretrain.core.config import (EngineConfig, deepspeed_dict, offloads_optimizer, read_deepspeed_json,
+                                  resolve_precision, to_dict, to_yaml)
+from pretrain.core.export import FINAL_WEIGHTS, export_payload, model_config_dict
+from pretrain.core.metrics import MetricSums
+from pretrain.core.objectives import Objective
+from pretrain.core.schedule import WarmupDecay, build_scheduler
+from pretrain.core.tracking import Tracker, git_commit, launch_tags
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-FINAL_WEIGHTS = "final_model.pt"  # the export at the end of a run, in output_dir
+REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("pretrain", "finetune")
 
 

@@ -1,10 +1,11 @@
-"""Typed pretraining config: omegaconf structured dataclasses, a YAML file, `key=value` overrides, validation.
+"""The engine's typed config: omegaconf structured dataclasses, a YAML file, `key=value` overrides, validation.
 
 `EngineConfig` holds what the training engine reads (train loop, optimizer, schedule, DeepSpeed, parallel
-layout, checkpoints, evaluation, tracking); finetuning configs extend it. `PretrainConfig` adds the model,
-the data and the objective. Relative paths are relative to the working directory (the repository root).
+layout, checkpoints, evaluation, tracking); each recipe's config extends it (pretrain.pretrain_config.PretrainConfig
+adds the model, the data and the objective; finetune.config.FinetuneConfig the task). Relative paths are relative
+to the working directory (the repository root). The command line both recipes share is here too (`cli_parser`).
 
-`validate()` runs before any process group starts and raises ConfigError naming the field (and file) at fault.
+`validate_engine()` runs before any process group starts and raises ConfigError naming the field (and file) at fault.
 """
 from __future__ import annotations
 
@@ -16,12 +17,8 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from data_pipeline.typed_config import load_typed
-from pretrain.schedule import DECAYS
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field or the file."""
+from configs import ConfigError, load_typed
+from pretrain.core.schedule import DECAYS
 
 
 # --- engine sections (shared with finetuning) ------------------------------------------------------------
@@ -92,7 +89,7 @@ class EvalSection:
 class TrackingSection:
     mlflow: bool = True
     # empty: $MLFLOW_TRACKING_URI, else the project's one store sqlite:///<repo>/runs/mlflow.db (pretraining,
-    # finetuning and evaluation side by side; pretrain.tracking.resolve_uri)
+    # finetuning and evaluation side by side; pretrain.core.tracking.resolve_uri)
     uri: str = ""
     experiment: str = "tandem-pretrain"
     run_name: str = ""  # empty: the config name
@@ -110,67 +107,17 @@ class EngineConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
-    config_file: str = ""  # filled by load(); used in error messages
+    config_file: str = ""  # filled by load_config(); used in error messages
 
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
 
 
-# --- pretraining sections -------------------------------------------------------------------------------
-
-@dataclass
-class ModelSection:
-    preset: str = "tiny"  # model.config presets: tiny, base
-    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field; vocab_size comes from the data
-
-
-@dataclass
-class DataSection:
-    config: str = "configs/data/tiny.yaml"  # the data pipeline's config: shards, tokenizer, loader, corruption
-    overrides: list[str] = field(default_factory=list)  # key=value applied to that config
-    # Held-out text for evaluation: more key=value applied on top (e.g. another loader.shard_dir); empty: none.
-    eval_overrides: list[str] = field(default_factory=list)
-    num_workers: int = 0  # loader worker processes per rank
-
-
-@dataclass
-class BangSection:
-    n_streams: int = 0  # 0: the model's n_predict
-    stream_weights: list[float] = field(default_factory=list)  # empty: 1.0 each (BANG weighs streams equally)
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class ElmerSection:
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class ObjectiveSection:
-    name: str = "mix"  # bang, elmer or mix
-    weights: dict[str, float] = field(default_factory=lambda: {"bang": 0.5, "elmer": 0.5})  # mix: per-batch odds
-    bang: BangSection = field(default_factory=BangSection)
-    elmer: ElmerSection = field(default_factory=ElmerSection)
-
-    def active(self) -> dict[str, float]:
-        """The objectives the loader samples, with their weights."""
-        if self.name == "mix":
-            return {k: float(v) for k, v in self.weights.items() if v > 0}
-        return {self.name: 1.0}
-
-
-@dataclass
-class PretrainConfig(EngineConfig):
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
-
-
 # --- loading --------------------------------------------------------------------------------------------
 
-def load(path: str | Path, overrides: Sequence[str] = (), schema: type = PretrainConfig):
-    """YAML file + `key=value` overrides -> a typed config object (not yet validated)."""
-    return load_typed(schema, path, overrides, error=ConfigError)
+def load_config(path: str | Path, overrides: Sequence[str], schema: type):
+    """YAML file + `key=value` overrides -> a typed config object of `schema` (an EngineConfig; not yet validated)."""
+    return load_typed(schema, path, overrides)
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -342,7 +289,7 @@ def launch_world_size() -> int:
 
 def cli_parser(prog: str, description: str, config_help: str):
     """The options `python -m pretrain` and `python -m finetune` share (finetune adds --init):
-    --config PATH [--resume] [--validate-only [--world-size N]] [key=value ...]."""
+    --config PATH [--resume] [--validate-only [--world-size N] [--json]] [key=value ...]."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -353,6 +300,10 @@ def cli_parser(prog: str, description: str, config_help: str):
                              "group, no output); print `config ok: ...` and exit 0, or `error: ...` and exit 2")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --validate-only: the number of processes to check for (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --validate-only: print one JSON object instead, the stage's facts for the launcher "
+                             "(folders, checkpoint pointer, parallel layout, MLflow store, shards) and the verdict; "
+                             "also when the config is refused (exit 2)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 parallel.tensor_parallel=2")
     return parser
@@ -361,6 +312,8 @@ def cli_parser(prog: str, description: str, config_help: str):
 def parse_args(parser, argv: Sequence[str]):
     """Parse and check the shared options (argparse exits with code 2 and `error: ...` on a bad command line)."""
     args = parser.parse_args(list(argv))
+    if args.json and not args.validate_only:
+        parser.error("--json goes with --validate-only")
     if args.world_size is not None:
         if not args.validate_only:
             parser.error("--world-size goes with --validate-only (a training job takes its world size from the "

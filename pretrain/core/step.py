@@ -1,9 +1,9 @@
-"""The training step's logic and the evaluation's, apart from DeepSpeed: pretrain.engine.Engine runs them with
-DeepSpeed's forward, backward and optimizer step; pretrain/dry_run.py runs them under a fake CUDA device.
+"""The training step's logic and the evaluation's, apart from DeepSpeed: pretrain.core.engine.Engine runs them
+with DeepSpeed's forward, backward and optimizer step; pretrain/core/dry_run.py runs them under a fake CUDA device.
 
 Host and device work are kept apart. On the host, before anything reaches the device, `MicroBatch.prepare`
-checks the batch against the model, lets the objective draw its random numbers (pretrain.objectives Objective.
-prepare: ELMER's exit layers, NAR and JANUS masks, from the objective's checkpointed CPU generator) and counts
+checks the batch against the model, lets the objective draw its random numbers (Objective.prepare: ELMER's
+exit layers, NAR and JANUS masks, from the objective's checkpointed CPU generator) and counts
 what the step's figures need (targets, tokens, samples). On the device, `train_step` moves each micro-batch
 (the one host-to-device copy), runs forward and backward, and accumulates the figures in `MetricSums` on the
 device. The step's loss scaling uses the targets of every data-parallel rank, summed by one all-reduce of a
@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 from model.config import SPECIAL
-from pretrain import distributed
-from pretrain.metrics import MetricSums
-from pretrain.objectives import Metrics, Objective
+from pretrain.core import distributed
+from pretrain.core.metrics import MetricSums
+from pretrain.core.objectives import Metrics, Objective
 
 Batch = dict[str, Any]
 ToDevice = Callable[[Batch], Batch]
