@@ -42,7 +42,7 @@ from pretrain.core import checkpoint_manifest as manifest  # noqa: E402
 
 STEPS, EVERY = 6, 2
 SEED = 1234  # configs/pretrain/tiny.yaml train.seed
-COMPARED = ("loss", "bang/loss_s0", "elmer/loss", "grad_norm", "lr", "samples_seen", "samples_skipped")
+COMPARED = ("loss", "bang/loss_s0", "elmer/loss", "grad_norm", "lr", "samples_seen")
 MLFLOW_EXPERIMENT = "tandem-pretrain"
 
 __all__ = ["pretrain_shards"]  # the fixture, imported for this module's runs
@@ -121,13 +121,22 @@ def copy_checkpoints(reference: Path, out: Path, steps: list[int]) -> Path:
     return ckpt
 
 
+def data_records(out: Path) -> dict[int, dict]:
+    """The `data` records of metrics.jsonl (the loader's skip counts, data/... in MLflow) by step."""
+    entries = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return {e["step"]: e for e in entries if e.get("kind") == "data"}
+
+
 def assert_continues_reference(reference: Path, out: Path, first_step: int) -> None:
-    """out's training records from first_step on equal the reference's, value by value (tolerance 0)."""
+    """out's training records (and skip counts) from first_step on equal the reference's, value by value
+    (tolerance 0)."""
     ref, got = train_records(reference), train_records(out)
     assert sorted(got) == list(range(first_step, STEPS + 1)), sorted(got)
     for step in got:
         for key in COMPARED:
             assert got[step].get(key) == ref[step].get(key), (step, key, got[step].get(key), ref[step].get(key))
+    ref_data, got_data = data_records(reference), data_records(out)
+    assert {s: got_data[s] for s in got} == {s: ref_data[s] for s in got}
 
 
 def assert_intact(tag_dir: Path) -> None:
@@ -145,6 +154,10 @@ def test_checkpoints_record_their_files_and_the_skip_counts_reach_the_log(refere
     assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_00000.pt", "rank_00001.pt"} <= names
     assert names == set(manifest.data_files(tag_dir))  # every file of the tag, nothing else
+    same = subprocess.run([sys.executable, "-m", "pretrain", "--validate-only", "--world-size", "2", "--config", TINY,
+                           *run_args(reference, damaged_shards[0]), "--resume"],
+                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0, same.stdout + same.stderr  # the job that wrote it can continue it
     for rel, entry in recorded["files"].items():
         assert entry["size"] == (tag_dir / rel).stat().st_size and entry["sha256"] == manifest.sha256(tag_dir / rel)
     assert (recorded["step"], recorded["layout"], recorded["objective"]) == \
@@ -153,16 +166,18 @@ def test_checkpoints_record_their_files_and_the_skip_counts_reach_the_log(refere
     assert recorded["loader"]["plan_facts"]["batching"]["batch_size"] == 8
 
     expected = damaged_shards[1]
-    records = train_records(reference)
-    assert {s: records[s]["samples_skipped"] for s in records} == expected  # summed over both dp ranks
-    assert all(records[s]["shards_skipped"] == 0 for s in records)
-    assert records[STEPS]["samples_seen"] == STEPS * 2 * 8 - 3  # the skipped samples were not trained on
+    data = data_records(reference)
+    assert {s: data[s]["samples_skipped"] for s in data} == expected  # summed over both dp ranks
+    assert all(data[s]["shards_skipped"] == 0 for s in data)
+    assert train_records(reference)[STEPS]["samples_seen"] == STEPS * 2 * 8 - 3  # the skipped ones not trained on
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{reference / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id])
-    history = client.get_metric_history(run.info.run_id, "train/samples_skipped")
+    history = client.get_metric_history(run.info.run_id, "data/samples_skipped")
     assert {m.step: m.value for m in history} == expected
+    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "data/shards_skipped")} == \
+        {s: 0.0 for s in expected}
 
 
 # --- a broken checkpoint never costs the run ----------------------------------------------------------------
@@ -272,3 +287,33 @@ def test_a_failed_write_stops_naming_the_folder_and_keeps_the_previous_checkpoin
     assert_intact(ckpt / tag(EVERY))
     assert not (failed / manifest.MANIFEST).exists()
     assert max(train_records(out)) == 2 * EVERY  # it stopped at the save
+
+
+# --- a resume this job cannot continue is explained before any process starts --------------------------------
+
+@pytest.mark.parametrize("extra, world, words", [
+    (["parallel.tensor_parallel=2"], 2, "was written with parallel.tensor_parallel=1 (world size 2), and this job has "
+                                        "parallel.tensor_parallel=2: a checkpoint continues only with the layout "
+                                        "that wrote it (set parallel.tensor_parallel=1, or start a new run)"),
+    ([], 1, "was written by 2 processes (tensor parallel 1 x data parallel 2), and this job has 1 (the world size): "
+            "a checkpoint continues only with the world size that wrote it (launch 2 processes, or start a new run)"),
+    (["objective.name=bang"], 2, "was written training objective 'mix', and this job trains 'bang': a checkpoint "
+                                 "continues only with its own objective (changed since: objective.name: 'mix' -> "
+                                 "'bang')"),
+    (["BATCH=4"], 2, "was written with other training batches than this job's config gives: batching.batch_size: 8 "
+                     "-> 4 (changed since: data.overrides"),
+])
+def test_a_resume_this_job_cannot_continue_is_named_by_validate_only(reference, damaged_shards, tmp_path, extra,
+                                                                     world, words):
+    """`--validate-only --resume` (what preflight and the supervisor ask; no process group) refuses, exit code 2, in
+    one line naming the field that changed, before any rank would fail on a raw `size mismatch` or a plan hash."""
+    out = tmp_path / "out"
+    ckpt = copy_checkpoints(reference, out, [EVERY, 2 * EVERY])
+    data = damaged_shards[0]
+    if extra == ["BATCH=4"]:
+        data, extra = [o.replace("loader.batch_size=8", "loader.batch_size=4") for o in data], []
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "--validate-only", "--world-size", str(world),
+                           "--config", TINY, *run_args(out, data), *extra, "--resume"],
+                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"error: --resume: {ckpt / tag(2 * EVERY)} {words}" in proc.stderr, proc.stderr

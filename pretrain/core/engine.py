@@ -293,8 +293,7 @@ class Engine:
         cfg = self.cfg
         if cfg.checkpoint.resume:
             self.resume()
-        names = ["loss"] + self.objective.metric_names()
-        window = MetricSums(names, extra=("tokens", "samples"), device=self.device)
+        window = self._new_window()
         bar = None
         status = "FAILED"
         last: dict[str, float] = {}
@@ -315,7 +314,7 @@ class Engine:
                 window_steps += 1
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     last = self._log_window(window, time.perf_counter() - window_start, window_steps, bar)
-                    window = MetricSums(names, extra=("tokens", "samples"), device=self.device)
+                    window = self._new_window()
                     window_start, window_steps = time.perf_counter(), 0
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.train.steps:
                     self.evaluate()
@@ -354,7 +353,16 @@ class Engine:
 
         return tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.kind)
 
+    def _new_window(self) -> MetricSums:
+        """The sums of one log window: the objective's metrics on the device; tokens, samples and (when the training
+        loader has counters()) its skipped samples as host sums reduced with them, in the window's one all-reduce."""
+        extra = ("tokens", "samples") + (("samples_skipped",) if hasattr(self.train_loader, "counters") else ())
+        return MetricSums(["loss"] + self.objective.metric_names(), extra=extra, device=self.device)
+
     def _log_window(self, window: MetricSums, seconds: float, steps: int, bar) -> dict[str, float]:
+        counts = self.train_loader.counters() if "samples_skipped" in window.extra else None
+        if counts is not None:  # the run's total on this rank, summed over data parallel by the window's reduce
+            window.add_extra("samples_skipped", counts["samples_skipped"])
         means, extra = window.reduce()
         tokens, samples = extra["tokens"], extra["samples"]  # summed over data parallel only: TP peers count once
         self.tokens_seen += int(tokens)
@@ -369,32 +377,22 @@ class Engine:
             "step_time_s": seconds / max(steps, 1),
             "samples_seen": float(self.samples_seen),
             "tokens_seen": float(self.tokens_seen),
-            **self._data_counters(),
         })
         self.tracker.log_metrics(metrics, self.step, kind="train")
+        skipped = ""
+        if counts is not None:  # what the loader left out so far in the run: data/samples_skipped, data/shards_skipped
+            data = {"samples_skipped": extra["samples_skipped"], "shards_skipped": float(counts["shards_skipped"])}
+            self.tracker.log_metrics(data, self.step, kind="data")
+            skipped = "".join(f" {k} {v:.0f}" for k, v in data.items() if v)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             refresh=False)
         elif self.rank0 and self.cfg.train.progress_bar:  # no terminal: plain lines with the same figures
             eta = (self.cfg.train.steps - self.step) * metrics["step_time_s"]
-            skipped = "".join(f" {k} {metrics[k]:.0f}" for k in ("samples_skipped", "shards_skipped")
-                              if metrics.get(k))
             self.log_line(f"step {self.step}/{self.cfg.train.steps} loss {metrics.get('loss', math.nan):.4f} "
                           f"lr {lr:.3g} grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f} "
                           f"eta {eta:.0f}s{skipped}")
         return metrics
-
-    def _data_counters(self) -> dict[str, float]:
-        """What the training loader left out so far in the run (its counters(), when it has them): samples summed
-        over the data-parallel group (tensor-parallel peers hold the same count), shards the same on every rank.
-        Collective over data parallel: every rank calls it once per log window."""
-        counters = getattr(self.train_loader, "counters", None)
-        if counters is None:
-            return {}
-        counts = counters()
-        samples = torch.tensor([float(counts["samples_skipped"])], dtype=torch.float64, device=self.device)
-        distributed.all_reduce_sum(samples, group=parallel.dp_group())
-        return {"samples_skipped": samples.item(), "shards_skipped": float(counts["shards_skipped"])}
 
     # --- evaluation -------------------------------------------------------------------------------------
 
