@@ -89,7 +89,8 @@ def damaged_shards(pretrain_shards, shared_data, tmp_path_factory) -> tuple[list
         first[rank] = [next(batches)["sample_ids"].tolist() for _ in range(2)]
     victims = [first[0][0][3], first[1][1][0], first[1][1][5]]
     for entry in load_manifest(copy)["shards"]:
-        members = [i - entry["first_id"] for i in victims if entry["first_id"] <= i < entry["first_id"] + entry["samples"]]
+        first, count = entry["first_id"], entry["samples"]
+        members = [i - first for i in victims if first <= i < first + count]
         if members:
             damage_payloads(copy, entry["name"], members)
     overrides = ["data.overrides=[" + ",".join(f"'{o}'" for o in data) + "]", "data.eval_overrides=[]"]
@@ -105,8 +106,8 @@ def run_args(out: Path, data: list[str], extra: list[str] = ()) -> list[str]:
 def reference(damaged_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt-reference")
     log = out.parent / f"{out.name}.log"
-    finish(torchrun(run_args(out, damaged_shards[0], ["tracking.mlflow=true", f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]),
-                    log), log)
+    tracked = ["tracking.mlflow=true", f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]
+    finish(torchrun(run_args(out, damaged_shards[0], tracked), log), log)
     assert (out / "checkpoints" / "latest").read_text() == tag(2 * EVERY)
     return out
 

@@ -56,5 +56,5 @@ def __getattr__(name: str):
 __all__ = ["EngineConfig", "TrackingSection", "load_config", "validate_engine", "zero_stage", "to_dict", "to_yaml",
            "cli_parser", "parse_args", "cli_main", "started", "config_artifacts", "input_file", "shard_folder",
            "Engine", "is_rank0", "uses_gpu", "Objective", "Metrics", "gather_rows", "register", "build", "registered",
-           "write_atomically", "check_resume", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights", "check_dims", "load_into",
-           "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT"]
+           "write_atomically", "check_resume", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights",
+           "check_dims", "load_into", "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT"]

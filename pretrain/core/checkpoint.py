@@ -140,8 +140,8 @@ def _writing(tag_dir: Path, named: str | None, rank: int) -> Iterator[None]:
         stands = (f"`latest` still names {named}, which is intact and what a restart resumes from" if named
                   else "there is no earlier complete checkpoint")
         raise CheckpointWriteError(
-            f"writing checkpoint {tag_dir} failed on rank {rank}: {type(err).__name__}: {err} ({_free_space(tag_dir.parent)}). "
-            f"{stands}; {tag_dir} is incomplete and can be deleted") from err
+            f"writing checkpoint {tag_dir} failed on rank {rank}: {type(err).__name__}: {err} "
+            f"({_free_space(tag_dir.parent)}). {stands}; {tag_dir} is incomplete and can be deleted") from err
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],

@@ -2,12 +2,13 @@
 
 Finetuning reuses it unchanged: hand it a model, an objective (pretrain.core.objectives interface), a training
 loader (iterable of batch dicts with state_dict/load_state_dict; where it has them, counters() reaches the log and
-MLflow and resume_mismatch(state) explains a checkpoint it cannot continue), factories of held-out loaders (called afresh
-at every evaluation, so each evaluation reads the same batches) and, optionally, an extra evaluation function
-(generation metrics), the job's kind ("pretrain" | "finetune": log prefix and a tag), its extra MLflow tags, and
-the facts its weights must carry (`meta`, e.g. the tokenizer checksum): checkpoints and the exported weights
-record them with the MLflow run id, the step and the model config, so a later job can name where its weights came
-from and refuse a tokenizer they were not trained with.
+MLflow as data/samples_skipped and data/shards_skipped, and resume_mismatch(state) explains a checkpoint it cannot
+continue), factories of held-out loaders (called afresh at every evaluation, so each evaluation reads the same
+batches) and, optionally, an extra evaluation function (generation metrics), the job's kind ("pretrain" |
+"finetune": log prefix and a tag), its extra MLflow tags, and the facts its weights must carry (`meta`, e.g. the
+tokenizer checksum): checkpoints and the exported weights record them with the MLflow run id, the step and the
+model config, so a later job can name where its weights came from and refuse a tokenizer they were not trained
+with.
 
 On SIGTERM / SIGINT (pretrain.core.job arms the handlers) training stops where it is and rank 0 closes its MLflow run
 as KILLED; any other failure closes it as FAILED.
