@@ -259,6 +259,47 @@ def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
     assert pretrain_run_id(read_init(finetuned)) == "run-pre"
 
 
+def test_exported_weights_load_with_weights_only(tmp_path):
+    """export_payload keeps only plain values (tensors, dicts, lists, strings, numbers, None), so torch.load with
+    weights_only=True reads the export and nothing in it can run code: paths become strings, numpy values Python
+    ones, a non-tensor `_extra_state` (Transformer Engine's byte buffer) is left out, anything else is refused
+    naming its key. read_weights refuses a pickle holding other objects, naming the file."""
+    import datetime
+    import io
+
+    import numpy as np
+
+    from pretrain.core.export import export_payload, model_config_dict
+    from pretrain.core.weights import read_weights
+
+    source = tiny()
+    state = {**source.state_dict(), "encoder_layers.0.ffn.block.fc_in._extra_state": io.BytesIO(b"te")}
+    record = {"job": "finetune", "tokenizer": Path("/data/tok.model"), "pretrain_step": np.int64(300),
+              "mlflow_run_id": None, "lr": np.float32(0.5)}
+    path = tmp_path / "final_model.pt"
+    torch.save(export_payload(state, model_config_dict(source), np.int64(7), record), path)
+    saved = torch.load(path, weights_only=True)
+    assert (saved["tokenizer"], saved["pretrain_step"], saved["lr"], saved["step"]) == ("/data/tok.model", 300, 0.5, 7)
+    assert "encoder_layers.0.ffn.block.fc_in._extra_state" not in saved["model"]
+    for name, value in source.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(saved["model"][name], value), name
+    reloaded = tiny()
+    load_into(reloaded, read_weights(path))  # the left-out extra state comes from the model
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.parameters(), source.parameters()))
+
+    class Opaque:
+        pass
+
+    with pytest.raises(TypeError, match=r"record\.origin: a Opaque cannot go into the exported weights"):
+        export_payload(source.state_dict(), None, 1, {"origin": Opaque()})
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": source.state_dict(), "saved_on": datetime.date(2025, 1, 1)}, pickled)
+    with pytest.raises(InitError, match=r"pickled\.pt: holds objects other than tensors and plain values, which "
+                                        r"torch\.load\(weights_only=True\) refuses \(Unsupported global: .*date"):
+        read_weights(pickled)
+
+
 def test_finetuned_weights_keep_their_pretraining_lineage():
     """Weights finetuned again name the pretraining run and step they descend from, not their own finetuning step."""
     from finetune.init_checkpoint import FINETUNED, pretrain_run_id, pretrain_step

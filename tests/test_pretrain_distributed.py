@@ -268,7 +268,7 @@ def test_final_weights_are_exported_tp_merged(tp2_zero2_run, pretrain_shards):
 
     from mlflow.tracking import MlflowClient
 
-    saved = torch.load(tp2_zero2_run / "final_model.pt", weights_only=False)
+    saved = torch.load(tp2_zero2_run / "final_model.pt", weights_only=True)  # plain values only: no pickled code
     assert saved["step"] == 14 and saved["model"]["embed_tokens.weight"].shape == (4096, 64)
     # The run record: finetuning links its run to this one and checks the tokenizer against its task shards.
     store = f"sqlite:///{tp2_zero2_run / 'mlflow.db'}"
