@@ -82,8 +82,9 @@ def _load(path: Path) -> Any:
         try:
             return _torch_load(path, weights_only=True)
         except pickle.UnpicklingError as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+            reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+            if reason is None:  # not a pickle at all (a junk or truncated file): below, "cannot read"
+                raise
             reason = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
             if not MP_FILE.match(path.name):
                 raise InitError(f"{path}: holds objects other than tensors and plain values, which torch.load("
