@@ -215,7 +215,7 @@ def train(plan: Plan) -> dict[str, float]:
                              meta={"tokenizer_checksum": plan.tokenizer_checksum})
         last = engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg),
                           run_name=cfg.tracking.run_name or cfg.name)
-        if engine.rank0 and cfg.checkpoint.export_final:  # <output_dir>/hf, the run's MLflow model
+        if engine.rank0:  # <output_dir>/hf, the run's MLflow model (checkpoint.export_hf)
             core.publish_hf(engine, load_tokenizer(plan.tokenizer_path))
         return last
 

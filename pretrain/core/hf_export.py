@@ -116,11 +116,13 @@ def log_hf_model(uri: str, run_id: str, folder: str | Path) -> str:
 
 
 def publish_hf(engine, tokenizer, *, options=None, mode: str = "ar_beam", source: dict[str, Any] | None = None) -> None:
-    """After a run's final export (rank 0): <output_dir>/hf from <output_dir>/final_model.pt, logged as the MLflow
+    """After a run's final export (rank 0; checkpoint.export_hf): <output_dir>/hf from <output_dir>/final_model.pt, logged as the MLflow
     model of the engine's run. A failure here warns and leaves the weights as they are (the folder can be written
     again with `python -m finetune export`)."""
     from pretrain.core.export import FINAL_WEIGHTS
 
+    if not (engine.rank0 and engine.cfg.checkpoint.export_final and engine.cfg.checkpoint.export_hf):
+        return
     final, out = engine.output_dir / FINAL_WEIGHTS, engine.output_dir / HF_EXPORT
     try:
         from model.config import ModelConfig
