@@ -15,9 +15,9 @@ writer; sample ids number the shuffled order. A buffer larger than the corpus gi
 
 manifest.json records: shard names, sample and token counts, bytes and sha256 per shard, the lengths file
 (`lengths.npy`: one row per sample id, used to plan batches without reading shards), the tokenizer checksum, the
-creating config, the input fingerprint (a copy of the tokenizer, tokenizer.model + tandem_tokenizer.json, sits beside the
-shards so the folder can move), and the counts of everything skipped or repaired (bad UTF-8, empty docs,
-overlong docs split...). Re-running with the same inputs and config is a no-op; otherwise the folder is rebuilt in a
+creating config, the input fingerprint (a copy of the tokenizer, tokenizer.model + tandem_tokenizer.json or a Hugging
+Face tokenizer folder, sits beside the shards so the folder can move), and the counts of everything skipped or
+repaired (bad UTF-8, empty docs, overlong docs split...). Re-running with the same inputs and config is a no-op; otherwise the folder is rebuilt in a
 staging folder and swapped in, so shards are never duplicated or mixed.
 """
 from __future__ import annotations

@@ -61,9 +61,9 @@ def read_hf_checkpoint(path: str | Path, tokenizer, overrides: dict[str, Any], t
     except (OSError, ValueError, TypeError) as err:
         raise core.InitError(f"{path}: {err}") from None
     if model_cfg.vocab_size != tokenizer.padded_vocab_size:
-        raise core.InitError(f"{path} has a vocabulary of {model_cfg.vocab_size} ids, but the tokenizer {tokenizer.path} "
-                             f"has {tokenizer.padded_vocab_size}: build the task shards with the checkpoint's tokenizer "
-                             f"(data.overrides=[tokenizer.type=hf,tokenizer.path={path}])")
+        raise core.InitError(f"{path} has a vocabulary of {model_cfg.vocab_size} ids, but the tokenizer "
+                             f"{tokenizer.path} has {tokenizer.padded_vocab_size}: build the task shards with the "
+                             f"checkpoint's tokenizer (data.overrides=[tokenizer.type=hf,tokenizer.path={path}])")
     exported = getattr(hf_cfg, "tandem_export", None) or {}  # a Tandem export records its run and tokenizer
     meta = {"format": "hf", **{k: exported.get(k) for k in ("job", "step", "mlflow_run_id", "tokenizer_checksum")}}
     return HfCheckpoint(path, model_cfg, tokenizer.vocab_order, {k: v for k, v in meta.items() if v is not None})

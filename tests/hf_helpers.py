@@ -1,7 +1,8 @@
 """Hugging Face checkpoints built locally for the interop tests (no download): a byte-level BPE tokenizer trained
 with the `tokenizers` library on Gigaword text and numbered as BART's is (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask>
-last), and a tiny BART- or mBART-shaped model with random weights saved beside it, as a public checkpoint folder is.
-Imported by tests/test_hf_tokenizer.py and tests/test_hf_import.py (pytest puts tests/ on sys.path).
+last), and a tiny BART- or mBART-shaped model with random weights saved beside it, as a public checkpoint folder is;
+logits of ours and of Hugging Face models on the same batch. Imported by tests/test_hf_*.py (pytest puts tests/ on
+sys.path).
 """
 from __future__ import annotations
 
@@ -46,3 +47,33 @@ def build_bart_checkpoint(shared_data: Path, folder: Path, *, mbart: bool = Fals
     model_class(config).save_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["pad_token_id"] == 1
     return folder
+
+
+def our_logits(model, src, dec):
+    """Our model's logits in plain AR mode (the main stream), what Hugging Face BART computes."""
+    import torch
+
+    from model.streams import build_streams
+
+    with torch.no_grad():
+        return model.logits(model.decode(model.encode(src), build_streams("ar", prev_tokens=dec)).hidden)
+
+
+def hf_logits(hf_model, src, dec, pad: int):
+    import torch
+
+    with torch.no_grad():
+        return hf_model(input_ids=src, attention_mask=(src != pad).long(), decoder_input_ids=dec).logits
+
+
+def source_batch(tokenizer, sources: list[str], max_len: int = 32):
+    """(sources padded with our pad 0, decoder inputs: our bos + the first source tokens) in our ids."""
+    import torch
+
+    from finetune.decoding import encode_sources
+
+    ids = encode_sources(tokenizer, sources, max_len)
+    width = max(map(len, ids))
+    src = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    dec = torch.cat([torch.full((len(ids), 1), 2), src[:, :6].clamp(min=5)], dim=1)
+    return src, dec

@@ -10,7 +10,8 @@ sqlite store, transformers loading the folders offline (local_files_only, HF_HUB
   * the same model decoded through BANG's predicting stream (decode.ar_logits=bang_ar) exports with a warning, and
     README.md and config.json say what Hugging Face cannot reproduce;
   * a DeepSpeed checkpoint folder exports as a pretraining output does: its tokenizer found through the run's
-    config.resolved.yaml and checked against the checksum the checkpoint records.
+    config.resolved.yaml and checked against the checksum the checkpoint records;
+  * a pretraining run leaves its export and MLflow model too, and exporting its output gives its logits exactly.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from finetune_helpers import ENV, GIGAWORD, REPO_ROOT, as_list_override, build_test_data, run
+from hf_helpers import hf_logits, our_logits, source_batch
 
 STEPS = 150
 VALID_EXAMPLES = 48
@@ -134,3 +136,51 @@ def test_checkpoint_folder_exports_with_the_runs_tokenizer(finetuned, tmp_path):
                           "--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path)], cwd=REPO_ROOT, env=HF_ENV,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--tokenizer" in bad.stderr and "tokenizer model not found" in bad.stderr
+
+
+def test_pretraining_output_exports_exactly(shared_data, tmp_path):
+    """A pretraining run (tiny, a few steps) leaves <output_dir>/hf logged as its MLflow model; `finetune export
+    --model <pretraining output>` finds the tokenizer through the run's config.resolved.yaml, and the folder's
+    logits are the final weights' in Tandem value by value (1e-4, fp32), its tokenizer giving Tandem's ids."""
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from data_pipeline.tokenizer import load_tokenizer
+    from finetune.export import run_tokenizer_dir
+    from model import parallel
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+
+    data = build_test_data(shared_data)
+    out, uri = tmp_path / "pt", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run(["-m", "pretrain", "--config", "configs/pretrain/tiny.yaml", f"output_dir={out}",
+         as_list_override("data.overrides", data), "data.eval_overrides=[]", "train.steps=4", "schedule.warmup_steps=2",
+         "eval.batches=0", "checkpoint.every_steps=0", "deepspeed.precision=fp32", f"tracking.uri={uri}",
+         "tracking.experiment=hf-pretrain"], timeout=600)
+    client = MlflowClient(uri)
+    (run_record,) = client.search_runs([client.get_experiment_by_name("hf-pretrain").experiment_id])
+    models = client.search_logged_models(experiment_ids=[run_record.info.experiment_id])
+    assert [(m.name, m.source_run_id) for m in models] == [("model", run_record.info.run_id)]
+    assert (out / "hf" / "model.safetensors").is_file()
+
+    folder = tmp_path / "exported"
+    export(["--model", str(out), "--out", str(folder)])
+    assert json.loads((folder / "config.json").read_text())["tandem_export"]["job"] == "pretrain"
+    tokenizer = load_tokenizer(run_tokenizer_dir(out / "final_model.pt"))
+    lines = read_valid_sources(shared_data)
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert hf_tokenizer(lines, add_special_tokens=False).input_ids == [tokenizer.encode(line) for line in lines]
+
+    saved = torch.load(out / "final_model.pt", map_location="cpu", weights_only=False)
+    parallel.ensure_initialized(seed=0)
+    model = Seq2SeqModel(ModelConfig(**saved["config"])).eval()
+    model.load_state_dict(saved["model"])
+    src, dec = source_batch(tokenizer, lines)
+    hf_model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True).eval()
+    ours, theirs = our_logits(model, src, dec), hf_logits(hf_model, src, dec, pad=0)
+    assert ours.abs().max() > 1.0
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def read_valid_sources(shared_data: Path, n: int = 8) -> list[str]:
+    return (shared_data / "glge/gigaword/valid.src").read_text(encoding="utf-8").splitlines()[:n]

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from finetune_helpers import GIGAWORD, as_list_override, build_test_data, data_overrides, run, train_losses
-from hf_helpers import build_bart_checkpoint
+from hf_helpers import build_bart_checkpoint, hf_logits, our_logits, source_batch
 
 LOGITS_TOL = 1e-4  # fp32; the logits are of order 1-10
 STEPS = 60
@@ -52,29 +52,6 @@ def bart(shared_data, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def mbart(shared_data, tmp_path_factory) -> dict:
     return task_checkpoint("mbart", shared_data, tmp_path_factory)
-
-
-def our_logits(model, src: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
-    from model.streams import build_streams
-
-    with torch.no_grad():
-        return model.logits(model.decode(model.encode(src), build_streams("ar", prev_tokens=dec)).hidden)
-
-
-def hf_logits(hf_model, src: torch.Tensor, dec: torch.Tensor, pad: int) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(input_ids=src, attention_mask=(src != pad).long(), decoder_input_ids=dec).logits
-
-
-def source_batch(tokenizer, sources: list[str], max_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sources padded with our pad 0, decoder inputs: our bos + the first source tokens) in our ids."""
-    from finetune.decoding import encode_sources
-
-    ids = encode_sources(tokenizer, sources, max_len)
-    width = max(map(len, ids))
-    src = torch.tensor([row + [0] * (width - len(row)) for row in ids])
-    dec = torch.cat([torch.full((len(ids), 1), 2), src[:, :6].clamp(min=5)], dim=1)
-    return src, dec
 
 
 @pytest.mark.parametrize("kind", ["bart", "mbart"])

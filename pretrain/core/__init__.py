@@ -56,5 +56,5 @@ __all__ = ["EngineConfig", "TrackingSection", "load_config", "validate_engine", 
            "cli_parser", "parse_args", "cli_main", "started", "config_artifacts", "input_file", "shard_folder",
            "Engine", "is_rank0", "uses_gpu", "Objective", "Metrics", "gather_rows", "register", "build", "registered",
            "write_atomically", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights", "check_dims", "load_into",
-           "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT", "HF_EXPORT", "write_hf_export",
-           "log_hf_model", "publish_hf"]
+           "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT", "HF_EXPORT",
+           "write_hf_export", "log_hf_model", "publish_hf"]

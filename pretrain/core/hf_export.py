@@ -40,8 +40,8 @@ def fidelity(mode: str, ar_logits: str) -> tuple[bool, str]:
                        f"run; generation_config.json describes AR beam search over the main stream instead, which "
                        f"reproduces Tandem's ar_beam (decode.ar_logits=ar) exactly.")
     return True, (f"exact: the main stream's logits, and generate() with generation_config.json gives Tandem's {mode} "
-                  f"tokens, except that among hypotheses reaching the maximum length Hugging Face scores the forced EOS "
-                  f"with log-probability 0 where Tandem (fairseq) uses its log-probability.")
+                  f"tokens, except that among hypotheses reaching the maximum length Hugging Face scores the forced "
+                  f"EOS with log-probability 0 where Tandem (fairseq) uses its log-probability.")
 
 
 def write_hf_export(full: dict[str, Any], model_cfg, tokenizer, out_dir: str | Path, *, options, mode: str,
@@ -116,9 +116,9 @@ def log_hf_model(uri: str, run_id: str, folder: str | Path) -> str:
 
 
 def publish_hf(engine, tokenizer, *, options=None, mode: str = "ar_beam", source: dict[str, Any] | None = None) -> None:
-    """After a run's final export (rank 0; checkpoint.export_hf): <output_dir>/hf from <output_dir>/final_model.pt, logged as the MLflow
-    model of the engine's run. A failure here warns and leaves the weights as they are (the folder can be written
-    again with `python -m finetune export`)."""
+    """After a run's final export (rank 0; checkpoint.export_hf): <output_dir>/hf from <output_dir>/final_model.pt,
+    logged as the MLflow model of the engine's run. A failure here warns and leaves the weights as they are (the
+    folder can be written again with `python -m finetune export`)."""
     from pretrain.core.export import FINAL_WEIGHTS
 
     if not (engine.rank0 and engine.cfg.checkpoint.export_final and engine.cfg.checkpoint.export_hf):
