@@ -135,9 +135,12 @@ def publish_hf(engine, tokenizer, *, options=None, mode: str = "ar_beam", source
         write_hf_export(weights.shards[0], ModelConfig(**weights.meta["model_config"]), tokenizer, out,
                         options=options or DecodeOptions(), mode=mode, source=source)
         engine.log_line(f"wrote the Hugging Face export {out}")
-        if engine.tracker.use_mlflow and engine.tracker.run_id:
+        # Only to a run MLflow holds whole: with MLflow away, the run waits for backfill and nothing may hang here.
+        if engine.tracker.use_mlflow and engine.tracker.run_id and engine.tracker.closed_in_mlflow:
             model_id = log_hf_model(engine.tracker.uri, engine.tracker.run_id, out)
             engine.log_line(f"logged {out} as MLflow model {model_id} of run {engine.tracker.run_id}")
+        elif engine.tracker.use_mlflow:
+            engine.log_line(f"MLflow holds only part of this run: {out} is not logged as its MLflow model")
     except Exception as err:  # noqa: BLE001 - the trained weights are safe in final_model.pt
         warnings.warn(f"Hugging Face export / MLflow model of {final} failed ({type(err).__name__}: {err}); write it "
                       f"with `python -m finetune export --model {engine.output_dir} --out {out}`", RuntimeWarning)
