@@ -11,7 +11,10 @@ the tokenizer's padded 4096), alternating objectives as the mix does; demand = s
 (median over the timed steps).
 
 headroom = loader samples/s / the highest demand (the tiny model's): how many times faster the loader can feed
-than the fastest trainer eats. Both sides run on the same machine one after the other, so neither slows the
+than the fastest trainer eats.
+
+Shard verification: the sha256 the loader computes the first time it opens each shard in a run (loader.verify=
+sha256), timed over every tiny shard, per sample, against the tiny model's step time per sample. Both sides run on the same machine one after the other, so neither slows the
 other; on a shared box, compare the CPU-time figures printed beside the wall-clock ones.
 
     python bench/data_throughput.py                      # builds runs/data/tiny if needed; last line headroom=<x>
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from data_pipeline.artifacts import load_manifest, sha256_file  # noqa: E402
 from data_pipeline.config import REPO_ROOT, load_config  # noqa: E402
 from data_pipeline.prepare import prepare  # noqa: E402
 from data_pipeline.stream import build_pretrain_loader  # noqa: E402
@@ -69,6 +73,21 @@ def measure_loader(cfg, workers: int, n_batches: int) -> dict:
         (t1.children_system - t0.children_system)
     return {"samples_s": samples / wall, "tokens_s": tokens / wall, "batches": n_batches, "wall": wall,
             "samples_per_cpu_s": samples / cpu}
+
+
+def measure_sha256(cfg) -> dict:
+    """Hash every shard once, as the loader does on first opening (the page cache is warm: the bench just read
+    them, and so has the loader when a training run opens a shard)."""
+    shard_dir = cfg.in_work(cfg.loader.shard_dir)
+    manifest = load_manifest(shard_dir)
+    paths = [shard_dir / s["name"] for s in manifest["shards"]]
+    nbytes = sum(p.stat().st_size for p in paths)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for p in paths:
+        sha256_file(p)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"mb_s": nbytes / wall / 1e6, "us_per_sample": wall / manifest["num_samples"] * 1e6,
+            "cpu_us_per_sample": cpu / manifest["num_samples"] * 1e6, "mb": nbytes / 1e6}
 
 
 def trainer_batches(cfg, n: int) -> list[dict]:
@@ -169,6 +188,11 @@ def main() -> None:
               f"-> demand {tr['samples_s']:.1f} samples/s ({tr['tokens_s']:.0f} tokens/s; "
               f"{tr['samples_per_cpu_s']:.1f} samples per CPU second); loader headroom "
               f"{lo['samples_s'] / tr['samples_s']:.1f}x", flush=True)
+    sha = measure_sha256(cfg)
+    step_us = 1e6 / max(demand.values())
+    print(f"shard sha256: {sha['mb_s']:.0f} MB/s over {sha['mb']:.1f} MB, {sha['us_per_sample']:.2f} us per sample "
+          f"({sha['cpu_us_per_sample']:.2f} CPU us), once per shard and run = {sha['us_per_sample'] / step_us:.1e} of "
+          f"the tiny model's step time per sample ({step_us:.0f} us)")
     print(f"cpu_headroom={lo['samples_per_cpu_s'] / max(cpu_demand.values()):.1f} (CPU seconds: loader samples per "
           f"CPU second / trainer samples per CPU second; insensitive to other load on the machine)")
     print(f"headroom={lo['samples_s'] / max(demand.values()):.1f}")

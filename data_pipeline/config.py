@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+from configs import load_typed, merge_typed
 from data_pipeline.errors import ConfigError
-from data_pipeline.typed_config import load_typed, merge_typed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,11 @@ class ExtractConfig:
     min_doc_chars: int = 20  # shorter documents count as empty and are skipped
     num_workers: int = 2  # processes that clean Wikipedia pages
     pages_per_task: int = 64  # Wikipedia pages sent to a worker at a time (bounds memory while streaming)
+    # A book or WikiText file with a NUL byte, or with more than these shares of its characters being control
+    # characters / undecodable UTF-8, is not text: "error" stops naming it, "skip" leaves it out and counts it.
+    non_text_files: str = "error"
+    max_control_char_ratio: float = 0.01
+    max_bad_utf8_ratio: float = 0.05  # Latin-1 prose is ~1-4% non-ASCII; executables and archives are 20%+
 
 
 @dataclass
@@ -93,8 +98,10 @@ class LoaderConfig:
     shuffle: bool = True
     shuffle_buffer: int = 512  # seeded shuffle buffer (samples), reset at every shard piece
     bucket_window: int = 64  # samples sorted by length together before cutting batches (1 = no sorting)
-    verify: str = "size"  # "size" (fast) or "sha256" (reads every shard once at start)
-    on_corrupt_shard: str = "error"  # "error" stops naming the shard; "skip" leaves it out and counts it
+    # "sha256": each shard hashed the first time it is opened in a run (all at start with on_corrupt_shard=skip);
+    # "size": sizes only. Every sample is checked either way (lengths, token ids; see data_pipeline/stream.py).
+    verify: str = "sha256"
+    on_corrupt_shard: str = "error"  # "error" stops naming shard/sample; "skip" leaves bad ones out and counts them
     prefetch_factor: int = 2
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
 
@@ -194,6 +201,10 @@ def validate_fields(cfg: DataConfig, where: str = "") -> None:
     _check(e.docs_per_file >= 1, where, "extract.docs_per_file", "must be >= 1")
     _check(e.max_doc_chars > e.min_doc_chars >= 0, where, "extract.max_doc_chars", "must be > extract.min_doc_chars >= 0")
     _check(e.num_workers >= 0, where, "extract.num_workers", "must be >= 0")
+    _check(e.non_text_files in ("error", "skip"), where, "extract.non_text_files",
+           f"must be 'error' or 'skip', got {e.non_text_files!r}")
+    for name in ("max_control_char_ratio", "max_bad_utf8_ratio"):
+        _check(0.0 <= getattr(e, name) < 1.0, where, f"extract.{name}", f"must be in [0, 1), got {getattr(e, name)}")
     _check(t.model_type in ("unigram", "bpe"), where, "tokenizer.model_type",
            f"must be 'unigram' or 'bpe', got {t.model_type!r}")
     _check(t.vocab_size > 16, where, "tokenizer.vocab_size", f"must be > 16, got {t.vocab_size}")

@@ -13,6 +13,8 @@ Batch dict (shapes: B samples, S source length, T target length; pad id 0 unless
   prev_tokens    Long[B, T]  main-stream decoder input: the original token before each target (BOS at position 0)
   tgt_positions  Long[B, T]  1-based position of each target in the original text (0 at pad)
   span_index     Long[B, T]  BANG: index inside its masked span (0..span_len-1); ELMER: 0..T-1; -1 at pad
+  span_counts    list[int]   real targets per span_index value (span_counts[k]: how many have span_index k), on
+                             the host: objectives size their gathers from it without asking the GPU (BANG)
   sample_ids     Long[B]     global, stable sample ids (manifest order)
   n_tokens       int         non-pad target tokens in the batch (the loss normaliser, fairseq's ntokens)
 """
@@ -184,9 +186,13 @@ def pad_stack(rows: Sequence[np.ndarray], pad: int) -> np.ndarray:
     return out
 
 
-def to_torch(batch: dict) -> dict:
-    """numpy arrays -> torch tensors (zero copy); other values unchanged."""
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+def to_torch(batch: dict, pin_memory: bool = False) -> dict:
+    """numpy arrays -> torch tensors (zero copy; with pin_memory, one copy into page-locked memory, from which a
+    CUDA copy runs asynchronously); other values unchanged."""
+    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    if pin_memory:
+        out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return out
 
 
 @dataclass
@@ -202,6 +208,7 @@ class PretrainCollator:
         objective = choose_objective(self.weights, self.seed, epoch, batch_index)
         fn = CORRUPT[objective]
         out = [fn(s["tok"], sample_rng(self.seed, epoch, sid, objective), self.cfg, self.tables) for sid, s in samples]
+        span = np.concatenate([o["span"] for o in out])
         return {
             "objective": objective,
             "src_tokens": pad_stack([o["src"] for o in out], 0),
@@ -209,6 +216,7 @@ class PretrainCollator:
             "prev_tokens": pad_stack([o["prev"] for o in out], 0),
             "tgt_positions": pad_stack([o["pos"] for o in out], 0),
             "span_index": pad_stack([o["span"] for o in out], -1),
+            "span_counts": np.bincount(span).tolist(),
             "sample_ids": np.asarray([sid for sid, _ in samples], dtype=np.int64),
             "n_tokens": int(sum(len(o["tgt"]) for o in out)),
         }

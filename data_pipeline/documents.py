@@ -125,7 +125,7 @@ def split_overlong(paragraphs: list[str], max_chars: int) -> list[list[str]]:
     current: list[str] = []
     size = 0
     for para in paragraphs:
-        for part in _cut_paragraph(para, max_chars):
+        for part in cut_paragraph(para, max_chars):
             if current and size + len(part) + 1 > max_chars:
                 pieces.append(current)
                 current, size = [], 0
@@ -139,7 +139,7 @@ def split_overlong(paragraphs: list[str], max_chars: int) -> list[list[str]]:
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def _cut_paragraph(para: str, max_chars: int) -> list[str]:
+def cut_paragraph(para: str, max_chars: int) -> list[str]:
     if len(para) <= max_chars:
         return [para]
     out: list[str] = []

@@ -10,6 +10,12 @@ Sources:
 Output (the format of data_pipeline/documents.py): `{out_dir}/{source}-{file stem}-{k:04d}.jsonl.gz`, one JSON
 object per line (`id`, `source`, `title`, `text`; paragraphs separated by "\\n"), and `extract_stats.json` with the counts of
 everything skipped or repaired. Re-running replaces the previous output (it never appends).
+
+Input that is not text never becomes a document: a book or WikiText file with a NUL byte, or with more control
+characters or undecodable UTF-8 than `extract.max_control_char_ratio` / `max_bad_utf8_ratio` of its characters,
+stops the run with a DataError naming it (`extract.non_text_files=error`, the default) or is left out, counted
+(`non_text_files_skipped`) and listed with the reason (`non_text_files` in extract_stats.json) with `skip`. A
+Wikipedia dump that is not text fails as malformed XML.
 """
 from __future__ import annotations
 
@@ -28,13 +34,12 @@ from mwparserfromhell.nodes import Argument, Comment, Heading, Tag, Template, Wi
 from mwparserfromhell.wikicode import Wikicode
 import mwxml
 
-from data_pipeline.config import DataConfig, to_plain
+from data_pipeline.artifacts import STATS_FILE, fingerprint, read_record, staging_for, swap_in
+from data_pipeline.config import DataConfig, ExtractConfig, to_plain
 from data_pipeline.documents import DocWriter, RepairingUTF8Reader, decode_utf8, emit_document, open_binary
 from data_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
-
-STATS_FILE = "extract_stats.json"
 
 # ---- Wikipedia ------------------------------------------------------------------------------------------------
 DROP_TAGS = {
@@ -180,15 +185,51 @@ _GUTENBERG_END = re.compile(r"^\s*(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|E
 _NLTK_TITLE = re.compile(r"^\[ .* \]$")  # NLTK's copies start with "[ Title by Author Year ]"
 
 
-def read_text_lines(path: Path, stats: collections.Counter) -> list[str]:
-    """Lines of a text file; invalid UTF-8 is replaced and counted per line."""
+# C0 and C1 control characters other than tab, newline, form feed and carriage return, which text does contain.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
+class NotText(DataError):
+    """An input file that is not text: an executable or archive saved as .txt, a file in another encoding."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: not a text file ({why}); extract.non_text_files=skip leaves such files out and "
+                         f"counts them in {STATS_FILE}")
+        self.path, self.why = path, why
+
+
+def not_text(chars: int, nul_bytes: int, control_chars: int, bad_utf8: int, ec: ExtractConfig) -> str:
+    """Why a file with these counts is not text ("" when it is): any NUL byte, or more than the configured shares
+    of control characters or undecodable UTF-8 sequences among its characters."""
+    if nul_bytes:
+        return f"{nul_bytes} NUL bytes"
+    if chars and control_chars / chars > ec.max_control_char_ratio:
+        return (f"{control_chars / chars:.1%} of its characters are control characters, more than "
+                f"extract.max_control_char_ratio={ec.max_control_char_ratio}")
+    if chars and bad_utf8 / chars > ec.max_bad_utf8_ratio:
+        return (f"{bad_utf8 / chars:.1%} of its characters are undecodable UTF-8, more than "
+                f"extract.max_bad_utf8_ratio={ec.max_bad_utf8_ratio}")
+    return ""
+
+
+def read_text_lines(path: Path, stats: collections.Counter, ec: ExtractConfig) -> list[str]:
+    """Lines of a text input file; invalid UTF-8 is replaced and counted per line. A file that is not text
+    (`not_text`) raises NotText naming it, before anything of it is counted or written."""
     lines = []
+    chars = nul_bytes = control_chars = bad_utf8 = bad_lines = 0
     with open_binary(path) as fh:
         for raw in fh:
+            nul_bytes += raw.count(b"\0")
             text, bad = decode_utf8(raw)
-            if bad:
-                stats["bad_utf8_lines"] += 1
+            chars += len(text)
+            control_chars += len(_CONTROL.findall(text))
+            bad_utf8 += bad
+            bad_lines += bool(bad)
             lines.append(text.rstrip("\r\n"))
+    why = not_text(chars, nul_bytes, control_chars, bad_utf8, ec)
+    if why:
+        raise NotText(path, why)
+    stats["bad_utf8_lines"] += bad_lines
     return lines
 
 
@@ -216,7 +257,7 @@ def book_paragraphs(lines: list[str], stats: collections.Counter) -> tuple[str, 
 
 def extract_book(path: Path, cfg: DataConfig, out_dir: Path, stats: collections.Counter) -> list[Path]:
     writer = DocWriter(out_dir, f"books-{_stem(path)}", cfg.extract.docs_per_file)
-    lines = read_text_lines(path, stats)
+    lines = read_text_lines(path, stats, cfg.extract)
     title, paragraphs = book_paragraphs(lines, stats)
     if len(paragraphs) == 1 and len(paragraphs[0]) > cfg.extract.max_doc_chars:
         # No blank lines at all (e.g. NLTK's one-sentence-per-line copies): keep line boundaries for splitting.
@@ -245,7 +286,7 @@ def extract_wikitext(path: Path, cfg: DataConfig, out_dir: Path, stats: collecti
             emit_document(writer, stats, cfg, f"wikitext:{_stem(path)}:{index}", "wikitext", title, paragraphs)
             index += 1
 
-    for line in read_text_lines(path, stats):
+    for line in read_text_lines(path, stats, cfg.extract):
         m = _WT_TITLE.match(line)
         if m:
             flush()
@@ -270,15 +311,26 @@ def _stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
 
 
+def _extract_text_file(extract: Any, path: Path, cfg: DataConfig, out_dir: Path, stats: collections.Counter,
+                       non_text: list[dict]) -> list[Path]:
+    """A book or WikiText file; one that is not text stops the run or (extract.non_text_files=skip) is left out,
+    counted and listed."""
+    try:
+        return extract(path, cfg, out_dir, stats)
+    except NotText as exc:
+        if cfg.extract.non_text_files != "skip":
+            raise
+        log.warning("%s -- skipped", exc)
+        stats["non_text_files_skipped"] += 1
+        non_text.append({"file": str(path), "why": exc.why})
+        return []
+
+
 def run_extract(cfg: DataConfig, force: bool = False) -> dict:
     """Extract every configured source into `extract.out_dir`; returns the stats written to extract_stats.json.
     Skipped (returns the previous stats) when the inputs and the config are unchanged, unless force."""
-    from data_pipeline.shards import fingerprint
-
     out_dir = cfg.in_work(cfg.extract.out_dir)
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_for(out_dir)
     per_source: dict[str, collections.Counter] = {}
     files: list[Path] = []
     inputs = {kind: cfg.source_files(kind) for kind in ("wikipedia", "books", "wikitext")}
@@ -286,13 +338,11 @@ def run_extract(cfg: DataConfig, force: bool = False) -> dict:
         raise DataError(f"{cfg.config_file or 'data config'}: no sources configured (sources.wikipedia/books/wikitext)")
     fp = fingerprint({"extract": to_plain(cfg.extract), "inputs": [
         (str(p), p.stat().st_size, p.stat().st_mtime_ns) for v in inputs.values() for p in v]})
-    previous = out_dir / STATS_FILE
-    if not force and previous.is_file():
-        old = json.loads(previous.read_text())
-        if old.get("fingerprint") == fp and all((out_dir / f).is_file() for f in old.get("files", [])):
-            log.info("extract: %s is up to date (same inputs and config); nothing to do", out_dir)
-            shutil.rmtree(staging, ignore_errors=True)
-            return old
+    old = read_record(out_dir / STATS_FILE)
+    if not force and old.get("fingerprint") == fp and all((out_dir / f).is_file() for f in old.get("files", [])):
+        log.info("extract: %s is up to date (same inputs and config); nothing to do", out_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        return old
     workers = cfg.extract.num_workers
     pool = mp.get_context("fork").Pool(workers) if workers > 1 and inputs["wikipedia"] else None
     try:
@@ -303,10 +353,13 @@ def run_extract(cfg: DataConfig, force: bool = False) -> dict:
         if pool is not None:
             pool.close()
             pool.join()
+    non_text: list[dict] = []
     for path in inputs["books"]:
-        files += extract_book(path, cfg, staging, per_source.setdefault("books", collections.Counter()))
+        files += _extract_text_file(extract_book, path, cfg, staging,
+                                    per_source.setdefault("books", collections.Counter()), non_text)
     for path in inputs["wikitext"]:
-        files += extract_wikitext(path, cfg, staging, per_source.setdefault("wikitext", collections.Counter()))
+        files += _extract_text_file(extract_wikitext, path, cfg, staging,
+                                    per_source.setdefault("wikitext", collections.Counter()), non_text)
     totals: collections.Counter = collections.Counter()
     for c in per_source.values():
         totals.update(c)
@@ -315,11 +368,11 @@ def run_extract(cfg: DataConfig, force: bool = False) -> dict:
         "files": [p.name for p in files],
         "per_source": {k: dict(v) for k, v in per_source.items()},
         "totals": dict(totals),
+        "non_text_files": non_text,
         "config": {"extract": to_plain(cfg.extract), "sources": to_plain(cfg.sources)},
         "fingerprint": fp,
     }
     (staging / STATS_FILE).write_text(json.dumps(result, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)  # replace, never append: re-running does not duplicate
-    staging.rename(out_dir)
+    swap_in(staging, out_dir)  # replace, never append: re-running does not duplicate
     log.info("extract: %d documents in %d files -> %s (%s)", totals["docs"], len(files), out_dir, dict(totals))
     return result

@@ -23,7 +23,6 @@ staging folder and swapped in, so shards are never duplicated or mixed.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -37,15 +36,16 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from data_pipeline.artifacts import (FORMAT, LENGTHS, MANIFEST, check_shards, extract_stats, fingerprint,
+                                     load_lengths, load_manifest, sha256_file, shards_up_to_date, staging_for,
+                                     swap_in)
 from data_pipeline.config import DataConfig, to_plain
+from data_pipeline.documents import doc_files, read_docs
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import META_FILE, MODEL_FILE, Tokenizer, sha256_file
+from data_pipeline.tokenizer import META_FILE, MODEL_FILE, PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-LENGTHS = "lengths.npy"
-FORMAT = "tandem-shards-v1"
 SHARD_PATTERN = "shard-%06d.tar"
 
 
@@ -115,28 +115,6 @@ def write_manifest(out_dir: Path, kind: str, fields: Sequence[str], dtype: str, 
     return manifest
 
 
-def fingerprint(parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def swap_in(staging: Path, out_dir: Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(out_dir)
-
-
-def up_to_date(out_dir: Path, fp: str) -> bool:
-    """True when out_dir already holds shards built from the same inputs and config, all present and intact."""
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        return False
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError:
-        return False
-    return manifest.get("fingerprint") == fp and not check_shards(manifest, out_dir, "size")
-
-
 # ---- the `shard` command -------------------------------------------------------------------------------------
 _WORKER_TOKENIZER: Tokenizer | None = None
 
@@ -171,8 +149,6 @@ def shuffled(items: Iterable[Any], size: int, rng: np.random.Generator) -> Itera
 
 
 def _tokenize_file(task: tuple[str, int, int]) -> tuple[list[np.ndarray], dict]:
-    from data_pipeline.documents import read_docs
-
     path, seq_len, min_tokens = task
     assert _WORKER_TOKENIZER is not None
     stats: collections.Counter = collections.Counter()
@@ -192,9 +168,6 @@ def _tokenize_file(task: tuple[str, int, int]) -> tuple[list[np.ndarray], dict]:
 
 def run_shard(cfg: DataConfig, force: bool = False) -> dict:
     """Tokenize `extract.out_dir` with the trained tokenizer into `shard.out_dir`; returns the manifest."""
-    from data_pipeline.documents import doc_files
-    from data_pipeline.extract import STATS_FILE
-
     s = cfg.shard
     docs_dir = cfg.in_work(cfg.extract.out_dir)
     out_dir = cfg.in_work(s.out_dir)
@@ -203,11 +176,10 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
     config = {"shard": to_plain(s), "tokenizer_config": to_plain(cfg.tokenizer), "config_file": cfg.config_file}
     fp = fingerprint({"shard": to_plain(s), "tokenizer": tok.checksum,
                       "inputs": [(f.name, sha256_file(f)) for f in files]})
-    if not force and up_to_date(out_dir, fp):
+    if not force and shards_up_to_date(out_dir, fp):
         log.info("shard: %s is up to date (same inputs, tokenizer and config); nothing to do", out_dir)
         return json.loads((out_dir / MANIFEST).read_text())
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_for(out_dir)
     dtype = token_dtype(tok.padded_vocab_size)
     stats: collections.Counter = collections.Counter()
     tasks = [(str(f), s.seq_len, s.min_sample_tokens) for f in files]
@@ -239,10 +211,7 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
     written = write_shards(stream, staging, ["tok"], dtype, s.samples_per_shard, s.max_shard_bytes)
     if not written.shards:
         raise DataError(f"{docs_dir}: no samples produced (all documents shorter than shard.min_sample_tokens?)")
-    extract_stats = {}
-    if (docs_dir / STATS_FILE).is_file():
-        extract_stats = json.loads((docs_dir / STATS_FILE).read_text()).get("totals", {})
-    all_stats = {"extract": extract_stats, "shard": dict(stats)}
+    all_stats = {"extract": extract_stats(docs_dir).get("totals", {}), "shard": dict(stats)}
     manifest = write_manifest(staging, "pretrain", ["tok"], dtype, written, tok, all_stats, config, fp,
                               {"seq_len": s.seq_len, "sample_order": order})
     swap_in(staging, out_dir)
@@ -252,46 +221,7 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
     return manifest
 
 
-# ---- reading and verification (used by the training-side reader) --------------------------------------------
-def load_manifest(shard_dir: Path) -> dict:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found (run `python -m data_pipeline shard` or `tasks`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
-
-
-def check_shards(manifest: dict, shard_dir: Path, mode: str) -> dict[str, str]:
-    """Problems per shard name ({} when all fine): missing file, wrong size, or (mode "sha256") wrong checksum."""
-    problems: dict[str, str] = {}
-    for s in manifest["shards"]:
-        path = Path(shard_dir) / s["name"]
-        if not path.is_file():
-            problems[s["name"]] = "missing"
-        elif path.stat().st_size != s["bytes"]:
-            problems[s["name"]] = f"size {path.stat().st_size} bytes, manifest says {s['bytes']} (truncated or rewritten)"
-        elif mode == "sha256" and sha256_file(path) != s["sha256"]:
-            problems[s["name"]] = "sha256 differs from the manifest (corrupt or rewritten)"
-    return problems
-
-
-def load_lengths(manifest: dict, shard_dir: Path) -> np.ndarray:
-    path = Path(shard_dir) / manifest["lengths_file"]
-    if not path.is_file():
-        raise DataError(f"{path}: lengths file listed in {MANIFEST} is missing")
-    if sha256_file(path) != manifest["lengths_sha256"]:
-        raise DataError(f"{path}: sha256 differs from {Path(shard_dir) / MANIFEST}")
-    lengths = np.load(path)
-    if len(lengths) != manifest["num_samples"]:
-        raise DataError(f"{path}: {len(lengths)} rows but {MANIFEST} lists {manifest['num_samples']} samples")
-    return lengths
-
-
+# ---- reading and checking samples (used by the training-side reader) -----------------------------------------
 def _member_offset(fh: Any, path: Path, member_index: int) -> int:
     """Byte offset of the header of the member_index-th tar member (headers only: data blocks are seeked over)."""
     fh.seek(0)
@@ -332,6 +262,19 @@ def read_piece(path: Path, first_id: int, start: int, count: int, fields: Sequen
     if got < count:
         raise DataError(f"{path}: ended after {start + got} samples, {MANIFEST} promises at least {start + count} "
                         f"(truncated shard)")
+
+
+def sample_problem(sample: dict[str, np.ndarray], lengths: np.ndarray, vocab_size: int) -> str:
+    """Why a sample read from a shard must not be trained on, "" when it is fine: a field whose length differs
+    from its row of the lengths file (a truncated, emptied or rewritten member), or a token id outside
+    [1, vocab_size) (the tokenizer never writes the pad id 0 into a sample, and every other id is a real piece).
+    One vectorized min and max per field: cheap next to the corruption the worker applies anyway."""
+    for (name, ids), expected in zip(sample.items(), lengths):
+        if len(ids) != expected:
+            return f"{name} has {len(ids)} tokens, {LENGTHS} says {expected}"
+        if len(ids) and (ids.max() >= vocab_size or ids.min() <= PAD_ID):
+            return f"{name} has token ids {ids.min()}..{ids.max()}, outside [1, {vocab_size}) (the vocabulary)"
+    return ""
 
 
 # ---- the `inspect` command -----------------------------------------------------------------------------------

@@ -4,16 +4,17 @@ Entry points (what pretrain/ and finetune/ call):
 
     build_pretrain_loader(cfg, *, dp_rank: int, dp_world_size: int, seed: int,
                           objective_weights: Mapping[str, float] | Sequence[str] | str,
-                          num_workers: int) -> ShardLoader
+                          num_workers: int, pin_memory: bool = False) -> ShardLoader
         cfg: a DataConfig (its `loader` section; relative paths against its work_dir), a LoaderConfig (relative
              paths against the repository root), a path to a data YAML, or a mapping/DictConfig of either.
         objective_weights: e.g. {"bang": 0.5, "elmer": 0.5}; "bang" or ["bang"] means weight 1.
         Yields the batch dicts documented in corruption.py (objective, src_tokens, tgt_tokens, prev_tokens,
-        tgt_positions, span_index, sample_ids, n_tokens).
+        tgt_positions, span_index, span_counts, sample_ids, n_tokens).
+        pin_memory: tensors in page-locked memory (a CUDA trainer: its host-to-device copy is then asynchronous).
 
     build_task_loader(shard_dir, *, dp_rank, dp_world_size, seed, num_workers, batch_size=32, max_tokens=0,
                       shuffle=True, bucket_window=64, shuffle_buffer=512, max_source_len=0, tokenizer="",
-                      verify="size", on_corrupt_shard="error", prefetch_factor=2) -> ShardLoader
+                      verify="sha256", on_corrupt_shard="error", prefetch_factor=2, pin_memory=False) -> ShardLoader
         Reads shards written by `python -m data_pipeline tasks` (see tasks.py); batch dicts: src_tokens,
         tgt_tokens (y + eos), prev_tokens ([bos] + y), tgt_positions (1..T, 0 at pad), sample_ids (line index in
         the split), n_tokens.
@@ -28,6 +29,7 @@ ShardLoader:
     sd = loader.state_dict()        # {"epoch", "batches_in_epoch", "seed", "dp_world_size", "num_workers",
     loader.load_state_dict(sd)      #  "plan_key", ...}: the same on every dp rank at the same step
     loader.vocab_size, loader.padded_vocab_size, loader.tokenizer, loader.skipped_shards
+    loader.counters()               # {"samples_skipped", "shards_skipped"} for the trainer's log (see below)
 
 How it works (details in batching.py): every process computes the same epoch plan from manifest.json and
 lengths.npy: shards split by the dp rank passed in (never by the global RANK, so tensor-parallel peers read
@@ -40,31 +42,54 @@ iterators (tar_file_expander + group_by_keys) from that position; wds.WebDataset
 neither start mid-shard nor follow a plan, and its node splitter reads the global RANK. Corruption and the per-batch objective are
 seeded from (seed, epoch, sample id / batch index), so the resumed stream is identical batch for batch.
 
-Bad shards: the manifest is checked at construction (missing file, size, and with verify="sha256" the checksum;
-lengths.npy checksum; tokenizer checksum). on_corrupt_shard="error" (default) stops with a DataError naming the
-shard; "skip" leaves the shard out of every epoch's plan, logs it and lists it in `skipped_shards`. A shard that
-turns out unreadable while streaming (e.g. corrupted after the check) always stops with a DataError naming it:
-silently yielding fewer batches on one rank would hang the others.
+Nothing corrupt is trained on silently. Checks, from the cheapest:
+  * at construction: the manifest, every shard's presence and size, lengths.npy's checksum, the tokenizer's
+    checksum (a different tokenizer would make every id meaningless);
+  * shard sha256 (verify="sha256", the default): with on_corrupt_shard="error", each shard is hashed the first
+    time it is opened in a run (once per process and file version, see artifacts.verify_sha256: a loader built
+    again, e.g. for every evaluation, does not hash again); with "skip", every shard is hashed at construction,
+    so that every process leaves the same shards out of the plan. verify="size" skips hashing;
+  * every sample as it is read (in the worker): each field's length against lengths.npy, and its token ids
+    inside [1, vocab_size) — vocab_size passed in explicitly from the tokenizer whose checksum the manifest
+    records — one vectorized min and max per field (shards.sample_problem); plus the tar structure and member
+    keys (shards.read_piece).
+on_corrupt_shard="error" (default) stops with a DataError naming the shard (and the sample id for a sample
+check). "skip" leaves a bad shard out of every epoch's plan (logged, listed in `skipped_shards`) and drops a bad
+sample from its batch: the batch is yielded smaller, never left out, so every data-parallel rank still yields the
+planned number of batches, and tensor-parallel peers (same dp rank, same bytes) drop the same samples. A sample
+that is dropped is logged and counted where its batch is yielded, so the count is exact across a resume (the
+replayed part of a piece is read again but not counted). A planned batch whose samples are all bad cannot be
+yielded smaller: it stops with a DataError naming the shard. `counters()` returns the counts for the trainer to
+log: "samples_skipped", this dp rank's over the run (part of the loader state; sum it over the data-parallel
+group, not the tensor-parallel one, whose peers hold the same count), and "shards_skipped", the same on every rank.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batching import BatchingSpec, StreamPlan, plan_epoch, plan_key
+from data_pipeline.artifacts import (MANIFEST, SHA256_MISMATCH, check_shards, file_version, hashed_so_far,
+                                     load_lengths, load_manifest, remember_hashed, verify_sha256)
+from data_pipeline.batching import BatchingSpec, Piece, StreamPlan, plan_epoch, plan_key
 from data_pipeline.config import REPO_ROOT, CorruptionConfig, LoaderConfig, loader_config_from, resolve, validate_loader
 from data_pipeline.corruption import CorruptionTables, PretrainCollator, normalize_weights, to_torch
 from data_pipeline.errors import ConfigError, DataError
-from data_pipeline.shards import MANIFEST, check_shards, load_lengths, load_manifest, read_piece
+from data_pipeline.shards import read_piece, sample_problem
 from data_pipeline.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 Collator = Callable[[Sequence[tuple[int, dict[str, np.ndarray]]], int, int], dict]
+
+# Keys a worker adds to a batch for the loader (popped before the batch reaches the trainer).
+_SKIPPED_KEY = "_skipped_samples"  # [(shard name, sample id, why)] dropped from this batch
+_HASHED_KEY = "_hashed_shards"  # {file version: sha256} of shards found intact when this batch's piece was opened
+_LOGGED_SKIPS = 20  # skipped samples logged one by one; after that every 1000th
 
 
 def _as_is(batch: dict) -> dict:
@@ -72,15 +97,27 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
+@dataclass
+class SampleChecks:
+    """What every sample read is checked against (module docstring), and what a failed check does."""
+
+    lengths: np.ndarray  # [num_samples, num_fields]: the lengths file, row = sample id
+    vocab_size: int  # token ids must lie in [1, vocab_size)
+    hash_on_open: bool  # hash each shard the first time it is opened in this run (verify=sha256 with "error")
+    skip: bool  # on_corrupt_shard == "skip": drop bad samples from their batch instead of stopping
+
+
 class _EpochStream(IterableDataset):
     """One epoch of one dp rank from global batch `start` on; each DataLoader worker plays one planned stream."""
 
-    def __init__(self, shard_dir: Path, shards: list[dict], fields: list[str], dtype: str,
-                 streams: list[StreamPlan], start: int, epoch: int, collate: Collator):
+    def __init__(self, shard_dir: Path, shards: list[dict], fields: list[str], dtype: str, checks: SampleChecks,
+                 streams: list[StreamPlan], start: int, epoch: int, collate: Collator, hashed: dict):
         self.shard_dir, self.shards, self.fields, self.dtype = shard_dir, shards, fields, dtype
+        self.checks, self.hashed = checks, hashed
         self.streams, self.start, self.epoch, self.collate = streams, start, epoch, collate
 
     def __iter__(self) -> Iterator[dict]:
+        remember_hashed(self.hashed)  # shards hashed earlier in this run, also where workers are not forked
         workers = len(self.streams)
         info = get_worker_info()
         if info is None:  # num_workers=0: interleave the streams here exactly as the DataLoader would
@@ -105,22 +142,75 @@ class _EpochStream(IterableDataset):
             if (local - 1) * workers + s < self.start:
                 continue  # the whole piece lies before the resume point: never opened
             entry = self.shards[piece.shard]
-            reader = read_piece(self.shard_dir / entry["name"], entry["first_id"], piece.start, piece.count,
-                                self.fields, self.dtype)
-            pending: dict[int, dict[str, np.ndarray]] = {}
+            path = self.shard_dir / entry["name"]
+            hashed = self._check_sha256(path, entry)
+            reader = self._checked_samples(path, entry, piece)
+            pending: dict[int, tuple[dict[str, np.ndarray] | None, str]] = {}
             for j, batch_ids in enumerate(piece.batches):
                 for sid in batch_ids:
                     while sid not in pending:
                         try:
-                            got_id, sample = next(reader)
+                            got_id, sample, why = next(reader)
                         except StopIteration:
-                            raise DataError(f"{self.shard_dir / entry['name']}: sample {sid} planned from "
-                                            f"{MANIFEST} was not found in its piece") from None
-                        pending[got_id] = sample
+                            raise DataError(f"{path}: sample {sid} planned from {MANIFEST} was not found in its "
+                                            "piece") from None
+                        pending[got_id] = (sample, why)
                 global_index = first_global + j * workers
-                samples = [(int(sid), pending.pop(int(sid))) for sid in batch_ids]
-                if global_index >= self.start:
-                    yield self.collate(samples, self.epoch, global_index)
+                taken = [(int(sid), *pending.pop(int(sid))) for sid in batch_ids]
+                if global_index < self.start:
+                    continue  # replayed to reach the resume point: neither yielded nor counted
+                good = [(sid, sample) for sid, sample, _ in taken if sample is not None]
+                if not good:
+                    raise DataError(f"{path}: all {len(taken)} samples of a planned batch are corrupt (sample "
+                                    f"{taken[0][0]}: {taken[0][2]}); a batch cannot be skipped whole without "
+                                    "leaving this data-parallel rank with fewer batches than the others. Rebuild the "
+                                    "shard, or keep loader.verify=sha256, which with on_corrupt_shard=skip leaves a "
+                                    "corrupt shard out at start")
+                batch = self.collate(good, self.epoch, global_index)
+                batch[_SKIPPED_KEY] = [(entry["name"], sid, why) for sid, sample, why in taken if sample is None]
+                batch[_HASHED_KEY], hashed = hashed, {}
+                yield batch
+            reader.close()
+
+    def _check_sha256(self, path: Path, entry: dict) -> dict:
+        """Hash a shard the first time it is opened in this run (verify=sha256 with on_corrupt_shard=error);
+        returns {file version: sha256} for the loader to remember, {} when not hashing."""
+        if not self.checks.hash_on_open:
+            return {}
+        try:
+            intact = verify_sha256(path, entry["sha256"])
+            version = file_version(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read shard ({exc})") from None
+        if not intact:
+            raise DataError(f"{path}: {SHA256_MISMATCH}; found when the shard was first opened in this run "
+                            "(loader.verify=sha256). loader.on_corrupt_shard=skip hashes every shard at start and "
+                            "leaves corrupt ones out")
+        return {version: entry["sha256"]}
+
+    def _checked_samples(self, path: Path, entry: dict,
+                         piece: Piece) -> Iterator[tuple[int, dict[str, np.ndarray] | None, str]]:
+        """(sample id, sample or None, why it is bad) for every sample of the piece, in file order. A bad sample
+        stops with a DataError naming shard and sample id, or (skip) comes as None; with skip, a shard that
+        becomes unreadable part-way gives None for the rest of the piece."""
+        first = entry["first_id"] + piece.start
+        end, next_id = first + piece.count, first
+        reader = read_piece(path, entry["first_id"], piece.start, piece.count, self.fields, self.dtype)
+        try:
+            for sid, sample in reader:
+                why = sample_problem(sample, self.checks.lengths[sid], self.checks.vocab_size)
+                if why and not self.checks.skip:
+                    raise DataError(f"{path}: sample {sid}: {why}; the shard is corrupt or does not match "
+                                    f"{MANIFEST} (loader.on_corrupt_shard=skip drops such samples and counts them)")
+                next_id = sid + 1
+                yield sid, (None if why else sample), why
+        except DataError as exc:
+            if not self.checks.skip or next_id >= end:
+                raise
+            why = f"unreadable ({exc})"
+            for sid in range(next_id, end):
+                yield sid, None, why
+        finally:
             reader.close()
 
 
@@ -128,12 +218,16 @@ class ShardLoader:
     """Epoch-aware, resumable loader over one shard folder (see the module docstring)."""
 
     def __init__(self, shard_dir: Path, manifest: dict, cost: np.ndarray, collate: Collator, *, spec: BatchingSpec,
-                 dp_rank: int, dp_world_size: int, seed: int, num_workers: int, prefetch_factor: int,
-                 tokenizer: Tokenizer, skipped_shards: list[str], key_extra: str = ""):
+                 checks: SampleChecks, dp_rank: int, dp_world_size: int, seed: int, num_workers: int,
+                 prefetch_factor: int, tokenizer: Tokenizer, skipped_shards: list[str], key_extra: str = "",
+                 pin_memory: bool = False):
         self.shard_dir, self.manifest, self.cost, self.collate, self.spec = shard_dir, manifest, cost, collate, spec
+        self.checks = checks
+        self.pin_memory = pin_memory
         self.dp_rank, self.dp_world_size, self.seed = dp_rank, dp_world_size, seed
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.tokenizer, self.skipped_shards = tokenizer, skipped_shards
+        self.samples_skipped = 0  # over the run, in yielded batches of this dp rank (restored on resume)
         self.shards = [s for s in manifest["shards"] if s["name"] not in skipped_shards]
         if not self.shards:
             raise DataError(f"{shard_dir / MANIFEST}: no usable shards left (skipped: {skipped_shards})")
@@ -175,16 +269,34 @@ class ShardLoader:
         self._roll_epoch()
         streams = self._rank_plan(self.epoch)
         dataset = _EpochStream(self.shard_dir, self.shards, self.manifest["fields"], self.manifest["token_dtype"],
-                               streams, self.batches_in_epoch, self.epoch, self.collate)
+                               self.checks, streams, self.batches_in_epoch, self.epoch, self.collate,
+                               hashed_so_far())
         if self.num_workers > 0:
             loader: Any = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                                      prefetch_factor=self.prefetch_factor, persistent_workers=False)
         else:
             loader = dataset
         for batch in loader:
+            self._account(batch)
             self.batches_in_epoch += 1
-            yield to_torch(batch)
+            yield to_torch(batch, pin_memory=self.pin_memory)
         self._roll_epoch()
+
+    def _account(self, batch: dict) -> None:
+        """Take the worker's notes off a batch: shards it hashed (not hashed again in this run) and samples it
+        dropped (logged and counted)."""
+        remember_hashed(batch.pop(_HASHED_KEY))
+        for name, sid, why in batch.pop(_SKIPPED_KEY):
+            self.samples_skipped += 1
+            if self.samples_skipped <= _LOGGED_SKIPS or self.samples_skipped % 1000 == 0:
+                log.warning("%s: sample %d skipped: %s (loader.on_corrupt_shard=skip; %d skipped so far on this "
+                            "data-parallel rank)", self.shard_dir / name, sid, why, self.samples_skipped)
+
+    def counters(self) -> dict[str, int]:
+        """What was left out so far in the run, for the trainer's log and MLflow: samples dropped from this dp
+        rank's batches (sum over the data-parallel group; tensor-parallel peers hold the same count) and shards
+        left out of the plan (the same on every rank)."""
+        return {"samples_skipped": self.samples_skipped, "shards_skipped": len(self.skipped_shards)}
 
     def infinite(self) -> Iterator[dict]:
         while True:
@@ -199,10 +311,12 @@ class ShardLoader:
         if done >= len(self):
             epoch, done = epoch + 1, 0
         return {"epoch": epoch, "batches_in_epoch": done, "seed": self.seed, "dp_world_size": self.dp_world_size,
-                "num_workers": self.num_workers, "plan_key": self.plan_key, "dp_rank": self.dp_rank}
+                "num_workers": self.num_workers, "plan_key": self.plan_key, "dp_rank": self.dp_rank,
+                "samples_skipped": self.samples_skipped}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume. The state of any dp rank works on every rank (all ranks are at the same batch)."""
+        """Resume. The state of any dp rank works on every rank (all ranks are at the same batch); only the
+        skip count is per rank."""
         for k in ("seed", "dp_world_size", "num_workers", "plan_key"):
             if k in state and state[k] != getattr(self, k):
                 raise ConfigError(f"loader state was saved with {k}={state[k]!r} but this loader has "
@@ -213,6 +327,7 @@ class ShardLoader:
             raise ConfigError(f"loader state epoch={epoch} batches_in_epoch={done} is outside this data's epoch "
                               f"(0..{self.batches_per_epoch(max(epoch, 0))} batches)")
         self.epoch, self.batches_in_epoch = epoch, done
+        self.samples_skipped = int(state.get("samples_skipped", 0))
 
     # ---- facts for the trainer -------------------------------------------------------------------------------
     @property
@@ -236,7 +351,8 @@ def _check_rank(dp_rank: int, dp_world_size: int, num_workers: int, seed: int) -
 
 def open_shard_dir(shard_dir: Path, kind: str, tokenizer_path: str | Path, verify: str,
                    on_corrupt_shard: str) -> tuple[dict, np.ndarray, Tokenizer, list[str]]:
-    """Load and check a shard folder: manifest, shards, lengths and the tokenizer checksum."""
+    """Load and check a shard folder: manifest, shards (size; sha256 too when verify=sha256 and
+    on_corrupt_shard=skip, see the module docstring), lengths and the tokenizer checksum."""
     manifest = load_manifest(shard_dir)
     if manifest["kind"] != kind:
         raise DataError(f"{shard_dir / MANIFEST}: holds {manifest['kind']!r} shards, expected {kind!r}")
@@ -245,7 +361,7 @@ def open_shard_dir(shard_dir: Path, kind: str, tokenizer_path: str | Path, verif
     if tok.checksum != manifest["tokenizer"]["checksum"]:
         raise DataError(f"tokenizer checksum mismatch: {tok.path} has {tok.checksum[:16]}..., but "
                         f"{shard_dir / MANIFEST} was written with {manifest['tokenizer']['checksum'][:16]}...")
-    problems = check_shards(manifest, shard_dir, verify)
+    problems = check_shards(manifest, shard_dir, "sha256" if hash_at_start(verify, on_corrupt_shard) else "size")
     if problems and on_corrupt_shard == "error":
         name, why = next(iter(problems.items()))
         raise DataError(f"{shard_dir / name}: {why} (checked against {shard_dir / MANIFEST}; "
@@ -256,9 +372,20 @@ def open_shard_dir(shard_dir: Path, kind: str, tokenizer_path: str | Path, verif
     return manifest, lengths, tok, sorted(problems)
 
 
+def hash_at_start(verify: str, on_corrupt_shard: str) -> bool:
+    """Skipping needs every process to leave the same shards out of its plan, so it hashes them all up front."""
+    return verify == "sha256" and on_corrupt_shard == "skip"
+
+
+def sample_checks(lengths: np.ndarray, tok: Tokenizer, verify: str, on_corrupt_shard: str) -> SampleChecks:
+    return SampleChecks(lengths, vocab_size=tok.vocab_size,
+                        hash_on_open=verify == "sha256" and not hash_at_start(verify, on_corrupt_shard),
+                        skip=on_corrupt_shard == "skip")
+
+
 def build_pretrain_loader(cfg: Any, *, dp_rank: int, dp_world_size: int, seed: int,
                           objective_weights: Mapping[str, float] | Sequence[str] | str,
-                          num_workers: int) -> ShardLoader:
+                          num_workers: int, pin_memory: bool = False) -> ShardLoader:
     lc, base = loader_config_from(cfg)
     _check_rank(dp_rank, dp_world_size, num_workers, seed)
     weights = normalize_weights(objective_weights)
@@ -269,15 +396,18 @@ def build_pretrain_loader(cfg: Any, *, dp_rank: int, dp_world_size: int, seed: i
     spec = BatchingSpec(lc.batch_size, lc.max_tokens, lc.shuffle, lc.shuffle_buffer, lc.bucket_window)
     collate = PretrainCollator(lc.corruption, CorruptionTables.from_tokenizer(tok), weights, seed)
     extra = f"weights={sorted(weights.items())}|corruption={sorted(lc.corruption.__dict__.items())}"
-    return ShardLoader(shard_dir, manifest, cost, collate, spec=spec, dp_rank=dp_rank, dp_world_size=dp_world_size,
-                       seed=seed, num_workers=num_workers, prefetch_factor=lc.prefetch_factor, tokenizer=tok,
-                       skipped_shards=skipped, key_extra=extra)
+    return ShardLoader(shard_dir, manifest, cost, collate, spec=spec,
+                       checks=sample_checks(lengths, tok, lc.verify, lc.on_corrupt_shard), dp_rank=dp_rank,
+                       dp_world_size=dp_world_size, seed=seed, num_workers=num_workers,
+                       prefetch_factor=lc.prefetch_factor, tokenizer=tok, skipped_shards=skipped, key_extra=extra,
+                       pin_memory=pin_memory)
 
 
 def build_task_loader(shard_dir: str | Path, *, dp_rank: int, dp_world_size: int, seed: int, num_workers: int,
                       batch_size: int = 32, max_tokens: int = 0, shuffle: bool = True, bucket_window: int = 64,
                       shuffle_buffer: int = 512, max_source_len: int = 0, tokenizer: str | Path = "",
-                      verify: str = "size", on_corrupt_shard: str = "error", prefetch_factor: int = 2) -> ShardLoader:
+                      verify: str = "sha256", on_corrupt_shard: str = "error", prefetch_factor: int = 2,
+                      pin_memory: bool = False) -> ShardLoader:
     from data_pipeline.tasks import TaskCollator
 
     lc = LoaderConfig(shard_dir=str(shard_dir), tokenizer=str(tokenizer), batch_size=batch_size,
@@ -294,7 +424,8 @@ def build_task_loader(shard_dir: str | Path, *, dp_rank: int, dp_world_size: int
         src_len = np.minimum(src_len, max_source_len)
     cost = np.maximum(src_len, lengths[:, 1].astype(np.int64) + 1)
     spec = BatchingSpec(batch_size, max_tokens, shuffle, shuffle_buffer, bucket_window)
-    return ShardLoader(sdir, manifest, cost, TaskCollator(max_source_len), spec=spec, dp_rank=dp_rank,
+    return ShardLoader(sdir, manifest, cost, TaskCollator(max_source_len), spec=spec,
+                       checks=sample_checks(lengths, tok, verify, on_corrupt_shard), dp_rank=dp_rank,
                        dp_world_size=dp_world_size, seed=seed, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, tokenizer=tok, skipped_shards=skipped,
-                       key_extra=f"max_source_len={max_source_len}")
+                       key_extra=f"max_source_len={max_source_len}", pin_memory=pin_memory)

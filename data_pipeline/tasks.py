@@ -18,18 +18,18 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from data_pipeline.artifacts import MANIFEST, fingerprint, shards_up_to_date, staging_for, swap_in
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.corruption import pad_stack
 from data_pipeline.errors import DataError
 from data_pipeline.documents import decode_utf8
-from data_pipeline.shards import fingerprint, swap_in, token_dtype, up_to_date, write_manifest, write_shards
+from data_pipeline.shards import token_dtype, write_manifest, write_shards
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tok
     settings = {"task": task, "split": split, "max_source_len": max_source_len, "max_target_len": max_target_len,
                 "level": level, "holdout_fraction": holdout_fraction, "samples_per_shard": samples_per_shard}
     fp = fingerprint({**settings, "tokenizer": tok.checksum, "data": fingerprint([sources, targets])})
-    if not force and up_to_date(out_dir, fp):
-        return json.loads((out_dir / "manifest.json").read_text())
+    if not force and shards_up_to_date(out_dir, fp):
+        return json.loads((out_dir / MANIFEST).read_text())
     stats: collections.Counter = collections.Counter()
     dtype = token_dtype(tok.padded_vocab_size)
 
@@ -160,8 +160,7 @@ def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tok
                 stats["empty_source_or_target"] += 1  # kept: ids stay equal to line numbers
             yield {"src": s[:max_source_len], "tgt": t[:max_target_len]}
 
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_for(out_dir)
     written = write_shards(samples(), staging, ["src", "tgt"], dtype, samples_per_shard, 1 << 30)
     if not written.shards:
         raise DataError(f"{root}: task {task} split {split} is empty")

@@ -8,7 +8,6 @@ Files written to `tokenizer.out_dir`: tokenizer.model, tokenizer.vocab, tokenize
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import math
@@ -21,7 +20,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from data_pipeline.artifacts import extract_stats, fingerprint, read_record, sha256_file, staging_for, swap_in
 from data_pipeline.config import DataConfig, to_plain
+from data_pipeline.documents import cut_paragraph, doc_files, iter_all_docs
 from data_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,6 @@ NUM_SPECIAL = 6  # ids below this are special; random replacement tokens are dra
 SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID))  # skipped by decode (unk is kept)
 MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer.json"
 SEP_TEXT = "[SEP]"  # how GLGE's dialogue/QA sources mark segment boundaries; encoded as <sep>
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -124,11 +117,7 @@ class Tokenizer:
 def _training_sample(cfg: DataConfig, docs_dir: Path, out_file: Path) -> dict:
     """Write a deterministic sample of about `tokenizer.sample_chars` characters, one sentence-sized line each
     (sentencepiece skips lines longer than max_sentence_length)."""
-    from data_pipeline.documents import _cut_paragraph, doc_files, iter_all_docs
-    from data_pipeline.extract import STATS_FILE
-
-    stats_path = docs_dir / STATS_FILE
-    total = json.loads(stats_path.read_text())["totals"].get("chars", 0) if stats_path.is_file() else 0
+    total = extract_stats(docs_dir).get("totals", {}).get("chars", 0)
     rate = 1.0 if total <= 0 else min(1.0, cfg.tokenizer.sample_chars / total)
     rng = random.Random(cfg.tokenizer.seed)
     counts: collections.Counter = collections.Counter()
@@ -137,7 +126,7 @@ def _training_sample(cfg: DataConfig, docs_dir: Path, out_file: Path) -> dict:
             for para in doc["text"].split("\n"):
                 if rng.random() >= rate:
                     continue
-                for line in _cut_paragraph(para, 2000):
+                for line in cut_paragraph(para, 2000):
                     out.write(line + "\n")
                     counts["sample_lines"] += 1
                     counts["sample_chars"] += len(line)
@@ -147,25 +136,16 @@ def _training_sample(cfg: DataConfig, docs_dir: Path, out_file: Path) -> dict:
 def train_tokenizer(cfg: DataConfig, force: bool = False) -> Path:
     """Train on a sample of `extract.out_dir`; returns the folder with tokenizer.model. Skipped when the
     extracted documents and the tokenizer config are unchanged, unless force."""
-    from data_pipeline.extract import STATS_FILE
-    from data_pipeline.shards import fingerprint
-
     t = cfg.tokenizer
     docs_dir = cfg.in_work(cfg.extract.out_dir)
     out_dir = cfg.in_work(t.out_dir)
-    stats_file = docs_dir / STATS_FILE
-    docs_fp = json.loads(stats_file.read_text()).get("fingerprint", "") if stats_file.is_file() else ""
+    docs_fp = extract_stats(docs_dir).get("fingerprint", "")
     fp = fingerprint({"tokenizer": to_plain(t), "docs": docs_fp})
-    meta_file = out_dir / META_FILE
-    if not force and docs_fp and meta_file.is_file() and (out_dir / MODEL_FILE).is_file():
-        if json.loads(meta_file.read_text()).get("fingerprint") == fp:
-            log.info("tokenizer: %s is up to date (same documents and config); nothing to do", out_dir)
-            return out_dir
-    # A fixed staging path: sentencepiece stores its input path in the model, so a random one would change the
-    # checksum from run to run.
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if not force and docs_fp and (out_dir / MODEL_FILE).is_file() and \
+            read_record(out_dir / META_FILE).get("fingerprint") == fp:
+        log.info("tokenizer: %s is up to date (same documents and config); nothing to do", out_dir)
+        return out_dir
+    staging = staging_for(out_dir)
     try:
         sample = staging / "sample.txt"
         counts = _training_sample(cfg, docs_dir, sample)
@@ -193,9 +173,7 @@ def train_tokenizer(cfg: DataConfig, force: bool = False) -> Path:
             "sample": counts, "config": to_plain(t), "fingerprint": fp,
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out_dir)
+        swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("tokenizer: %d pieces (padded %d), checksum %s -> %s", meta["vocab_size"], meta["padded_vocab_size"],

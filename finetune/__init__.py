@@ -1,5 +1,5 @@
-"""Finetuning on the pretraining engine: GLGE tasks and IWSLT14, objectives ar / nar / bang_mixed / janus, decoding
-in every mode, GLGE-style evaluation, MLflow comparison.
+"""Finetuning on the training core (pretrain.core): GLGE tasks and IWSLT14, objectives ar / nar / bang_mixed /
+janus, decoding in every mode, GLGE-style evaluation, MLflow comparison.
 
     python -m finetune data     --config configs/finetune/<task>.yaml            task shards (pretraining tokenizer)
     python -m finetune          --config configs/finetune/<task>.yaml --init <pretraining checkpoint> [key=value ...]
@@ -8,8 +8,10 @@ in every mode, GLGE-style evaluation, MLflow comparison.
     python -m finetune compare  --experiment tandem-finetune
     finetune/scripts/<task>.sh  --init <checkpoint> --objective nar --mode nar   all of the above for one task
 
-Files: config.py (typed config), run.py (validation before any process group, the run on pretrain.engine),
-init_checkpoint.py (weights from DeepSpeed / full-state-dict checkpoints, shape checks), data.py (task data and
-shards), objectives.py, decoding.py (modes and options from the config; timed batch decoding), generate.py,
-evaluation.py (+ metrics/, glge_tasks.py), tracking.py (MLflow tags and runs), compare.py.
+Files: config.py (typed config), resolve.py (task, data config, model config, decoding options: what every command
+resolves from a config), run.py (validation before any process group, the run on the training core's engine, the
+stage's facts for the launcher), init_checkpoint.py (finetuned model folders and where weights come from; reading
+checkpoints is pretrain.core's), data.py (task data and shards), objectives.py, decoding.py (modes and options from
+the config; timed batch decoding), generate.py, evaluation.py (+ metrics/, glge_tasks.py), tracking.py (MLflow tags
+and runs), compare.py. Of pretrain/, finetuning uses only the training core's public API (pretrain.core).
 """

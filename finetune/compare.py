@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from finetune.config import DEFAULT_EXPERIMENT
 from finetune.glge_tasks import get_task
+from finetune.tracking import resolve_uri
 
 METRIC_LABELS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "bleu4": "B-4", "meteor": "MTR", "f1": "F1",
                  "bleu1": "B-1", "bleu2": "B-2", "distinct1": "D-1", "distinct2": "D-2", "bleu": "BLEU"}
@@ -168,8 +169,6 @@ def compare(uri: str, experiment: str, out_dir: Path, task: str = "") -> list[di
 
 
 def main(argv: Sequence[str]) -> int:
-    from finetune.tracking import resolve_uri
-
     parser = argparse.ArgumentParser(prog="python -m finetune compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)

@@ -1,18 +1,21 @@
-"""Typed finetuning config: the engine's sections (pretrain.config.EngineConfig) plus task, data, model, init
+"""Typed finetuning config: the engine's sections (pretrain.core.EngineConfig) plus task, data, model, init
 checkpoint, objective and decoding. One YAML per task in configs/finetune/; `key=value` overrides on top.
 
-Validation (`finetune.run.prepare`) runs before any process group starts and names the field or file at fault.
+Validation (`finetune.run.prepare`, `finetune.resolve`) runs before any process group starts and names the field or
+file at fault.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
-from pretrain.config import ConfigError, EngineConfig, TrackingSection
-from pretrain.config import load as load_yaml
+from omegaconf import DictConfig, OmegaConf
 
-DEFAULT_EXPERIMENT = "tandem-finetune"  # the store is the project's one (pretrain.tracking.resolve_uri)
+from configs import ConfigError, dotlist, merge_typed
+from pretrain import core
+
+DEFAULT_EXPERIMENT = "tandem-finetune"  # the store is the project's one (pretrain.core.resolve_uri)
 
 
 @dataclass
@@ -35,7 +38,9 @@ class FinetuneDataSection:
     max_source_len: int = 0  # truncate sources (0: the model's max_source_positions)
     shuffle_buffer: int = 512
     bucket_window: int = 64
-    num_workers: int = 0
+    # Loader worker processes per rank for the training split (held-out splits load in the trainer): batches are
+    # read and padded while the step runs. Preflight wants data-parallel ranks x workers <= shards.
+    num_workers: int = 1
 
 
 @dataclass
@@ -62,6 +67,8 @@ class NarObjectiveSection:
     masking: str = "all"  # all: every target a slot; uniform: CMLM (for mask-predict decoding)
     label_smoothing: float = 0.1
     length_weight: float = 0.1
+    exits: str = "last"  # layers the token loss trains: last; all (ELMER finetuning, mean CE of every layer's
+    #                      off-ramp); random (LPLM exits). all/random train the exits early_exit decoding reads
 
 
 @dataclass
@@ -84,11 +91,15 @@ class JanusObjectiveSection:
 
 @dataclass
 class FinetuneObjectiveSection:
-    name: str = "ar"  # ar, nar, bang_mixed or janus
+    name: str = "ar"  # ar, nar, bang_mixed or janus: one of the sections below
     ar: ArObjectiveSection = field(default_factory=ArObjectiveSection)
     nar: NarObjectiveSection = field(default_factory=NarObjectiveSection)
     bang_mixed: BangMixedObjectiveSection = field(default_factory=BangMixedObjectiveSection)
     janus: JanusObjectiveSection = field(default_factory=JanusObjectiveSection)
+
+
+# The finetuning objectives: one section of settings each (finetune.objectives registers one class per name).
+OBJECTIVES = tuple(f.name for f in fields(FinetuneObjectiveSection) if f.name != "name")
 
 
 @dataclass
@@ -106,10 +117,13 @@ class DecodeSection:
     nar_mode: str = ""  # "": nar_causal for bang_mixed and objective.nar.mode=nar_causal, else nar_bidir
     length_source: str = "length_head"
     length_beam: int = 1
+    length_candidates: str = "offsets"  # offsets: fairseq's argmax -1/0/+1 (beam 3); top: the likeliest classes
     fixed_length: Optional[int] = None
     block_size: int = 4
     iterations: int = 10
+    remask_slots: str = "content"  # mask_predict: content (fairseq: never the EOS slot) or all
     exit_entropy: float = 1.0
+    exit_layer: Optional[int] = None  # early_exit: every slot exits at this layer (1-based) instead of by entropy
     postprocess: bool = True
     batch_size: int = 32  # examples per decoding batch
 
@@ -120,7 +134,7 @@ class ValidGenerationSection:
 
 
 @dataclass
-class FinetuneConfig(EngineConfig):
+class FinetuneConfig(core.EngineConfig):
     name: str = "finetune"
     output_dir: str = ""  # empty: runs/finetune/<task>-<difficulty>-<objective>
     task: TaskSection = field(default_factory=TaskSection)
@@ -130,12 +144,12 @@ class FinetuneConfig(EngineConfig):
     objective: FinetuneObjectiveSection = field(default_factory=FinetuneObjectiveSection)
     decode: DecodeSection = field(default_factory=DecodeSection)
     valid_generation: ValidGenerationSection = field(default_factory=ValidGenerationSection)
-    tracking: TrackingSection = field(default_factory=lambda: TrackingSection(experiment=DEFAULT_EXPERIMENT))
+    tracking: core.TrackingSection = field(default_factory=lambda: core.TrackingSection(experiment=DEFAULT_EXPERIMENT))
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """YAML + overrides -> FinetuneConfig (not yet validated); ConfigError names the file or key at fault."""
-    return load_yaml(path, overrides, schema=FinetuneConfig)
+    return core.load_config(path, overrides, FinetuneConfig)
 
 
 def fail(cfg: FinetuneConfig, field_name: str, why: str):
@@ -144,24 +158,18 @@ def fail(cfg: FinetuneConfig, field_name: str, why: str):
 
 
 def from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> FinetuneConfig:
-    """A config saved with a finetuned model (pretrain.config.to_dict) back into a FinetuneConfig, plus overrides."""
-    from omegaconf import OmegaConf
-
-    from data_pipeline.typed_config import dotlist, merge_typed
-
+    """A config saved with a finetuned model (pretrain.core.to_dict) back into a FinetuneConfig, plus overrides."""
     where = (data.get("config_file") or "the model's saved config") + ": "
-    extra = dotlist(overrides, where=where, error=ConfigError)
+    extra = dotlist(overrides, where=where)
     dropped: list[str] = []
     data = _known_keys(data, OmegaConf.structured(FinetuneConfig), "", dropped)
     if dropped:  # written by another version of the config classes: keep what still means something
         warnings.warn(f"{where}ignoring saved config keys this version does not know: {dropped}", stacklevel=2)
-    return merge_typed(FinetuneConfig, [data, extra], where=where, error=ConfigError)
+    return merge_typed(FinetuneConfig, [data, extra], where=where)
 
 
 def _known_keys(data: dict[str, Any], node, prefix: str, dropped: list[str]) -> dict[str, Any]:
     """`data` without the keys the structured config `node` lacks (free-form dict fields are kept whole)."""
-    from omegaconf import DictConfig, OmegaConf
-
     out = {}
     for key, value in data.items():
         if key not in node:

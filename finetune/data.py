@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.stream import build_task_loader
+from data_pipeline.tasks import build_task_shards, read_task_split
+from data_pipeline.tokenizer import Tokenizer
 from finetune.glge_tasks import get_task
+from pretrain import core
 
 SPLIT_NAMES = {"train": "train", "valid": "valid", "dev": "valid", "validation": "valid", "test": "test"}
 
@@ -52,16 +56,11 @@ def task_data(data_cfg, task: str, difficulty: str) -> TaskData:
 
 def read_split(td: TaskData, split: str) -> tuple[list[str], list[str]]:
     """Source and reference lines of a split, as the files hold them (DataError on mismatched files)."""
-    from data_pipeline.tasks import read_task_split
-
     return read_task_split(td.text_root, td.task, SPLIT_NAMES.get(split, split), td.level, td.holdout_fraction)
 
 
 def build_shards(td: TaskData, splits: list[str], force: bool = False) -> dict[str, int]:
     """Tokenize the splits into shards (skipped when up to date); returns samples per split."""
-    from data_pipeline.tasks import build_task_shards
-    from data_pipeline.tokenizer import Tokenizer
-
     tok = Tokenizer.load(td.tokenizer)
     counts = {}
     for split in splits:
@@ -77,9 +76,9 @@ def build_shards(td: TaskData, splits: list[str], force: bool = False) -> dict[s
 def task_loader(shard_dir: Path, section, *, dp_rank: int, dp_size: int, seed: int, max_source_len: int,
                 shuffle: bool = True):
     """data_pipeline's task loader over one split's shards, with the finetune config's batching."""
-    from data_pipeline.stream import build_task_loader
-
+    pin_memory = core.uses_gpu()  # pinned batches copy to the GPU asynchronously
     return build_task_loader(shard_dir, dp_rank=dp_rank, dp_world_size=dp_size, seed=seed,
                              num_workers=section.num_workers if shuffle else 0, batch_size=section.batch_size,
                              max_tokens=section.max_tokens, shuffle=shuffle, bucket_window=section.bucket_window,
-                             shuffle_buffer=section.shuffle_buffer, max_source_len=max_source_len)
+                             shuffle_buffer=section.shuffle_buffer, max_source_len=max_source_len,
+                             pin_memory=pin_memory)

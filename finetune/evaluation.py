@@ -19,10 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from configs import ConfigError
+from data_pipeline.errors import DataError
+from finetune import tracking
 from finetune.config import from_dict, load
-from finetune.generate import GENERATION_FILE
-from finetune.glge_tasks import get_task
-from pretrain.config import ConfigError, to_yaml
+from finetune.data import read_split
+from finetune.generate import GENERATION_FILE, predictions_name
+from finetune.glge_tasks import GLGE_TASKS, get_task
+from finetune.metrics import evaluate_task_detailed, glge_score
+from finetune.resolve import load_data_config, resolve_task_data, validate_task
+from pretrain import core
 
 LATENCY_FIGURES = ("ms_per_sample", "samples_per_s", "mean_exit_layer", "mean_output_tokens", "batch_size",
                    "decoder_passes_per_batch", "examples")
@@ -43,13 +49,8 @@ def _read_predictions(path: Path) -> list[str]:
 
 def score(info: dict[str, Any], predictions: Path, cfg) -> tuple[Any, list[str]]:
     """TaskEvaluation of one predictions file against the split's references."""
-    from data_pipeline.errors import DataError
-    from finetune import run
-    from finetune.data import read_split
-    from finetune.metrics import evaluate_task_detailed
-
-    data_cfg = run.load_data_config(cfg)
-    td = run.resolve_task_data(cfg, data_cfg)
+    data_cfg = load_data_config(cfg)
+    td = resolve_task_data(cfg, data_cfg)
     try:
         sources, references = read_split(td, info["split"])
     except DataError as err:
@@ -67,8 +68,6 @@ def score(info: dict[str, Any], predictions: Path, cfg) -> tuple[Any, list[str]]
 def evaluate_one(info: dict[str, Any], predictions: Path, cfg, *, use_mlflow: bool = True, uri: str = "",
                  experiment: str = "", extra_artifacts: Sequence[Path] = ()) -> dict[str, Any]:
     """Score, print and record one evaluation; returns {"scores", "notes", "run_id", "figures"}."""
-    from finetune import tracking
-
     evaluation, _ = score(info, predictions, cfg)
     meta, figures = info.get("meta", {}), info.get("figures", {})
     line = ", ".join(f"{k} {'unavailable' if v is None else f'{v:.2f}'}" for k, v in evaluation.scores.items())
@@ -97,7 +96,7 @@ def evaluate_one(info: dict[str, Any], predictions: Path, cfg, *, use_mlflow: bo
             scores_file.write_text(json.dumps({"scores": evaluation.scores, "notes": evaluation.notes,
                                                "figures": figures}, indent=1))
             config_file = Path(tmp) / "finetune.yaml"
-            config_file.write_text(to_yaml(cfg))
+            config_file.write_text(core.to_yaml(cfg))
             artifacts = [(predictions, "predictions"), (scores_file, None), (config_file, "config"),
                          *[(Path(p), None) for p in extra_artifacts]]
             run_name = f"eval {info['task']}-{info['difficulty']} {meta.get('objective', '?')} {info['mode']}"
@@ -125,9 +124,7 @@ def evaluate_file(predictions: str | Path, config_path: str, split: str, overrid
                   **kwargs) -> dict[str, Any]:
     """Evaluate any predictions file (e.g. a GLGE submission) for the task of a finetune config."""
     cfg = load(config_path, overrides)
-    from finetune import run
-
-    run._validate_task(cfg)
+    validate_task(cfg)
     info = {"task": cfg.task.name, "difficulty": cfg.task.difficulty, "split": split, "mode": "external",
             "predictions": Path(predictions).name, "limit": 0,
             "meta": {"objective": "external", "experiment": cfg.tracking.experiment, "tracking_uri": cfg.tracking.uri}}
@@ -137,9 +134,6 @@ def evaluate_file(predictions: str | Path, config_path: str, split: str, overrid
 def evaluate_submission(folder: Path, difficulty: str, split: str, overrides: Sequence[str] = (),
                         **kwargs) -> list[dict[str, Any]]:
     """Every GLGE task's `{task}.{difficulty}.{split}` file in `folder`, with configs/finetune/<task>.yaml."""
-    from finetune.generate import predictions_name
-    from finetune.glge_tasks import GLGE_TASKS
-
     if not folder.is_dir():
         raise ConfigError(f"--submission {folder}: not a folder")
     found = [(t, folder / predictions_name(t, difficulty, split)) for t in GLGE_TASKS]
@@ -154,10 +148,6 @@ def evaluate_submission(folder: Path, difficulty: str, split: str, overrides: Se
 
 def glge_summary(results: list[dict[str, Any]], use_mlflow: bool) -> float | None:
     """The GLGE score over the GLGE tasks evaluated together (one result per task; the last one counts)."""
-    from finetune import tracking
-    from finetune.glge_tasks import GLGE_TASKS
-    from finetune.metrics import glge_score
-
     per_task = {r["task"]: r["scores"] for r in results if get_task(r["task"]).glge}
     if len(per_task) < 2:
         return None

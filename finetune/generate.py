@@ -15,7 +15,8 @@ elsewhere, ...).
 Decoding runs in one process at tensor-parallel size 1, whatever the training used: final_model.pt holds the full
 weights (the engine merges TP shards and gathers ZeRO-3 partitions when it exports), and a DeepSpeed checkpoint
 written at TP=N is merged on load. tests/test_finetune_distributed.py checks that a TP=2 finetune decodes exactly
-as the TP=1 run of the same job. Decoding a model too large for one device is not supported.
+as the TP=1 run of the same job. Decoding a model too large for one device is not supported. The model decodes on
+the GPU when there is one (cuda:0), else on the CPU.
 
 `--check --config C --split S` only checks that split S of the config's task can be read (the per-task scripts run
 it before training, so a missing test split fails in seconds).
@@ -27,11 +28,18 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from configs import ConfigError
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import Tokenizer
 from finetune.config import FinetuneConfig, from_dict, load
+from finetune.data import read_split
 from finetune.glge_tasks import get_task, submission_filename
-from pretrain.config import ConfigError
+from finetune.init_checkpoint import FINETUNED, check_tokenizer, pretrain_run_id, pretrain_step, read_init
+from finetune.resolve import build_model_config, decoding_options, load_data_config, resolve_task_data, validate_task
+from model.config import ModelConfig
+from pretrain import core
 
 GENERATION_FILE = "generation.json"
 
@@ -46,18 +54,12 @@ def predictions_name(task: str, difficulty: str, split: str) -> str:
 
 def load_for_decoding(model_path: str, config_path: str | None, overrides: Sequence[str]):
     """(model in eval mode, FinetuneConfig, metadata, tokenizer, TaskData); ConfigError on anything wrong."""
-    from data_pipeline.errors import DataError
-    from data_pipeline.tokenizer import Tokenizer
-    from finetune import run
-    from finetune.init_checkpoint import (FINETUNED, InitError, check_dims, check_tokenizer, load_into,
-                                          pretrain_run_id, pretrain_step, read_init)
-    from model import parallel
-    from model.config import ModelConfig
+    from model import parallel  # megatron-core: imported when a model is built
     from model.seq2seq import Seq2SeqModel
 
     try:
         weights = read_init(model_path)
-    except InitError as err:
+    except core.InitError as err:
         raise ConfigError(f"--model: {err}") from None
     finetuned = weights.meta.get("format") == FINETUNED
     if config_path:
@@ -69,32 +71,32 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
                           "finetune`): pass --config configs/finetune/<task>.yaml so the task, data and model shape "
                           "are known")
     cfg.parallel.tensor_parallel = 1  # decoding runs in one process
-    run._validate_task(cfg)
-    data_cfg = run.load_data_config(cfg)
-    td = run.resolve_task_data(cfg, data_cfg)
+    validate_task(cfg)
+    data_cfg = load_data_config(cfg)
+    td = resolve_task_data(cfg, data_cfg)
     try:
         tokenizer = Tokenizer.load(td.tokenizer)
     except DataError as err:
         raise ConfigError(f"data.config: {err}") from None
     try:  # finetuned and pretraining exports record their tokenizer; plain state dicts cannot be checked
         check_tokenizer(weights, tokenizer.checksum, str(td.tokenizer))
-    except InitError as err:
+    except core.InitError as err:
         raise ConfigError(f"--model: {err}") from None
     if finetuned:
         model_cfg = ModelConfig(**weights.meta["model_config"])
     else:
-        model_cfg = run.build_model_config(cfg, tokenizer.padded_vocab_size)
+        model_cfg = build_model_config(cfg, tokenizer.padded_vocab_size)
         try:
-            check_dims(weights, model_cfg, f"{cfg.config_file} (model.preset={cfg.model.preset})")
-        except InitError as err:
+            core.check_dims(weights, model_cfg, f"{cfg.config_file} (model.preset={cfg.model.preset})")
+        except core.InitError as err:
             raise ConfigError(f"--model: {err}") from None
     parallel.ensure_initialized()
     model = Seq2SeqModel(model_cfg)
     try:
-        load_into(model, weights)
-    except InitError as err:
+        core.load_into(model, weights)
+    except core.InitError as err:
         raise ConfigError(f"--model: {err}") from None
-    model.eval()
+    model.to(decoding_device()).eval()
     if finetuned:
         meta = {k: v for k, v in weights.meta.items() if k not in ("model_config",)}
     else:  # a model that was not finetuned (the starting point of a finetuning run)
@@ -103,15 +105,15 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
                 "pretrain_checkpoint": str(weights.path), "pretrain_step": pretrain_step(weights),
                 "tokenizer": str(td.tokenizer), "tokenizer_checksum": tokenizer.checksum,
                 "experiment": cfg.tracking.experiment, "tracking_uri": cfg.tracking.uri}
-    meta["config"] = _plain(cfg)
+    meta["config"] = core.to_dict(cfg)
     meta["task"], meta["difficulty"] = cfg.task.name, cfg.task.difficulty
     return model, cfg, meta, tokenizer, td
 
 
-def _plain(cfg: FinetuneConfig) -> dict[str, Any]:
-    from pretrain.config import to_dict
+def decoding_device():
+    import torch
 
-    return to_dict(cfg)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_out_dir(model_path: str, cfg: FinetuneConfig, meta: dict, split: str, mode: str) -> Path:
@@ -127,17 +129,12 @@ def run_generate(model_path: str, *, config_path: str | None = None, overrides: 
                  mode: str | None = None, split: str = "test", out_dir: str | None = None, limit: int = 0,
                  batch_size: int | None = None) -> Path:
     """Decode a split; returns the folder holding the predictions and generation.json."""
-    from data_pipeline.errors import DataError
-    from finetune import decoding
-    from finetune.data import read_split
+    from finetune import decoding  # model.generation brings megatron-core: `evaluate` imports this module too
 
     overrides = list(overrides) + ([f"decode.mode={mode}"] if mode else []) + \
         ([f"decode.batch_size={batch_size}"] if batch_size else [])
     model, cfg, meta, tokenizer, td = load_for_decoding(model_path, config_path, overrides)
-    try:
-        mode, options = decoding.resolve(cfg.decode, cfg.task.name, cfg.objective)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    mode, options = decoding_options(cfg, model.cfg)
     try:
         sources, references = read_split(td, split)
     except DataError as err:
@@ -168,13 +165,9 @@ def check_split(config_path: str, overrides: Sequence[str], split: str) -> int:
     """Number of examples in `split` of the config's task; ConfigError naming the split or field when it cannot be
     read. What the per-task scripts run before finetuning, so a missing test split fails in seconds, not after
     training."""
-    from data_pipeline.errors import DataError
-    from finetune import run
-    from finetune.data import read_split
-
     cfg = load(config_path, overrides)
-    run._validate_task(cfg)
-    td = run.resolve_task_data(cfg, run.load_data_config(cfg))
+    validate_task(cfg)
+    td = resolve_task_data(cfg, load_data_config(cfg))
     try:
         sources, _ = read_split(td, split)
     except DataError as err:

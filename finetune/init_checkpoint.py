@@ -1,182 +1,50 @@
-"""Initial weights for finetuning (and decoding) from a pretraining checkpoint, with a shape check.
+"""The weights a finetuning job (or `generate`) starts from: anything the training core can read
+(pretrain.core.read_weights: checkpoint folders, exports, plain state dicts) plus a finetuning output folder, and
+where those weights come from.
 
-Accepted `--init` paths:
-  * a pretraining output folder or its `checkpoints/` folder: the DeepSpeed checkpoint `latest` names (it carries
-    the pretraining MLflow run id); without checkpoints, the folder's final_model.pt;
-  * one DeepSpeed tag folder (`step_00000300/`): `mp_rank_XX_model_states.pt` per tensor-parallel rank (ZeRO 0-2;
-    shards are concatenated along each parameter's partition dimension) or, for ZeRO-3, the fp32 partitions
-    rebuilt with DeepSpeed's zero_to_fp32;
-  * a file: the engine's full-weights export (final_model.pt: {"model": state dict, "config": model config,
-    "step", and the run record: job, mlflow_run_id, tokenizer_checksum, ...}), a plain full (TP=1) state dict
-    (`{name: tensor}` or `{"state_dict"|"module": {...}}`), or one mp_rank file;
-  * a finetuning output folder (final_model.pt + finetune_meta.json): a finetuned model with its task, runs and
-    config, what `generate` reads.
+A finetuning run leaves final_model.pt (the core's export) and, beside it, finetune_meta.json (task, objective,
+decoding mode, MLflow runs, tokenizer, the resolved config; finetune.run.write_meta): `read_init` on that folder (or
+on its final_model.pt) returns the weights with the meta merged in and `format` "finetuned".
 
-`read_init(path)` needs no process group: it returns the full weights (or, for TP shards, the shards) and the
-metadata the engine recorded (pretrain.engine.Engine.record: job kind, step, MLflow run id, model config, tokenizer
-checksum; from a DeepSpeed checkpoint's client state or the export's top-level keys; older files may lack some).
-`checkpoint_dims` reads the model dimensions off the weight shapes so `prepare` can compare them with the config
-before any process starts; `check_tokenizer` refuses weights trained with another tokenizer than the task shards';
-`pretrain_run_id` names the pretraining run the weights descend from.
+`pretrain_run_id` / `pretrain_step` name the pretraining run the weights descend from; `check_tokenizer` refuses
+weights trained with another tokenizer than the task shards'.
 """
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
+from pretrain import core
 
-POINTER = "latest"  # pretrain.checkpoint.POINTER
-FINAL_WEIGHTS = "final_model.pt"  # pretrain.engine.Engine.export_weights at the end of every run
-FINETUNE_META = "finetune_meta.json"  # written beside it by `python -m finetune`
+FINETUNE_META = "finetune_meta.json"  # written beside the exported weights by `python -m finetune`
 FINETUNED = "finetuned"  # meta["format"] of a finetuned model
-MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_PREFIXES = ("module.", "model.")  # DeepSpeed wraps pretrain.engine.ObjectiveModule, which holds `model`
 
 
-RECORD_KEYS = ("job", "step", "samples_seen", "tokens_seen", "mlflow_run_id", "tracking_uri", "experiment",
-               "model_config", "tokenizer_checksum", "pretrain_run_id", "pretrain_step")  # pretrain.engine.Engine.record
-
-
-class InitError(ValueError):
-    """An init checkpoint that cannot be read or does not fit the model; the message names the path."""
-
-
-@dataclass
-class InitWeights:
-    path: Path  # what was read (file or tag folder)
-    shards: list[dict[str, Any]]  # one state dict per tensor-parallel rank of the writer (one entry: full weights)
-    meta: dict[str, Any] = field(default_factory=dict)  # step, mlflow_run_id, zero_stage, model_config, format ...
-
-    @property
-    def writer_tp(self) -> int:
-        return len(self.shards)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of rank 0's tensors (local shapes when the writer used tensor parallelism)."""
-        return {k: tuple(v.shape) for k, v in self.shards[0].items() if isinstance(v, torch.Tensor)}
-
-
-def _strip(state: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for name, value in state.items():
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
-        out[name] = value
-    return out
-
-
-def _load(path: Path) -> Any:
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - corrupt file, not a torch file, truncated download
-        raise InitError(f"{path}: cannot read as a torch checkpoint ({type(err).__name__}: {err})") from None
-
-
-def _find_tag_dir(path: Path) -> Path | None:
-    """A DeepSpeed tag folder for `path` (itself, `latest` in it, or in its checkpoints/ subfolder)."""
-    for folder in (path, path / "checkpoints"):
-        if any(MP_FILE.match(p.name) for p in folder.glob("mp_rank_*_model_states.pt")):
-            return folder
-        pointer = folder / POINTER
-        if pointer.is_file():
-            tag = pointer.read_text().strip()
-            if not (folder / tag).is_dir():
-                raise InitError(f"{pointer} names {tag!r}, but {folder / tag} does not exist")
-            return folder / tag
-    return None
-
-
-def read_init(path: str | Path) -> InitWeights:
-    """Read weights and metadata from any accepted checkpoint form (see the module docstring)."""
+def read_init(path: str | Path) -> core.InitWeights:
+    """Weights and metadata from a finetuning output folder or any form the core reads (core.InitError if not)."""
     path = Path(path)
-    if not path.exists():
-        raise InitError(f"init checkpoint not found: {path}")
-    if path.is_file() and path.name == FINAL_WEIGHTS and (path.parent / FINETUNE_META).is_file():
+    if path.is_file() and path.name == core.FINAL_WEIGHTS and (path.parent / FINETUNE_META).is_file():
         path = path.parent
-    if path.is_dir():
-        if (path / FINETUNE_META).is_file():
-            return _read_finetuned(path)
-        tag_dir = _find_tag_dir(path)
-        if tag_dir is not None:
-            return _read_deepspeed(tag_dir)
-        if (path / FINAL_WEIGHTS).is_file():
-            return _read_file(path / FINAL_WEIGHTS)
-        raise InitError(f"{path}: no checkpoint here: expected mp_rank_*_model_states.pt, a `{POINTER}` file naming "
-                        f"a step_* folder (also under checkpoints/), or {FINAL_WEIGHTS}")
-    if MP_FILE.match(path.name):
-        return _read_deepspeed(path.parent)
-    return _read_file(path)
+    if path.is_dir() and (path / FINETUNE_META).is_file():
+        return _read_finetuned(path)
+    return core.read_weights(path)
 
 
-def _read_finetuned(folder: Path) -> InitWeights:
-    weights_file = folder / FINAL_WEIGHTS
+def _read_finetuned(folder: Path) -> core.InitWeights:
+    weights_file = folder / core.FINAL_WEIGHTS
     if not weights_file.is_file():
-        raise InitError(f"{folder}: {FINETUNE_META} but no {FINAL_WEIGHTS} (the finetuning run did not finish?)")
+        raise core.InitError(f"{folder}: {FINETUNE_META} but no {core.FINAL_WEIGHTS} (the finetuning run did not "
+                             "finish?)")
     try:
         meta = json.loads((folder / FINETUNE_META).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise InitError(f"{folder / FINETUNE_META}: cannot read ({err})") from None
-    weights = _read_file(weights_file)
+        raise core.InitError(f"{folder / FINETUNE_META}: cannot read ({err})") from None
+    weights = core.read_weights(weights_file)
     weights.meta = {**weights.meta, **meta, "format": FINETUNED}
     return weights
 
 
-def _read_file(path: Path) -> InitWeights:
-    obj = _load(path)
-    if not isinstance(obj, dict):
-        raise InitError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    meta: dict[str, Any] = {"format": "state_dict"}
-    state = next((obj[k] for k in ("model", "state_dict", "module") if isinstance(obj.get(k), dict)), obj)
-    if isinstance(obj.get("config"), dict):  # the engine's export: model config, step and the run record
-        meta.update({k: obj[k] for k in RECORD_KEYS if k in obj}, format="export", model_config=obj["config"],
-                    step=obj.get("step"))
-    state = _strip(state)
-    if not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InitError(f"{path}: no tensors found; expected a state dict of the seq2seq model")
-    return InitWeights(path, [state], meta)
-
-
-def _read_deepspeed(tag_dir: Path) -> InitWeights:
-    files = sorted((p for p in tag_dir.iterdir() if MP_FILE.match(p.name)),
-                   key=lambda p: int(MP_FILE.match(p.name).group(1)))
-    if not files:
-        raise InitError(f"{tag_dir}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint folder)")
-    first = _load(files[0])
-    mp = int(first.get("mp_world_size", len(files)) or 1)
-    if len(files) != mp:
-        raise InitError(f"{tag_dir}: {len(files)} mp_rank files but the checkpoint was written with "
-                        f"tensor parallelism {mp}: the checkpoint is incomplete")
-    stage = int(first.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-    meta = {"format": "deepspeed", "zero_stage": stage, "writer_tp": mp, "tag": tag_dir.name,
-            **{k: first[k] for k in RECORD_KEYS if k in first}}
-    if stage == 3:
-        if mp > 1:
-            raise InitError(f"{tag_dir}: ZeRO-3 with tensor parallelism is not a layout this project writes")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        except Exception as err:  # noqa: BLE001
-            raise InitError(f"{tag_dir}: cannot rebuild ZeRO-3 weights ({type(err).__name__}: {err})") from None
-        # zero_to_fp32 returns parameters only; carry the non-tensor entries (megatron's _extra_state) over.
-        state = {**{k: v for k, v in first["module"].items() if not isinstance(v, torch.Tensor)}, **state}
-        return InitWeights(tag_dir, [_strip(state)], meta)
-    shards = [_strip(first["module"])] + [_strip(_load(f)["module"]) for f in files[1:]]
-    return InitWeights(tag_dir, shards, meta)
-
-
-# --- lineage and tokenizer -----------------------------------------------------------------------------------
-
-def pretrain_run_id(weights: InitWeights) -> str:
+def pretrain_run_id(weights: core.InitWeights) -> str:
     """The MLflow run of the pretraining these weights descend from: the writer's own run for a pretraining
     checkpoint or export, the recorded pretrain_run_id for finetuned weights; "none" when the file does not say."""
     meta = weights.meta
@@ -185,7 +53,7 @@ def pretrain_run_id(weights: InitWeights) -> str:
     return str(meta.get("mlflow_run_id") or "none")
 
 
-def pretrain_step(weights: InitWeights) -> int | str:
+def pretrain_step(weights: core.InitWeights) -> int | str:
     """The pretraining step these weights descend from, by the same lineage as pretrain_run_id (a finetuned file's
     own `step` is its finetuning step)."""
     meta = weights.meta
@@ -194,110 +62,12 @@ def pretrain_step(weights: InitWeights) -> int | str:
     return meta.get("step", "unknown")
 
 
-def check_tokenizer(weights: InitWeights, checksum: str, shards: str) -> None:
+def check_tokenizer(weights: core.InitWeights, checksum: str, shards: str) -> None:
     """InitError when the weights record a tokenizer other than the one that wrote `shards` (files without a
     record, e.g. a plain state dict, cannot be checked and pass)."""
     recorded = weights.meta.get("tokenizer_checksum")
     if recorded and checksum and recorded != checksum:
-        raise InitError(f"{weights.path} was trained with the tokenizer of checksum {recorded}, but {shards} were "
-                        f"written with the tokenizer of checksum {checksum}: token ids would mean different pieces. "
-                        "Build the task shards with the pretraining data config's tokenizer (python -m finetune "
-                        "data, data.config / data.overrides as in pretraining)")
-
-
-# --- shapes ---------------------------------------------------------------------------------------------------
-
-def checkpoint_dims(weights: InitWeights) -> dict[str, Any]:
-    """Model dimensions read off the weight shapes (n_heads cannot be: Q/K/V are fused)."""
-    shapes, tp = weights.shapes(), weights.writer_tp
-
-    def rows(name: str) -> int:
-        if name not in shapes:
-            raise InitError(f"{weights.path}: no tensor {name!r}; this is not a checkpoint of the seq2seq model "
-                            f"(found e.g. {sorted(shapes)[:5]})")
-        return shapes[name][0]
-
-    def count(prefix: str) -> int:
-        return len({int(m.group(1)) for k in shapes if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
-
-    return {
-        "vocab_size": rows("embed_tokens.weight") * tp,
-        "d_model": shapes["embed_tokens.weight"][1],
-        "d_ffn": rows("encoder_layers.0.ffn.block.fc_in.weight") * tp,
-        "n_encoder_layers": count("encoder_layers"),
-        "n_decoder_layers": count("decoder_layers"),
-        "max_source_positions": rows("embed_source_positions.weight"),
-        "max_target_positions": rows("embed_target_positions.weight") - 1,
-        "n_length_classes": rows("length_head.weight"),
-        "norm": "pre" if "encoder_final_norm.weight" in shapes else "post",
-    }
-
-
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_heads", "d_ffn", "n_encoder_layers", "n_decoder_layers",
-                "max_source_positions", "max_target_positions", "n_length_classes", "norm", "activation", "n_predict")
-
-
-def check_dims(weights: InitWeights, model_cfg, where: str) -> None:
-    """InitError listing every dimension where the checkpoint and the configured model differ (the saved model
-    config, where the checkpoint has one, also settles n_heads, activation and n_predict)."""
-    dims = checkpoint_dims(weights)
-    saved = weights.meta.get("model_config") or {}
-    dims.update({k: saved[k] for k in SHAPE_FIELDS if k in saved and k not in dims})
-    diffs = [f"{k}: checkpoint {v!r}, config {getattr(model_cfg, k)!r}" for k, v in dims.items()
-             if getattr(model_cfg, k) != v]
-    if diffs:
-        hint = ""
-        if any(d.startswith("vocab_size") for d in diffs):
-            hint = " (vocab_size comes from the tokenizer: finetune with the pretraining data config's tokenizer)"
-        raise InitError(f"{weights.path} was written for a model of another shape than {where} describes: "
-                        f"{'; '.join(diffs)}{hint}. Set model.preset / model.overrides to the pretrained model's.")
-
-
-def full_weights(weights: InitWeights, model: torch.nn.Module) -> dict[str, Any]:
-    """One full (TP=1) state dict: tensor-parallel shards concatenated along each parameter's partition dim
-    (read from the model's megatron attributes; shards are contiguous slices in rank order)."""
-    if weights.writer_tp == 1:
-        return dict(weights.shards[0])
-    params = dict(model.named_parameters())
-    full: dict[str, Any] = {}
-    for name, value in weights.shards[0].items():
-        param = params.get(name)
-        if isinstance(value, torch.Tensor) and param is not None and getattr(param, "tensor_model_parallel", False):
-            full[name] = torch.cat([s[name] for s in weights.shards], dim=param.partition_dim)
-        else:
-            full[name] = value
-    return full
-
-
-def load_into(model: torch.nn.Module, weights: InitWeights) -> None:
-    """Copy the checkpoint into `model` (this rank's tensor-parallel slice); InitError on any missing, extra or
-    differently shaped tensor, naming them."""
-    from model import parallel
-    from model.sharding import load_full_state_dict
-
-    full = full_weights(weights, model)
-    expected = model.state_dict()
-    params = dict(model.named_parameters())
-    tp = parallel.tp_size()
-    for name, value in expected.items():  # megatron's `_extra_state` placeholders need not be in the file
-        if not isinstance(value, torch.Tensor) and name not in full:
-            full[name] = value
-    missing = sorted(k for k in expected if k not in full)
-    extra = sorted(k for k in full if k not in expected)
-    wrong = []
-    for name, value in full.items():
-        if name in expected and isinstance(value, torch.Tensor):
-            shape = list(expected[name].shape)
-            param = params.get(name)
-            if param is not None and getattr(param, "tensor_model_parallel", False):
-                shape[param.partition_dim] *= tp
-            if list(value.shape) != shape:
-                wrong.append(f"{name} {tuple(value.shape)} vs model {tuple(shape)}")
-    if missing or extra or wrong:
-        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {extra[:3]})" if extra else "",
-                 f"{len(wrong)} of another shape (e.g. {wrong[:3]})" if wrong else ""]
-        raise InitError(f"{weights.path} does not fit the model: " + "; ".join(p for p in parts if p))
-    full = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in full.items()}
-    load_full_state_dict(model, full, strict=True)
-
+        raise core.InitError(f"{weights.path} was trained with the tokenizer of checksum {recorded}, but {shards} "
+                             f"were written with the tokenizer of checksum {checksum}: token ids would mean different "
+                             "pieces. Build the task shards with the pretraining data config's tokenizer (python -m "
+                             "finetune data, data.config / data.overrides as in pretraining)")

@@ -1,11 +1,14 @@
-"""Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.objectives).
+"""Finetuning objectives, behind the same interface and registry as pretraining's (pretrain.core).
 
 `ar` (plain main stream, or BANG's predicting stream), `nar` (mask slots + length loss), `bang_mixed` (a NAR step
 with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR views with symmetric-KL auxiliary
 terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator, seeded alike on every rank
 (finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-step AR/NAR choice
-must be the same on every data-parallel rank. Evaluation draws from a fixed-seed copy, never from the training
-generator, so evaluating does not change training and every evaluation sees the same masks.
+must be the same on every data-parallel rank. Masks are drawn on the host, before the batch moves to the device
+(`prepare`, pretrain.core.Objective), and travel with it: batch["nar_masked"] [B, T] bool (nar with
+masking="uniform", janus) and, for nar with exits="random", batch["nar_exit_uniform"], what its exit layers are
+drawn from. Evaluation draws from a fixed-seed copy, never from the training generator, so
+evaluating does not change training and every evaluation sees the same masks.
 
 Split invariance: the engine rescales each micro-batch loss by its share of the step's targets, which gives the
 gradient of the global batch however it is split over ranks and micro-steps, provided the loss is a mean over the
@@ -21,19 +24,40 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model import parallel
 from model.config import SPECIAL
+from model.generation.options import NAR_MODES
 from model.streams import build_streams
-from pretrain.objectives.base import Metrics, Objective, register
+from pretrain.core import Metrics, Objective, gather_rows, register
 
 AR_STREAMS = ("ar", "bang_ar")
-NAR_MODES = ("nar_bidir", "nar_causal")
 NAR_MASKING = ("all", "uniform")
+NAR_EXITS = ("last", "all", "random")
 
 
-def symmetric_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """½[KL(P‖Q) + KL(Q‖P)] per row from log-probabilities [..., V]; both sides carry gradients."""
-    p, q = logp.exp(), logq.exp()
-    return 0.5 * ((p * (logp - logq)).sum(-1) + (q * (logq - logp)).sum(-1))
+def symmetric_kl(logp: torch.Tensor, logq: torch.Tensor, p: torch.Tensor | None = None,
+                 q: torch.Tensor | None = None) -> torch.Tensor:
+    """½[KL(P‖Q) + KL(Q‖P)] = ½ Σ_v (p_v − q_v)(log p_v − log q_v) per row, from log-probabilities [..., V] or this
+    tensor-parallel rank's vocabulary shard of them (the sum runs over the full vocabulary); p, q: their exp, when
+    already at hand. Both sides carry gradients."""
+    p = logp.exp() if p is None else p
+    q = logq.exp() if q is None else q
+    return 0.5 * parallel.sum_over_tp(((p - q) * (logp - logq)).sum(-1))
+
+
+def log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities over the full vocabulary, as this TP rank's shard [..., V/tp] (no gather)."""
+    return parallel.log_softmax_over_tp(model.logits_local(hidden).float())
+
+
+def smoothed_nll(logp: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Label-smoothed cross entropy per row from (sharded) log-probabilities, as torch's cross_entropy and
+    Seq2SeqModel.token_loss define it: (1 - eps)(-log p_target) + eps * mean over the full vocabulary of -log p_v."""
+    vocab = logp.shape[-1] * parallel.tp_size()
+    nll = -parallel.pick_over_tp(logp, targets)
+    if label_smoothing == 0.0:
+        return nll
+    return (1 - label_smoothing) * nll - label_smoothing * parallel.sum_over_tp(logp.sum(-1)) / vocab
 
 
 def length_targets(tgt: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -47,7 +71,13 @@ def token_weighted_length_loss(length_logits: torch.Tensor, tgt: torch.Tensor, n
     per_example = F.cross_entropy(length_logits.float(), length_targets(tgt, n_classes), reduction="none")
     n_targets = (tgt != SPECIAL.pad).sum(-1).to(per_example.dtype)
     loss = (per_example * n_targets).sum() / n_targets.sum().clamp(min=1)
-    return loss, (per_example.detach().sum(), per_example.new_tensor(float(per_example.numel())))
+    return loss, (per_example.detach().sum(), per_example.numel())  # the count is known on the host
+
+
+def exit_layers(uniform: torch.Tensor, scored: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """LPLM exit layers [B, T] from uniforms in [0, 1): uniform in 1..n_layers where scored, n_layers elsewhere."""
+    drawn = (uniform * n_layers).long().clamp(max=n_layers - 1) + 1
+    return torch.where(scored, drawn, torch.full_like(drawn, n_layers))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -62,15 +92,28 @@ class SeededObjective(Objective):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def eval_metrics(self, model, batch) -> Metrics:
-        """The training metrics with draws from a generator reset to the seed: each evaluation draws the same
-        masks, and the training generator (checkpointed, shared by all ranks) is left where it was."""
+    def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What this objective draws for a batch (host tensors, from self.generator); none by default."""
+        return {}
+
+    def prepare(self, batch: dict[str, Any], evaluate: bool = False) -> dict[str, Any]:
+        """The batch with this objective's draws. evaluate=True draws from a generator reset to the seed: each
+        evaluation draws the same masks, and the training generator (checkpointed, shared by all ranks) is left
+        where it was."""
+        if batch.get("drawn_by") == self.name:
+            return batch
+        if not evaluate:
+            return {**batch, **self.draws(batch), "drawn_by": self.name}
         training_state = self.generator.get_state()
         self.generator.manual_seed(self.seed)
         try:
-            return self.loss(model, batch)[1]
+            return {**batch, **self.draws(batch), "drawn_by": self.name}
         finally:
             self.generator.set_state(training_state)
+
+    def eval_metrics(self, model, batch) -> Metrics:
+        """The training metrics on the batch's evaluation draws."""
+        return self.loss(model, self.prepare(batch, evaluate=True))[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -114,47 +157,91 @@ class ArObjective(Objective):
 @register("nar")
 class NarObjective(SeededObjective):
     """Mask-slot loss plus a length loss. masking="all": every target is a slot (BANG NAR, ELMER); "uniform":
-    CMLM — a uniformly drawn number of targets are slots, the rest shown (what mask-predict decoding expects)."""
+    CMLM — a uniformly drawn number of targets are slots, the rest shown (what mask-predict decoding expects).
+
+    exits: which decoder layers the token loss trains (ELMER's off-ramps, the tied head on a layer's normed
+    states; early-exit decoding reads them). "last": the final layer only. "all": the mean over every layer's
+    cross entropy from one decoder pass (ELMER's released finetuning: (CE_L + sum_{l<L} CE_l) / L). "random":
+    LPLM as in pretraining (methods.md §2.3), each scored slot exits at a layer drawn uniformly from 1..L and
+    later layers see its detached state; shown and pad slots run to the last layer."""
 
     def __init__(self, mode: str = "nar_bidir", masking: str = "all", label_smoothing: float = 0.1,
-                 length_weight: float = 0.1, seed: int = 0):
+                 length_weight: float = 0.1, exits: str = "last", seed: int = 0):
         super().__init__(seed)
         if mode not in NAR_MODES:
             raise ValueError(f"objective.mode={mode!r}: choose one of {NAR_MODES}")
         if masking not in NAR_MASKING:
             raise ValueError(f"objective.masking={masking!r}: choose one of {NAR_MASKING}")
-        self.mode, self.masking = mode, masking
+        if exits not in NAR_EXITS:
+            raise ValueError(f"objective.exits={exits!r}: choose one of {NAR_EXITS}")
+        self.mode, self.masking, self.exits = mode, masking, exits
         self.label_smoothing, self.length_weight = label_smoothing, length_weight
 
     def metric_names(self) -> list[str]:
-        return ["nar/loss", "nar/token_loss", "nar/length_loss"]
+        extra = ["nar/last_layer_loss"] if self.exits == "all" else []
+        return ["nar/loss", "nar/token_loss", "nar/length_loss"] + extra
 
     def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor | None:
+        """CMLM masks [B, T] on tgt's device, drawn on the host (None for masking="all")."""
         if self.masking == "all":
             return None
-        real = tgt != SPECIAL.pad
+        real = tgt.cpu() != SPECIAL.pad
         n_real = real.sum(-1, keepdim=True)
         n_mask = (self.uniform(tgt.shape[0], 1) * n_real).long().clamp(min=1)
         scores = self.uniform(*tgt.shape).masked_fill(~real, 2.0)  # pads sort last
         rank = scores.argsort(-1).argsort(-1)
-        return (rank < n_mask) & real
+        return ((rank < n_mask) & real).to(tgt.device)
+
+    def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """CMLM masks (masking="uniform") and, for exits="random", one uniform per target that the loss turns
+        into an exit layer (the objective does not know the model's depth before it sees the model)."""
+        tgt = batch["tgt_tokens"]
+        masked = self.draw_masked(tgt)
+        drawn = {} if masked is None else {"nar_masked": masked}
+        if self.exits == "random":
+            drawn["nar_exit_uniform"] = self.uniform(*tgt.shape).to(tgt.device)
+        return drawn
 
     def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        batch = self.prepare(batch)  # a no-op for the engine's batches, prepared on the host
         tgt = batch["tgt_tokens"]
         real = tgt != SPECIAL.pad
-        masked = self.draw_masked(tgt)
+        masked = batch.get("nar_masked")
         streams = build_streams(self.mode, tgt_tokens=tgt, tgt_positions=batch["tgt_positions"], tgt_mask=real,
                                 masked=masked)
         enc = model.encode(batch["src_tokens"])
-        per_token = model.token_loss(model.decode(enc, streams).hidden, tgt, self.label_smoothing)
         scored = real if masked is None else masked
-        token_loss, token_entry = masked_mean(per_token, scored)
+        token_loss, token_entry, exit_metrics = self.token_term(model, enc, streams, tgt, scored,
+                                                                batch.get("nar_exit_uniform"))
         length_loss, length_entry = token_weighted_length_loss(model.length_logits(enc), tgt,
                                                                model.cfg.n_length_classes)
         loss = token_loss + self.length_weight * length_loss
         n = real.sum().to(loss.dtype)  # the loss is a mean over the targets: weight it so across ranks
         return loss, {"nar/loss": (loss.detach() * n, n), "nar/token_loss": token_entry,
-                      "nar/length_loss": length_entry}  # logged per example; the loss weighs it per token
+                      "nar/length_loss": length_entry, **exit_metrics}  # length: logged per example
+
+    def draw_exits(self, scored: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """LPLM exit layers [B, T] on scored's device: uniform in 1..n_layers where scored, n_layers elsewhere
+        (the draw a prepared batch carries: this objective's next uniforms, from its checkpointed generator)."""
+        return exit_layers(self.uniform(*scored.shape).to(scored.device), scored, n_layers)
+
+    def token_term(self, model, enc, streams, tgt: torch.Tensor, scored: torch.Tensor,
+                   uniform: torch.Tensor | None = None):
+        """The token term at the trained exits (see the class), its metric entry and the exit metrics. Every layer
+        runs whatever the exits: no host sync, and the same layers on every rank."""
+        ls = self.label_smoothing
+        if self.exits == "last":
+            return (*masked_mean(model.token_loss(model.decode(enc, streams).hidden, tgt, ls), scored), {})
+        if self.exits == "random":
+            exits = exit_layers(uniform, scored, len(model.decoder_layers))
+            hidden = model.decode(enc, streams, exit_layers=exits, stop_when_all_exited=False).hidden
+            return (*masked_mean(model.token_loss(hidden, tgt, ls), scored), {})
+        states = model.decode(enc, streams, keep_layer_states=True).layer_states
+        per_layer = [masked_mean(model.token_loss(model.decoder_final_norm(h), tgt, ls), scored) for h in states]
+        loss = sum(layer_loss for layer_loss, _ in per_layer) / len(per_layer)
+        count = per_layer[-1][1][1]
+        entry = (sum(total for _, (total, _) in per_layer) / len(per_layer), count)
+        return loss, entry, {"nar/last_layer_loss": per_layer[-1][1]}
 
 
 @register("bang_mixed")
@@ -201,7 +288,13 @@ class JanusObjective(SeededObjective):
 
     L = LS(P_AR) + w_ar_c·symKL(P_AR,P_C) + w_ar_q·symKL(P_AR,P_Q) + ½[LS(P_Q) + LS(P_C)] + w_len·CE_len
         + w_c_q·symKL(P_C,P_Q), every KL over the masked targets.
-    Targets are span-masked at `mask_ratio` with Poisson(span_lambda) spans; the final eos is never masked."""
+    Targets are span-masked at `mask_ratio` with Poisson(span_lambda) spans; the final eos is never masked.
+
+    Every term lives on real target rows, so the LM head runs on those alone (gathered first, their number from
+    the batch's host-side n_tokens, so nothing waits on the GPU), once per view, and one log-softmax per view
+    serves both its label-smoothed cross entropy and its KL terms (formerly: the head on every row for the cross
+    entropies, then again on the masked rows for the KLs). The masked rows are not gathered apart: their number
+    is drawn on the device, and a host-known bound for it is the number of real rows anyway."""
 
     def __init__(self, w_ar_c: float = 1.0, w_ar_q: float = 3.0, w_c_q: float = 1.0, length_weight: float = 0.1,
                  label_smoothing: float = 0.1, mask_ratio: float = 0.7, span_lambda: float = 2.0, seed: int = 0):
@@ -216,21 +309,43 @@ class JanusObjective(SeededObjective):
                 "janus/kl_ar_content", "janus/kl_ar_query", "janus/kl_content_query"]
 
     def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor:
-        """Span masking per example until mask_ratio of the maskable targets (all real but the last) is covered."""
-        B, T = tgt.shape
-        n_real = (tgt != SPECIAL.pad).sum(-1)
+        """Span masks [B, T] on tgt's device, drawn on the host for all examples at once. Per example: spans of
+        max(1, Poisson(span_lambda)) targets starting uniformly in the maskable prefix (every real target but the
+        last: the final eos is never masked, unless it is the only target), one after another, overlaps allowed,
+        until mask_ratio of the maskable targets is covered (the last span may overshoot). Spans are drawn in
+        rounds of a few per example; each example keeps the shortest run of its spans that reaches its goal, which
+        is that sequential process exactly (tests/test_finetune_objectives.py compares the statistics)."""
+        real = tgt.cpu() != SPECIAL.pad
+        B, T = real.shape
+        maskable = (real.sum(-1) - 1).clamp(min=1)  # [B]
+        goal = (maskable.double() * self.mask_ratio).round().clamp(min=1)  # round half to even, like round()
+        positions = torch.arange(T)
         masked = torch.zeros(B, T, dtype=torch.bool)
-        for b in range(B):
-            maskable = max(int(n_real[b]) - 1, 1)  # never the final eos (unless it is the only token)
-            goal = max(1, round(self.mask_ratio * maskable))
-            while int(masked[b, :maskable].sum()) < goal:
-                span = max(1, int(torch.poisson(torch.tensor([self.span_lambda]), generator=self.generator)))
-                start = int(torch.randint(0, maskable, (1,), generator=self.generator))
-                masked[b, start:min(start + span, maskable)] = True
+        pending = torch.ones(B, dtype=torch.bool)
+        spans_per_round = int(goal.max() / max(self.span_lambda, 1.0)) + 4  # more rounds if overlaps need them
+        while bool(pending.any()):
+            lengths = torch.poisson(torch.full((B, spans_per_round), float(self.span_lambda)),
+                                    generator=self.generator).long().clamp(min=1)
+            starts = (torch.rand(B, spans_per_round, dtype=torch.float64, generator=self.generator)
+                      * maskable[:, None]).long()
+            ends = torch.minimum(starts + lengths, maskable[:, None])
+            spans = (positions >= starts[..., None]) & (positions < ends[..., None])  # [B, spans, T]
+            covered = (spans | masked[:, None]).long().cumsum(dim=1) > 0  # covered after each span, in order
+            reached = covered.sum(-1) >= goal[:, None]  # [B, spans]
+            first = reached.long().argmax(1)  # the first span that reaches the goal (0 when none does)
+            done = reached.any(1)
+            take = torch.where(done, first, torch.full_like(first, spans_per_round - 1))
+            new = covered[torch.arange(B), take]
+            masked = torch.where(pending[:, None], new, masked)
+            pending &= ~done
         return masked.to(tgt.device)
 
+    def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tgt = batch["tgt_tokens"]
+        return {"nar_masked": self.draw_masked(tgt) & (tgt != SPECIAL.pad)}
+
     def forward_views(self, model, batch, masked):
-        """Log-probabilities [B, T, V] of P_AR, P_C, P_Q, and the length logits."""
+        """Decoder states [B, T, D] of the AR query, content and NAR query views, and the length logits."""
         tgt = batch["tgt_tokens"]
         streams = build_streams("janus", prev_tokens=batch["prev_tokens"], tgt_tokens=tgt,
                                 tgt_positions=batch["tgt_positions"], tgt_mask=tgt != SPECIAL.pad, masked=masked)
@@ -240,19 +355,27 @@ class JanusObjective(SeededObjective):
         return views, model.length_logits(enc)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        batch = self.prepare(batch)  # a no-op for the engine's batches, prepared on the host
         tgt = batch["tgt_tokens"]
         real = tgt != SPECIAL.pad
-        masked = self.draw_masked(tgt) & real
-        (h_ar, h_c, h_q), length_logits = self.forward_views(model, batch, masked)
+        masked = batch["nar_masked"]  # drawn on the host (prepare)
+        views, length_logits = self.forward_views(model, batch, masked)
+        B, T = tgt.shape
+        rows, valid = gather_rows(real, batch.get("n_tokens", B * T))
+        example, position = rows // T, rows % T
+        logp = [log_probs(model, h[example, position]) for h in views]  # AR query, content, NAR query: [R, V/tp]
+        probs = [lp.exp() for lp in logp]
+        targets = tgt[example, position]
+        on_masked = masked[example, position] & valid  # the gathered rows hold every real row, so every masked one
+
+        def kl(i: int, j: int) -> torch.Tensor:
+            return masked_mean(symmetric_kl(logp[i], logp[j], probs[i], probs[j]), on_masked)[0]
+
         ls = self.label_smoothing
-        ar, ar_e = masked_mean(model.token_loss(h_ar, tgt, ls), real)
-        nar_c, c_e = masked_mean(model.token_loss(h_c, tgt, ls), masked)
-        nar_q, q_e = masked_mean(model.token_loss(h_q, tgt, ls), masked)
-        # Full log-probabilities only at the masked targets: the KL terms need every vocabulary entry.
-        logp_ar, logp_c, logp_q = (F.log_softmax(model.logits(h[masked]).float(), -1) for h in (h_ar, h_c, h_q))
-        kl_ar_c = symmetric_kl(logp_ar, logp_c).mean()
-        kl_ar_q = symmetric_kl(logp_ar, logp_q).mean()
-        kl_c_q = symmetric_kl(logp_c, logp_q).mean()
+        ar, ar_e = masked_mean(smoothed_nll(logp[0], targets, ls), valid)
+        nar_c, c_e = masked_mean(smoothed_nll(logp[1], targets, ls), on_masked)
+        nar_q, q_e = masked_mean(smoothed_nll(logp[2], targets, ls), on_masked)
+        kl_ar_c, kl_ar_q, kl_c_q = kl(0, 1), kl(0, 2), kl(1, 2)
         length = F.cross_entropy(length_logits.float(), length_targets(tgt, model.cfg.n_length_classes))
         loss = (ar + self.w_ar_c * kl_ar_c + self.w_ar_q * kl_ar_q + 0.5 * (nar_q + nar_c)
                 + self.length_weight * length + self.w_c_q * kl_c_q)

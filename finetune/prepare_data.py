@@ -10,15 +10,14 @@ import logging
 import sys
 from typing import Sequence
 
+from configs import ConfigError
+from data_pipeline.errors import DataError
 from finetune.config import load
-from pretrain.config import ConfigError
+from finetune.data import build_shards, read_split
+from finetune.resolve import load_data_config, resolve_task_data, validate_task
 
 
 def main(argv: Sequence[str]) -> int:
-    from data_pipeline.errors import DataError
-    from finetune import run
-    from finetune.data import build_shards, read_split
-
     parser = argparse.ArgumentParser(prog="python -m finetune data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -28,8 +27,8 @@ def main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load(args.config, args.overrides)
-        run._validate_task(cfg)
-        td = run.resolve_task_data(cfg, run.load_data_config(cfg))
+        validate_task(cfg)
+        td = resolve_task_data(cfg, load_data_config(cfg))
         splits = []
         for split in ("train", "valid", "test"):
             try:

@@ -1,4 +1,4 @@
-"""MLflow for finetuning: the project's one store (pretrain.tracking.resolve_uri: tracking.uri, else
+"""MLflow for finetuning: the project's one store (pretrain.core.resolve_uri: tracking.uri, else
 $MLFLOW_TRACKING_URI, else sqlite:///<repo>/runs/mlflow.db, shared with pretraining so a pretraining run and the
 finetune runs linked to it sit in one UI, and `compare` finds every finetune and evaluation), the tags that tie a
 run to its task, difficulty, objective, decoding mode and pretraining run, and evaluation runs.
@@ -16,13 +16,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pretrain import tracking as pretrain_tracking
+from pretrain import core
 
 
 def resolve_uri(configured: str) -> str:
-    """pretrain.tracking.resolve_uri, with a sqlite store's folder created (MLflow creates only the file)."""
-    uri = pretrain_tracking.resolve_uri(configured)
-    db = pretrain_tracking.sqlite_path(uri)
+    """pretrain.core.resolve_uri, with a sqlite store's folder created (MLflow creates only the file)."""
+    uri = core.resolve_uri(configured)
+    db = core.sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     return uri
@@ -44,7 +44,7 @@ def experiment_id(mlflow_client, name: str, artifact_root: Path | None = None) -
 
 def default_artifact_root(uri: str) -> Path | None:
     """For a sqlite store, artifacts beside the database (not in ./mlruns of whatever folder we run from)."""
-    return pretrain_tracking.artifact_root(uri)
+    return core.artifact_root(uri)
 
 
 def log_json_artifact(uri: str, run_id: str, data: dict[str, Any], name: str, folder: str | None = None) -> None:
@@ -73,14 +73,12 @@ def log_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any], para
     recorded should say so."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from pretrain.tracking import PARAM_VALUE_LIMIT, flatten
-
     c = client(uri)
     exp_id = experiment_id(c, experiment, default_artifact_root(uri))
     run = c.create_run(exp_id, run_name=run_name)
     run_id = run.info.run_id
     now = int(time.time() * 1000)
-    flat = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in flatten(params).items()]
+    flat = [Param(k, str(v)[:core.PARAM_VALUE_LIMIT]) for k, v in core.flatten(params).items()]
     for i in range(0, len(flat), 100):
         c.log_batch(run_id, params=flat[i:i + 100])
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],

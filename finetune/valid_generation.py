@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import torch
 
+from data_pipeline.tokenizer import Tokenizer
 from finetune.data import read_split
 from finetune.decoding import encode_sources, generate
 from finetune.glge_tasks import get_task
 from finetune.metrics import evaluate_task
+from pretrain import core
 
 
 class ValidGeneration:
     def __init__(self, plan):
-        from data_pipeline.tokenizer import Tokenizer
-        from pretrain.config import zero_stage
-
         cfg = plan.cfg
         n = cfg.valid_generation.samples
         sources, references = read_split(plan.task, cfg.task.valid_split)
@@ -31,7 +30,7 @@ class ValidGeneration:
         self.source_ids = encode_sources(self.tokenizer, self.sources, plan.max_source_len)
         self.mode, self.options = plan.decode_mode, plan.decode_options
         self.batch_size = cfg.decode.batch_size
-        self.zero3 = zero_stage(cfg) == 3
+        self.zero3 = core.zero_stage(cfg) == 3
         self.pass_sources = get_task(self.task).family == "qg"
 
     def __call__(self, model) -> dict[str, float]:

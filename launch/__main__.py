@@ -18,10 +18,11 @@ import socket
 import sys
 from typing import Sequence
 
-from launch import command, preflight
-from launch.config import REPO_ROOT, LaunchConfigError, load
+from configs import ConfigError
+from launch import command, devices, preflight
+from launch.config import REPO_ROOT, load
 from launch.nodes import Layout, in_slurm, resolve_layout
-from launch.stage import STAGES, read_stage, validate
+from launch.stage import STAGES, check_stage, read_stage, validate
 from launch.supervisor import Supervisor, job_vars, new_launch_id
 
 
@@ -32,9 +33,7 @@ def free_port() -> int:
 
 
 def local_gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return devices.probe().cuda_devices
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]:
@@ -55,12 +54,12 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]:
     if "--" not in argv:
         if "-h" in argv or "--help" in argv:
             parser.parse_args(["--help"])  # prints the help and exits
-        raise LaunchConfigError(f"put the stage after `--`: python -m launch --config CFG -- <{'|'.join(STAGES)}> ...")
+        raise ConfigError(f"put the stage after `--`: python -m launch --config CFG -- <{'|'.join(STAGES)}> ...")
     cut = argv.index("--")
     ours, theirs = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(ours)
     if not theirs:
-        raise LaunchConfigError(f"no stage after `--`; expected one of {sorted(STAGES)}")
+        raise ConfigError(f"no stage after `--`; expected one of {sorted(STAGES)}")
     return args, theirs[0], theirs[1:]
 
 
@@ -87,9 +86,10 @@ def main(argv: Sequence[str]) -> int:
         cfg = load(args.config, args.overrides)
         if args.max_restarts is not None:
             if args.max_restarts < 0:
-                raise LaunchConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+                raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
             cfg.restart.max_restarts = args.max_restarts
-        stage = read_stage(stage_name, stage_args)
+        check_stage(stage_name, stage_args)
+        module, resume_flag = STAGES[stage_name]
         needs_gpu_count = cfg.accelerator == "gpu" and not cfg.nodes.procs_per_node and not args.dry_run
         layout = resolve_layout(cfg, os.environ, local_devices=local_gpu_count() if needs_gpu_count else 0,
                                 free_port=free_port, node_rank=args.node_rank)
@@ -97,9 +97,8 @@ def main(argv: Sequence[str]) -> int:
             cfg.name = f"{cfg.name}-{os.environ['SLURM_JOB_ID']}"  # one folder per job: hostfile, env, log
         exe = command.executable(cfg)
         launch_id = new_launch_id(cfg.name, os.environ)
-        plan = command.build(cfg, layout, stage.module, stage_args, os.environ, exe=exe,
-                             job_vars=job_vars(launch_id, 0))
-    except (LaunchConfigError, ValueError) as err:
+        plan = command.build(cfg, layout, module, stage_args, os.environ, exe=exe, job_vars=job_vars(launch_id, 0))
+    except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -110,6 +109,11 @@ def main(argv: Sequence[str]) -> int:
         print(plan.shell(), flush=True)
         return 0
 
+    try:  # the stage states its folders, layout, store and shards, and judges its config for this world size
+        stage = read_stage(stage_name, stage_args, {**os.environ, **plan.env}, world_size=layout.world_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         report = preflight.run(cfg, layout, stage, env=plan.env)
     except preflight.PreflightError as err:
@@ -135,8 +139,8 @@ def main(argv: Sequence[str]) -> int:
         if resume:
             if layout.source == "local" and not cfg.nodes.master_port:  # alone on this machine: a fresh port
                 again = dataclasses.replace(layout, master_port=free_port())
-            args = command.with_resume(stage_args, stage.resume_flag)
-        return command.build(cfg, again, stage.module, args, os.environ, exe=exe, job_vars=attempt_vars)
+            args = command.with_resume(stage_args, resume_flag)
+        return command.build(cfg, again, module, args, os.environ, exe=exe, job_vars=attempt_vars)
 
     def revalidate() -> str | None:
         """Why the stage now rejects its config (after a failed attempt), or None."""

@@ -35,13 +35,20 @@ class LaunchPlan:
 def rank_env(cfg: LaunchConfig, environ: Mapping[str, str], job_vars: Mapping[str, str] | None = None
              ) -> dict[str, str]:
     """The variables every rank gets, in a fixed order: threads, the accelerator DeepSpeed must use (explicit,
-    so a broken CUDA install fails instead of silently training on CPU), NCCL, extras, pass-through, and the
-    supervisor's job variables (TANDEM_LAUNCH_ID, TANDEM_RESTART), which win over everything else."""
+    so a broken CUDA install fails instead of silently training on CPU), on GPUs one CUDA connection per device
+    (CUDA_DEVICE_MAX_CONNECTIONS=1: kernels reach the GPU in the order they are issued, so a tensor-parallel
+    collective issued before the next matmul starts before it and the two overlap, as megatron-core expects), the
+    socket interface, NCCL, extras, pass-through, and the supervisor's job variables (TANDEM_LAUNCH_ID,
+    TANDEM_RESTART), which win over everything else."""
     env: dict[str, str] = {}
     if cfg.env.omp_num_threads:
         env["OMP_NUM_THREADS"] = str(cfg.env.omp_num_threads)
     env["DS_ACCELERATOR"] = "cpu" if cfg.accelerator == "cpu" else "cuda"
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    if cfg.accelerator == "gpu":
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if cfg.env.socket_ifname:
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = cfg.env.socket_ifname
     env.update({k: str(v) for k, v in cfg.env.nccl.items()})
     env.update({k: str(v) for k, v in cfg.env.vars.items()})
     for name in cfg.env.pass_through:

@@ -1,8 +1,8 @@
 """Typed launch config: where the processes run (nodes, processes per node, master), how they are started
 (the deepspeed launcher or torchrun), the environment every rank gets, preflight checks and auto-resume.
 
-Loaded from configs/launch/<cluster>.yaml with `key=value` overrides; `validate()` raises LaunchConfigError naming
-the field (and file) at fault. Paths are relative to the repository root.
+Loaded from configs/launch/<cluster>.yaml with `key=value` overrides (the project's one loader, configs/);
+`validate()` raises ConfigError naming the field (and file) at fault. Paths are relative to the repository root.
 """
 from __future__ import annotations
 
@@ -10,17 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from configs import ConfigError, load_typed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 LAUNCHERS = ("deepspeed", "torchrun")
 ACCELERATORS = ("gpu", "cpu")
-
-
-class LaunchConfigError(ValueError):
-    """A launch config value that cannot work; the message names the field or the file."""
 
 
 @dataclass
@@ -40,6 +35,10 @@ class NodesSection:
 @dataclass
 class EnvSection:
     omp_num_threads: int = 1  # OMP_NUM_THREADS of every rank (0 = leave it as the launching shell has it)
+    # The network interface(s) of NCCL's and gloo's socket traffic (bootstrap, gloo collectives), e.g. "ib0" or
+    # "eth0,eth1": sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME ("" = their own choice, often wrong on nodes
+    # with several interfaces). An NCCL_SOCKET_IFNAME in env.nccl wins over it.
+    socket_ifname: str = ""
     nccl: dict[str, str] = field(default_factory=dict)  # NCCL_* variables (GPU runs), e.g. NCCL_SOCKET_IFNAME: ib0
     vars: dict[str, str] = field(default_factory=dict)  # any other variables for every rank
     # Copied from the launching shell into every rank's environment when set there.
@@ -97,28 +96,12 @@ def resolve(path: str | Path) -> Path:
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> LaunchConfig:
     """YAML file + `key=value` overrides -> a validated LaunchConfig."""
-    path = Path(path)
-    if not path.is_file():
-        raise LaunchConfigError(f"launch config file not found: {path}")
-    try:
-        file_cfg = OmegaConf.load(path)
-    except Exception as err:  # YAML syntax
-        raise LaunchConfigError(f"{path}: cannot parse: {err}") from None
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise LaunchConfigError(f"launch overrides must be key=value, got {bad}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(LaunchConfig), file_cfg, OmegaConf.from_dotlist(list(overrides)))
-        cfg: LaunchConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:  # unknown key or wrong type; omegaconf names the key
-        raise LaunchConfigError(f"{path}: {err}") from None
-    cfg.config_file = str(path)
-    return validate(cfg)
+    return validate(load_typed(LaunchConfig, path, overrides, label="launch config"))
 
 
 def _fail(cfg: LaunchConfig, name: str, why: str):
     where = f"{cfg.config_file}: " if cfg.config_file else ""
-    raise LaunchConfigError(f"{where}{name}: {why}")
+    raise ConfigError(f"{where}{name}: {why}")
 
 
 def validate(cfg: LaunchConfig) -> LaunchConfig:
@@ -151,6 +134,9 @@ def validate(cfg: LaunchConfig) -> LaunchConfig:
         _fail(cfg, "bind_cores_to_rank", "is a deepspeed launcher option")
     if e.omp_num_threads < 0:
         _fail(cfg, "env.omp_num_threads", f"must be >= 0 (0 = unset), got {e.omp_num_threads}")
+    if any(c.isspace() for c in e.socket_ifname):
+        _fail(cfg, "env.socket_ifname", f"must be interface names without spaces (e.g. ib0 or eth0,eth1), got "
+                                        f"{e.socket_ifname!r}")
     bad_nccl = [k for k in e.nccl if not k.startswith("NCCL_")]
     if bad_nccl:
         _fail(cfg, "env.nccl", f"holds {bad_nccl}; only NCCL_* variables belong here (others go in env.vars)")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from launch.config import LaunchConfig, LaunchConfigError
+from configs import ConfigError
+from launch.config import LaunchConfig
 
 LOCAL_HOST = "localhost"
 DEFAULT_PORT = 29500
@@ -99,13 +100,13 @@ def parse_hostfile_lines(lines: list[str], where: str) -> list[tuple[str, int]]:
             continue
         m = HOSTFILE_LINE.match(line)
         if m is None:
-            raise LaunchConfigError(f"{where}: line {number}: {raw.strip()!r} is not 'HOST slots=N'")
+            raise ConfigError(f"{where}: line {number}: {raw.strip()!r} is not 'HOST slots=N'")
         name, slots = m.group(1), int(m.group(2)) if m.group(2) else 0
         if any(name == h for h, _ in hosts):
-            raise LaunchConfigError(f"{where}: line {number}: host {name!r} is listed twice")
+            raise ConfigError(f"{where}: line {number}: host {name!r} is listed twice")
         hosts.append((name, slots))
     if not hosts:
-        raise LaunchConfigError(f"{where}: lists no hosts")
+        raise ConfigError(f"{where}: lists no hosts")
     return hosts
 
 
@@ -147,10 +148,10 @@ def _include_counts(include: str, pool: list[tuple[str, int]], where: str) -> li
     for spec in include.split("@"):
         name, _, ids = spec.partition(":")
         if name not in slots:
-            raise LaunchConfigError(f"{where}nodes.include: host {name!r} is not among the nodes {list(slots)}")
+            raise ConfigError(f"{where}nodes.include: host {name!r} is not among the nodes {list(slots)}")
         count = len(set(ids.split(","))) if ids else slots[name]
         if ids and any(not i.isdigit() or int(i) >= max(slots[name], 1) for i in ids.split(",")):
-            raise LaunchConfigError(f"{where}nodes.include: {spec!r} names slots that {name} (slots={slots[name]}) "
+            raise ConfigError(f"{where}nodes.include: {spec!r} names slots that {name} (slots={slots[name]}) "
                                     "does not have")
         out.append((name, count))
     order = [h for h, _ in pool]
@@ -168,19 +169,19 @@ def resolve_layout(cfg: LaunchConfig, environ: Mapping[str, str], *, local_devic
     if n.hostfile:
         path = Path(n.hostfile)
         if not path.is_file():
-            raise LaunchConfigError(f"{where}nodes.hostfile: file not found: {path}")
+            raise ConfigError(f"{where}nodes.hostfile: file not found: {path}")
         source, pool = "hostfile", parse_hostfile_lines(path.read_text().splitlines(), str(path))
     elif n.hosts:
         source, pool = "hosts", parse_hostfile_lines(list(n.hosts), f"{where}nodes.hosts")
     elif n.slurm == "on" or (n.slurm == "auto" and in_slurm(environ)):
         nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
         if not nodelist:
-            raise LaunchConfigError(f"{where}nodes.slurm: 'on', but SLURM_JOB_NODELIST is not set (not inside a "
+            raise ConfigError(f"{where}nodes.slurm: 'on', but SLURM_JOB_NODELIST is not set (not inside a "
                                     "Slurm allocation?)")
         try:
             names = expand_nodelist(nodelist)
         except ValueError as err:
-            raise LaunchConfigError(f"SLURM_JOB_NODELIST: {err}") from None
+            raise ConfigError(f"SLURM_JOB_NODELIST: {err}") from None
         source, pool = "slurm", [(h, slurm_gpus_per_node(environ) or local_devices) for h in names]
     else:
         source, pool = "local", [(LOCAL_HOST, local_devices if cfg.accelerator == "gpu" else 1)]
@@ -188,7 +189,7 @@ def resolve_layout(cfg: LaunchConfig, environ: Mapping[str, str], *, local_devic
     # 2. The nodes in use and their rank counts.
     if n.num_nodes:
         if n.num_nodes > len(pool):
-            raise LaunchConfigError(f"{where}nodes.num_nodes: {n.num_nodes} nodes asked for, but only {len(pool)} "
+            raise ConfigError(f"{where}nodes.num_nodes: {n.num_nodes} nodes asked for, but only {len(pool)} "
                                     f"are available ({source}: {[h for h, _ in pool]})")
         used = pool[:n.num_nodes]
     else:
@@ -200,10 +201,10 @@ def resolve_layout(cfg: LaunchConfig, environ: Mapping[str, str], *, local_devic
         for name, slots in used:
             count = n.procs_per_node or slots
             if count < 1:
-                raise LaunchConfigError(f"{where}nodes.procs_per_node: cannot tell how many ranks to start on {name} "
+                raise ConfigError(f"{where}nodes.procs_per_node: cannot tell how many ranks to start on {name} "
                                         f"({source} gives no slot or GPU count); set nodes.procs_per_node")
             if n.procs_per_node and slots and n.procs_per_node > slots and source != "local":
-                raise LaunchConfigError(f"{where}nodes.procs_per_node: {n.procs_per_node} ranks per node, but {name} "
+                raise ConfigError(f"{where}nodes.procs_per_node: {n.procs_per_node} ranks per node, but {name} "
                                         f"has slots={slots} ({source})")
             hosts.append((name, count))
     hostfile_hosts = pool if n.include else [(h, max(s, c)) for (h, s), (_, c) in zip(used, hosts)]
@@ -217,12 +218,12 @@ def resolve_layout(cfg: LaunchConfig, environ: Mapping[str, str], *, local_devic
             env_rank = environ.get("SLURM_NODEID") if source == "slurm" else None
             env_rank = env_rank if env_rank is not None else environ.get("NODE_RANK")
             if env_rank is None or not env_rank.isdigit():
-                raise LaunchConfigError(f"{where}nodes.node_rank: each node launches its own ranks here (no_ssh or "
+                raise ConfigError(f"{where}nodes.node_rank: each node launches its own ranks here (no_ssh or "
                                         "torchrun on several nodes), so it needs its node rank: set nodes.node_rank, "
                                         "pass --node-rank, or run under Slurm (SLURM_NODEID) or with NODE_RANK set")
             rank = int(env_rank)
         if rank >= len(hosts):
-            raise LaunchConfigError(f"{where}nodes.node_rank: {rank} is not below the number of nodes {len(hosts)}")
+            raise ConfigError(f"{where}nodes.node_rank: {rank} is not below the number of nodes {len(hosts)}")
     elif cfg.launcher == "torchrun":
         rank = 0  # one node
 

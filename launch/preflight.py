@@ -2,19 +2,23 @@
 of failing on one rank minutes later:
 
   package versions     installed = constraints.txt (local labels such as +cu124 / +cpu ignored)
-  accelerator          gpu: CUDA devices for this node's ranks and NCCL; cpu: gloo (only when asked for)
+  accelerator          gpu: CUDA devices for this node's ranks and NCCL; cpu: gloo (only when asked for); what
+                       torch sees, asked in a subprocess (launch.devices)
   parallel layout      world size divisible by the stage's tensor-parallel size
-  inputs               the stage's DeepSpeed and data configs, and finetuning's --init checkpoint, exist
+  inputs               the files the stage names (its DeepSpeed and data configs, finetuning's --init) exist
   stage config         the stage's own validation for this world size (python -m <stage> --validate-only), in one
                        process here, so a bad stage config fails once instead of on every rank after launch
-  shards               manifest.json present; enough samples and shards for data-parallel ranks x loader workers
+  shards               the stage's shard folders are built, with enough samples and shards for data-parallel ranks
+                       x loader workers
   output               the stage's output and checkpoint folders and the launch folder are writable
   master port          free on this machine when node 0 hosts the rendezvous
   MLflow               the tracking URI looks reachable (a warning only: tracking never stops training)
+
+Everything about the stage (folders, layout, shards and their sizes, MLflow store) is what the stage said about
+itself (launch.stage); nothing here reads its configs or files.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -27,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Mapping
 
+from configs import ConfigError
+from launch import devices
 from launch import stage as stages
 from launch.config import LaunchConfig, resolve
 from launch.nodes import LOCAL_HOST, Layout
@@ -95,34 +101,33 @@ def _ranks_on_this_node(layout: Layout) -> int | None:
     return None  # deepspeed over ssh: this machine only starts the others
 
 
-def check_accelerator(cfg: LaunchConfig, layout: Layout, report: Report) -> None:
-    import torch
-    import torch.distributed as dist
-
+def check_accelerator(cfg: LaunchConfig, layout: Layout, env: Mapping[str, str], report: Report) -> None:
     where = f"{cfg.config_file}: " if cfg.config_file else ""
     here = _ranks_on_this_node(layout)
+    try:
+        seen = devices.probe(env)
+    except ConfigError as err:
+        report.errors.append(f"accelerator: {err}")
+        return
     if cfg.accelerator == "gpu":
-        if not torch.cuda.is_available():
+        if not seen.cuda_devices:
             report.errors.append(f"{where}accelerator: 'gpu', but torch sees no CUDA device (torch "
-                                 f"{torch.__version__}, CUDA build: {torch.version.cuda}). To run on CPU with gloo, "
+                                 f"{seen.torch}, CUDA build: {seen.cuda_build}). To run on CPU with gloo, "
                                  "ask for it: accelerator=cpu (e.g. configs/launch/local_cpu.yaml)")
             return
-        if not dist.is_nccl_available():
+        if not seen.nccl_backend:
             report.errors.append("accelerator: 'gpu', but this torch build has no NCCL backend")
             return
-        count = torch.cuda.device_count()
-        if here is not None and here > count:
-            report.errors.append(f"{where}nodes.procs_per_node: {here} ranks on this node, but only {count} CUDA "
-                                 "device(s) are visible")
+        if here is not None and here > seen.cuda_devices:
+            report.errors.append(f"{where}nodes.procs_per_node: {here} ranks on this node, but only "
+                                 f"{seen.cuda_devices} CUDA device(s) are visible")
             return
-        nccl = torch.cuda.nccl.version()
-        nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
-        report.passed.append(f"accelerator: {count} CUDA device(s), NCCL {nccl}")
+        report.passed.append(f"accelerator: {seen.cuda_devices} CUDA device(s), NCCL {seen.nccl}")
     else:
-        if not dist.is_gloo_available():
+        if not seen.gloo:
             report.errors.append("accelerator: 'cpu' needs torch's gloo backend, which this build lacks")
             return
-        if torch.cuda.is_available():
+        if seen.cuda_devices:
             report.warnings.append("accelerator: 'cpu' was asked for, but CUDA devices are visible; the job runs on "
                                    "CPU with gloo (set accelerator=gpu to use them)")
         report.passed.append("accelerator: CPU with gloo (asked for)")
@@ -142,17 +147,11 @@ def check_shards(cfg: LaunchConfig, layout: Layout, stage: StageInfo, report: Re
         return
     dp = max(layout.world_size // stage.tensor_parallel, 1)
     for use in stage.shards:
-        manifest_path = use.shard_dir / "manifest.json"
-        if not manifest_path.is_file():
+        if use.num_samples is None:
             report.errors.append(f"{stage.config_file.name}: {use.field}: no shards at {use.shard_dir} "
-                                 f"(manifest.json missing); build them with `{use.build}`")
+                                 f"({use.problem}); build them with `{use.build}`")
             continue
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            shards, samples = len(manifest["shards"]), int(manifest["num_samples"])
-        except (ValueError, KeyError, TypeError) as err:
-            report.errors.append(f"{manifest_path}: unreadable manifest ({type(err).__name__}: {err})")
-            continue
+        shards, samples = use.num_shards, use.num_samples
         streams = dp * max(1, use.num_workers)
         what = (f"{use.shard_dir}: {shards} shard(s), {samples} samples for {dp} data-parallel rank(s) x "
                 f"{max(1, use.num_workers)} loader worker(s) = {streams} streams")
@@ -174,7 +173,11 @@ def check_inputs(stage: StageInfo, report: Report) -> None:
 
 
 def check_stage_config(layout: Layout, stage: StageInfo, env: Mapping[str, str], report: Report) -> None:
-    result = stages.validate(stage, layout.world_size, {**os.environ, **env})
+    """The verdict the stage gave when it was read, when that was for this world size; else it is asked again."""
+    if stage.validation is not None and stage.world_size == layout.world_size:
+        result = stage.validation
+    else:
+        result = stages.validate(stage, layout.world_size, {**os.environ, **env})
     if result.ok:
         report.passed.append(f"stage config: {result.message}")
     elif result.config_error:
@@ -268,7 +271,7 @@ def run(cfg: LaunchConfig, layout: Layout, stage: StageInfo, env: Mapping[str, s
         return report
     if cfg.preflight.versions:
         check_versions(cfg, report)
-    check_accelerator(cfg, layout, report)
+    check_accelerator(cfg, layout, {**os.environ, **(env or {})}, report)
     check_parallel(layout, stage, report)
     check_inputs(stage, report)
     if cfg.preflight.stage_config:

@@ -1,29 +1,32 @@
-"""What the launcher needs to know about the stage it starts, read from the stage's own YAML and `key=value`
-arguments without importing the stage's package (launch/ imports none of model/, data_pipeline/, pretrain/,
-finetune/): where it writes, where its checkpoints go, its tensor-parallel size, its MLflow store, and the shard
-folders it reads; and `validate()`, which runs the stage's own config check (`--validate-only`) in one process.
+"""What the launcher knows about the stage it starts, asked of the stage itself.
 
-The defaults below mirror the stages' typed configs (pretrain/config.py EngineConfig, data_pipeline/config.py);
-the stage itself validates everything again before training.
+launch/ imports none of model/, data_pipeline/, pretrain/, finetune/ (nor torch), so instead of mirroring the
+stages' rules it runs `python -m <stage> --validate-only --json --world-size N <stage args>` in one process (no
+process group starts) and reads the answer (pretrain/core/facts.py): the stage's own verdict on its config for N
+ranks, where it writes, where its checkpoints and their `latest` pointer are, its tensor-parallel size, its MLflow
+store, the files it needs and the shard folders it reads, with their sizes. The stage states these facts even when
+it refuses its config, so preflight can report the refusal together with everything else it finds.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-
-from launch.config import REPO_ROOT, LaunchConfigError, resolve
+from configs import ConfigError
+from launch.config import REPO_ROOT
 
 # stage name -> (python module run by every rank, the stage's "continue from the latest checkpoint" flag)
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "--resume"),
     "finetune": ("finetune", "--resume"),
 }
+
+VALIDATE_TIMEOUT_S = 600.0  # imports torch and the data pipeline: seconds normally, longer on a busy node
 
 
 @dataclass(frozen=True)
@@ -35,46 +38,9 @@ class ShardUse:
     field: str  # the config field it comes from, for error messages
     training: bool = True  # the training stream (held-out sets are read whole by every rank's few batches)
     build: str = ""  # the command that builds the folder, for the error message
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    name: str  # pretrain | finetune
-    config_file: Path
-    args: tuple[str, ...]  # everything after the stage name, verbatim
-    output_dir: Path
-    checkpoint_dir: Path
-    tensor_parallel: int
-    mlflow: bool
-    tracking_uri: str  # resolved as the stage's tracker resolves it
-    shards: tuple[ShardUse, ...]
-    inputs: tuple[tuple[str, Path], ...] = ()  # (config field, file or folder) the stage reads and must find
-
-    @property
-    def module(self) -> str:
-        return STAGES[self.name][0]
-
-    @property
-    def resume_flag(self) -> str:
-        return STAGES[self.name][1]
-
-    def latest_checkpoint(self) -> str | None:
-        """The tag the `latest` pointer names (written only once a checkpoint is complete), if any."""
-        pointer = self.checkpoint_dir / "latest"
-        try:
-            tag = pointer.read_text().strip()
-        except OSError:
-            return None
-        return tag if tag and (self.checkpoint_dir / tag).is_dir() else None
-
-    def validate_argv(self, world_size: int, python: str = sys.executable) -> list[str]:
-        """The stage's own check of its config for `world_size` ranks, run in one process without process groups
-        (the stage's --validate-only; the resume flag is left out: it changes nothing the check looks at)."""
-        args = [a for a in self.args if a != self.resume_flag]
-        return [python, "-m", self.module, "--validate-only", "--world-size", str(world_size), *args]
-
-
-VALIDATE_TIMEOUT_S = 600.0  # imports torch, DeepSpeed and megatron-core: seconds normally, longer on a busy node
+    num_shards: int | None = None  # from the folder's manifest; None when it cannot be read (see `problem`)
+    num_samples: int | None = None
+    problem: str = ""  # why the manifest cannot be read
 
 
 @dataclass(frozen=True)
@@ -87,26 +53,37 @@ class Validation:
     command: str
 
 
-def validate(stage: StageInfo, world_size: int, env: dict[str, str], cwd: Path = REPO_ROOT,
-             python: str = sys.executable, timeout_s: float = VALIDATE_TIMEOUT_S) -> Validation:
-    """Run the stage's --validate-only for `world_size` ranks with the environment the ranks get."""
-    argv = stage.validate_argv(world_size, python)
-    shown = f"python -m {stage.module} --validate-only --world-size {world_size}"  # the stage args are the user's
-    try:
-        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return Validation(False, False, f"no answer within {timeout_s:g}s", shown)
-    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
-    if proc.returncode == 0:
-        ok = [line for line in lines if line.startswith("config ok:")]
-        if ok:
-            return Validation(True, False, ok[-1], shown)
-        return Validation(False, False, "exit code 0 but no `config ok:` line", shown)
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:") or ": error:" in line]
-    tail = "\n".join(lines[-15:])
-    if proc.returncode == 2:
-        return Validation(False, True, "\n".join(errors) or tail, shown)
-    return Validation(False, False, f"exit code {proc.returncode}:\n{tail}", shown)
+@dataclass(frozen=True)
+class StageInfo:
+    name: str  # pretrain | finetune
+    config_file: Path
+    args: tuple[str, ...]  # everything after the stage name, verbatim
+    output_dir: Path
+    checkpoint_dir: Path
+    tensor_parallel: int
+    mlflow: bool
+    tracking_uri: str  # the store the stage's tracker writes to
+    shards: tuple[ShardUse, ...]
+    latest_pointer: str  # the file in checkpoint_dir naming the newest complete checkpoint
+    inputs: tuple[tuple[str, Path], ...] = ()  # (config field, file or folder) the stage reads and must find
+    validation: Validation | None = None  # the stage's verdict when it was asked, for `world_size` ranks
+    world_size: int | None = None
+
+    @property
+    def module(self) -> str:
+        return STAGES[self.name][0]
+
+    @property
+    def resume_flag(self) -> str:
+        return STAGES[self.name][1]
+
+    def latest_checkpoint(self) -> str | None:
+        """The tag the `latest` pointer names (written only once a checkpoint is complete), if any."""
+        try:
+            tag = (self.checkpoint_dir / self.latest_pointer).read_text().strip()
+        except OSError:
+            return None
+        return tag if tag and (self.checkpoint_dir / tag).is_dir() else None
 
 
 def option(args: Sequence[str], name: str) -> str | None:
@@ -130,112 +107,61 @@ def split_stage_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return option(args, "--config"), overrides
 
 
-def _get(cfg: DictConfig, key: str, default: Any) -> Any:
-    value = OmegaConf.select(cfg, key, default=default)
-    return default if value is None else value
-
-
-def _load_yaml(path: Path, overrides: Sequence[str], what: str) -> DictConfig:
-    if not path.is_file():
-        raise LaunchConfigError(f"{what}: config file not found: {path}")
-    try:
-        return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-    except Exception as err:  # YAML syntax or a bad override
-        raise LaunchConfigError(f"{what}: {path}: {err}") from None
-
-
-def _pretrain_shards(stage_cfg: DictConfig, where: str) -> list[ShardUse]:
-    """Pretraining reads data.config's loader.shard_dir (data.overrides applied), and for evaluation the folder
-    data.eval_overrides names; paths resolve as data_pipeline/config.py resolves them."""
-    data_config = _get(stage_cfg, "data.config", "")
-    if not data_config:
-        return []
-    overrides = list(_get(stage_cfg, "data.overrides", []))
-    workers = int(_get(stage_cfg, "data.num_workers", 0))
-    data_cfg = _load_yaml(resolve(data_config), overrides, f"{where}data.config")
-    work = resolve(_get(data_cfg, "work_dir", "runs/data"))
-    build = f"python -m data_pipeline prepare --config {data_config} (with data.overrides)"
-    uses = [ShardUse(_under(work, _get(data_cfg, "loader.shard_dir", "shards")), workers, "data.config", True, build)]
-    eval_overrides = list(_get(stage_cfg, "data.eval_overrides", []))
-    if eval_overrides and int(_get(stage_cfg, "eval.batches", 4)) > 0:
-        eval_cfg = _load_yaml(resolve(data_config), overrides + eval_overrides, f"{where}data.eval_overrides")
-        eval_work = resolve(_get(eval_cfg, "work_dir", "runs/data"))
-        uses.append(ShardUse(_under(eval_work, _get(eval_cfg, "loader.shard_dir", "shards")), 0,
-                             "data.eval_overrides", False, "python -m data_pipeline extract / shard with "
-                                                           "data.overrides + data.eval_overrides"))
-    return uses
-
-
-SPLIT_NAMES = {"train": "train", "valid": "valid", "dev": "valid", "validation": "valid", "test": "test"}
-
-
-def _finetune_shards(stage_cfg: DictConfig, where: str) -> list[ShardUse]:
-    """Finetuning reads task shards: <work_dir>/<tasks.out_dir>/<difficulty>/<task>/<split> (finetune/data.py)."""
-    data_config = _get(stage_cfg, "data.config", "configs/data/tiny.yaml")
-    data_cfg = _load_yaml(resolve(data_config), list(_get(stage_cfg, "data.overrides", [])), f"{where}data.config")
-    task, difficulty = _get(stage_cfg, "task.name", ""), _get(stage_cfg, "task.difficulty", "easy") or "default"
-    if not task:
-        return []
-    root = _under(resolve(_get(data_cfg, "work_dir", "runs/data")), _get(data_cfg, "tasks.out_dir", "tasks"))
-    folder = root / difficulty / task
-    workers = int(_get(stage_cfg, "data.num_workers", 0))
-    train = _get(stage_cfg, "task.train_split", "train")
-    valid = _get(stage_cfg, "task.valid_split", "valid")
-    build = f"python -m finetune data --config {where.rstrip(': ')} (with the same key=value arguments)"
-    return [ShardUse(folder / SPLIT_NAMES.get(train, train), workers, "task.train_split", True, build),
-            ShardUse(folder / SPLIT_NAMES.get(valid, valid), 0, "task.valid_split", False, build)]
-
-
-def _under(base: Path, rel: str) -> Path:
-    p = Path(rel).expanduser()
-    return p if p.is_absolute() else base / p
-
-
-DEFAULT_STORE = REPO_ROOT / "runs" / "mlflow.db"  # pretrain/tracking.py: the one store of both stages
-
-
-def tracking_uri(configured: str, environ=os.environ) -> str:
-    """The stages' rule (pretrain/tracking.py resolve_uri): tracking.uri, else $MLFLOW_TRACKING_URI, else the
-    project's one sqlite store."""
-    if configured:
-        return configured
-    if environ.get("MLFLOW_TRACKING_URI"):
-        return environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{DEFAULT_STORE}"
-
-
-def read_stage(name: str, args: Sequence[str], environ=os.environ) -> StageInfo:
+def check_stage(name: str, args: Sequence[str]) -> None:
+    """ConfigError unless `name` is a stage the launcher starts and its command line names a config."""
     if name not in STAGES:
-        raise LaunchConfigError(f"unknown stage {name!r}; the launcher starts {sorted(STAGES)}")
-    config, overrides = split_stage_args(args)
-    if config is None:
-        raise LaunchConfigError(f"{name}: give the stage's config: `-- {name} --config configs/{name}/<name>.yaml`")
-    path = resolve(config)
-    cfg = _load_yaml(path, overrides, name)
-    where = f"{config}: "
-    if name == "pretrain":  # pretrain/config.py, pretrain/tracking.py
-        output_dir = resolve(_get(cfg, "output_dir", "runs/pretrain/run"))
-        shards = _pretrain_shards(cfg, where)
-    else:  # finetune/config.py, finetune/run.py, finetune/tracking.py
-        task, difficulty = _get(cfg, "task.name", ""), _get(cfg, "task.difficulty", "easy")
-        objective = _get(cfg, "objective.name", "ar")
-        output_dir = resolve(_get(cfg, "output_dir", "") or f"runs/finetune/{task}-{difficulty}-{objective}")
-        shards = _finetune_shards(cfg, where)
-    inputs = [("deepspeed.config", resolve(_get(cfg, "deepspeed.config", "configs/deepspeed/zero1.json"))),
-              ("data.config", resolve(_get(cfg, "data.config", "configs/data/tiny.yaml")))]
-    if name == "finetune":
-        init = option(args, "--init") or _get(cfg, "init.checkpoint", "")
-        if init and init != "scratch":
-            inputs.append(("--init", resolve(init)))
-    ckpt = _get(cfg, "checkpoint.dir", "")
+        raise ConfigError(f"unknown stage {name!r}; the launcher starts {sorted(STAGES)}")
+    if split_stage_args(args)[0] is None:
+        raise ConfigError(f"{name}: give the stage's config: `-- {name} --config configs/{name}/<name>.yaml`")
+
+
+def ask(name: str, args: Sequence[str], world_size: int | None, env: Mapping[str, str], cwd: Path = REPO_ROOT,
+        python: str = sys.executable, timeout_s: float = VALIDATE_TIMEOUT_S) -> tuple[Validation, dict[str, Any]]:
+    """Run the stage's --validate-only --json (for `world_size` ranks; None: the stage's default) with environment
+    `env`; returns its verdict and its report ({} when it gave none: a crash, a timeout, a bad command line)."""
+    module, resume_flag = STAGES[name]
+    given = [a for a in args if a != resume_flag]  # changes nothing the check looks at
+    size = ["--world-size", str(world_size)] if world_size is not None else []
+    shown = " ".join(["python", "-m", module, "--validate-only", *size])  # the stage args are the user's
     try:
-        tp = int(_get(cfg, "parallel.tensor_parallel", 1))
-    except (TypeError, ValueError):
-        raise LaunchConfigError(f"{where}parallel.tensor_parallel: must be an integer") from None
+        proc = subprocess.run([python, "-m", module, "--validate-only", "--json", *size, *given], cwd=cwd,
+                              env=dict(env), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return Validation(False, False, f"no answer within {timeout_s:g}s", shown), {}
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode in (0, 2) and reports:
+        report = json.loads(reports[-1])
+        if report["ok"]:
+            return Validation(True, False, f"config ok: {report['message']}", shown), report
+        return Validation(False, True, report["error"], shown), report
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    tail = "\n".join(lines[-15:])
+    if proc.returncode == 2:  # refused before any config was read: the stage's command line (argparse)
+        errors = [line.removeprefix("error: ") for line in lines if line.startswith("error:") or ": error:" in line]
+        return Validation(False, True, "\n".join(errors) or tail, shown), {}
+    return Validation(False, False, f"exit code {proc.returncode}:\n{tail}", shown), {}
+
+
+def validate(stage: StageInfo, world_size: int, env: Mapping[str, str], cwd: Path = REPO_ROOT,
+             python: str = sys.executable, timeout_s: float = VALIDATE_TIMEOUT_S) -> Validation:
+    """The stage's verdict on its config for `world_size` ranks, asked again (before a restart, or for another
+    world size than `stage` was read for)."""
+    return ask(stage.name, stage.args, world_size, env, cwd, python, timeout_s)[0]
+
+
+def read_stage(name: str, args: Sequence[str], environ: Mapping[str, str] = os.environ, world_size: int | None = None,
+               cwd: Path = REPO_ROOT, python: str = sys.executable) -> StageInfo:
+    """Ask the stage about itself (`ask`), as its ranks would run it (environ: their environment). ConfigError when
+    it cannot say: an unknown stage, no --config, a config it cannot even read."""
+    check_stage(name, args)
+    verdict, report = ask(name, args, world_size, environ, cwd, python)
+    if "output_dir" not in report:
+        raise ConfigError(f"{name}: the stage cannot read its config ({verdict.command}): {verdict.message}")
     return StageInfo(
-        name=name, config_file=path, args=tuple(args), output_dir=output_dir,
-        checkpoint_dir=resolve(ckpt) if ckpt else output_dir / "checkpoints", tensor_parallel=tp,
-        mlflow=bool(_get(cfg, "tracking.mlflow", True)),
-        tracking_uri=tracking_uri(_get(cfg, "tracking.uri", ""), environ),
-        shards=tuple(shards), inputs=tuple(inputs),
-    )
+        name=name, config_file=Path(report["config_file"]), args=tuple(args), output_dir=Path(report["output_dir"]),
+        checkpoint_dir=Path(report["checkpoint_dir"]), tensor_parallel=int(report["tensor_parallel"]),
+        mlflow=bool(report["mlflow"]), tracking_uri=report["tracking_uri"],
+        shards=tuple(ShardUse(Path(s["dir"]), s["num_workers"], s["field"], s["training"], s["build"], s["num_shards"],
+                              s["num_samples"], s["problem"] or "") for s in report["shards"]),
+        latest_pointer=report["latest_pointer"], inputs=tuple((i["field"], Path(i["path"])) for i in report["inputs"]),
+        validation=verdict, world_size=report["world_size"])

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from configs import ConfigError
 from launch.command import LaunchPlan, write_files
-from launch.config import LaunchConfigError
 from launch.stage import StageInfo
 
 # A stage exits 2 when its config is wrong (before any process group starts): restarting cannot help.
@@ -48,7 +48,7 @@ def new_launch_id(name: str, environ: Mapping[str, str], now: float | None = Non
     given = environ.get(LAUNCH_ID_VAR, "")
     if given:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", given):
-            raise LaunchConfigError(f"{LAUNCH_ID_VAR}={given!r}: use letters, digits, '.', '_' and '-' only")
+            raise ConfigError(f"{LAUNCH_ID_VAR}={given!r}: use letters, digits, '.', '_' and '-' only")
         return given
     if environ.get("SLURM_JOB_ID") and environ.get("SLURM_STEP_ID"):
         return (f"slurm-{environ['SLURM_JOB_ID']}.{environ['SLURM_STEP_ID']}"

@@ -171,3 +171,46 @@ class _SumOverTP(torch.autograd.Function):
 
 def sum_over_tp(x: torch.Tensor) -> torch.Tensor:
     return x if tp_size() == 1 else _SumOverTP.apply(x.contiguous())
+
+
+def pick_over_tp(local: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """local [..., V/tp] (this rank's vocabulary shard of a [..., V] tensor), targets [...] full-vocabulary ids ->
+    the [...] values at the targets, equal on every TP rank (each target lives in one shard; the others add 0).
+    Indexing, not gather: its backward keeps only the shape of `local`, which megatron's cross entropy may then
+    overwrite in place (Seq2SeqModel.token_loss)."""
+    shard = local.shape[-1]
+    index = targets - tp_rank() * shard  # the target's index in this rank's shard
+    in_shard = (index >= 0) & (index < shard)
+    rows = local.reshape(-1, shard)
+    picked = rows[torch.arange(rows.shape[0], device=rows.device), index.clamp(0, shard - 1).reshape(-1)]
+    picked = picked.view_as(targets)
+    return sum_over_tp(torch.where(in_shard, picked, torch.zeros_like(picked)))
+
+
+class _LogSoftmaxOverTP(torch.autograd.Function):
+    """log_softmax over a vocabulary split across TP ranks: logits [..., V/tp] -> log-probabilities [..., V/tp]
+    normalised over the full V (forward: the row max and the sum of exponentials all-reduced). Backward:
+    d logits = g - softmax * (sum of g over the full V), the sum all-reduced: every rank's log-probabilities
+    depend on every shard through the normaliser."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        top = logits.max(dim=-1, keepdim=True).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group())
+        shifted = logits - top
+        total = shifted.exp().sum(dim=-1, keepdim=True)
+        dist.all_reduce(total, group=tp_group())
+        log_probs = shifted - total.log()
+        ctx.save_for_backward(log_probs)
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (log_probs,) = ctx.saved_tensors
+        total = grad.sum(dim=-1, keepdim=True)
+        dist.all_reduce(total, group=tp_group())
+        return grad - log_probs.exp() * total
+
+
+def log_softmax_over_tp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1) if tp_size() == 1 else _LogSoftmaxOverTP.apply(logits.contiguous())

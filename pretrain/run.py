@@ -3,20 +3,25 @@ objective and the loaders, and hand them to the engine.
 
 `prepare()` does all the checking that needs no process group (config fields, parallel layout, DeepSpeed JSON,
 data config, shard folders, tokenizer, model shape) so a bad job stops before any process group starts;
-`python -m pretrain --validate-only [--world-size N]` runs just that. The command line and the process-level set-up
-are pretrain.job's, shared with finetuning.
+`python -m pretrain --validate-only [--world-size N] [--json]` runs just that (`stage_facts`: what --json adds for
+the launcher). The command line and the process-level set-up are the training core's (pretrain.core), shared with
+finetuning.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pretrain import job
-from pretrain.config import ConfigError, PretrainConfig, cli_parser, load, parse_args, to_dict, validate_engine
-from pretrain.tracking import resolve_uri
-
-OBJECTIVES = ("bang", "elmer")
+from configs import ConfigError
+from data_pipeline.config import DataConfig, load_config, resolve
+from data_pipeline.corruption import OBJECTIVES  # the ones the data pipeline corrupts samples for (mix combines them)
+from data_pipeline.errors import DataError
+from data_pipeline.stream import build_pretrain_loader, open_shard_dir
+from model.config import ModelConfig
+from pretrain import core, objectives
+from pretrain.pretrain_config import PretrainConfig, load
 
 
 @dataclass
@@ -25,9 +30,9 @@ class Plan:
 
     cfg: PretrainConfig
     world_size: int
-    data_cfg: Any  # data_pipeline.config.DataConfig
-    eval_data_cfg: Any | None
-    model_cfg: Any  # model.config.ModelConfig
+    data_cfg: DataConfig
+    eval_data_cfg: DataConfig | None
+    model_cfg: ModelConfig
     micro_batch_size: int
     tokenizer_checksum: str = ""  # the training shards' tokenizer: recorded in checkpoints and exported weights
 
@@ -44,7 +49,7 @@ def _fail(cfg: PretrainConfig, field_name: str, why: str):
 def _validate_objective(cfg: PretrainConfig) -> None:
     o = cfg.objective
     if o.name not in OBJECTIVES + ("mix",):
-        _fail(cfg, "objective.name", f"must be one of bang, elmer, mix; got {o.name!r}")
+        _fail(cfg, "objective.name", f"must be one of {', '.join(OBJECTIVES + ('mix',))}; got {o.name!r}")
     if o.name == "mix":
         unknown = sorted(set(o.weights) - set(OBJECTIVES))
         if unknown:
@@ -58,44 +63,41 @@ def _validate_objective(cfg: PretrainConfig) -> None:
             _fail(cfg, f"objective.{name}.label_smoothing", f"must be in [0, 1), got {ls}")
 
 
-def _open_shards(cfg: PretrainConfig, data_cfg, field_name: str):
-    """Check a shard folder (manifest, shard files and sizes, tokenizer checksum); returns the tokenizer."""
-    from data_pipeline.config import resolve
-    from data_pipeline.errors import ConfigError as DataConfigError
-    from data_pipeline.errors import DataError
-    from data_pipeline.stream import open_shard_dir
+def _shard_dir(data_cfg: DataConfig) -> Path:
+    return resolve(data_cfg.loader.shard_dir, data_cfg.work())
 
+
+def _build_command(cfg: PretrainConfig) -> str:
+    return f"python -m data_pipeline prepare --config {cfg.data.config}"
+
+
+def _open_shards(cfg: PretrainConfig, data_cfg: DataConfig, field_name: str):
+    """Check a shard folder (manifest, shard files and sizes, tokenizer checksum); returns the tokenizer."""
     lc = data_cfg.loader
-    shard_dir = resolve(lc.shard_dir, data_cfg.work())
+    shard_dir = _shard_dir(data_cfg)
     if not (shard_dir / "manifest.json").is_file():
         _fail(cfg, field_name, f"no shards at {shard_dir} ({shard_dir / 'manifest.json'} is missing); build them "
-                               f"with `python -m data_pipeline prepare --config {cfg.data.config}` (and the same "
-                               "overrides)")
+                               f"with `{_build_command(cfg)}` (and the same overrides)")
     try:
         _, _, tokenizer, _ = open_shard_dir(shard_dir, "pretrain", resolve(lc.tokenizer, data_cfg.work())
                                             if lc.tokenizer else "", lc.verify, lc.on_corrupt_shard)
-    except (DataError, DataConfigError) as err:
+    except (DataError, ConfigError) as err:  # the field that pointed here goes in front of the message
         _fail(cfg, field_name, str(err))
     return tokenizer
 
 
-def _load_data_config(cfg: PretrainConfig, overrides: Sequence[str], field_name: str):
-    from data_pipeline.config import load_config
-    from data_pipeline.errors import ConfigError as DataConfigError
-
+def _load_data_config(cfg: PretrainConfig, overrides: Sequence[str], field_name: str) -> DataConfig:
     if not Path(cfg.data.config).is_file():
         _fail(cfg, "data.config", f"file not found: {cfg.data.config}")
     try:
         return load_config(cfg.data.config, list(overrides))
-    except DataConfigError as err:
+    except ConfigError as err:  # the data config's own message, behind the field of this config that set it
         _fail(cfg, field_name, str(err))
 
 
 def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
     """Validate the whole job before any process group exists; ConfigError names the field or file at fault."""
-    from model.config import ModelConfig
-
-    validate_engine(cfg, world_size)
+    core.validate_engine(cfg, world_size)
     _validate_objective(cfg)
     data_cfg = _load_data_config(cfg, cfg.data.overrides, "data.overrides")
     tokenizer = _open_shards(cfg, data_cfg, "data.config")
@@ -129,15 +131,13 @@ def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
             _fail(cfg, "objective.bang.stream_weights", f"has {len(cfg.objective.bang.stream_weights)} entries for "
                                                         f"{n} streams")
     if cfg.tracking.mlflow:
-        cfg.tracking.uri = resolve_uri(cfg.tracking.uri)  # the store this job writes to, in params and configs
+        cfg.tracking.uri = core.resolve_uri(cfg.tracking.uri)  # the store this job writes to, in params and configs
     return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum)
 
 
 # --- building (after the process groups exist) -----------------------------------------------------------
 
-def build_objective(plan: Plan, dp_rank: int):
-    from pretrain import objectives
-
+def build_objective(plan: Plan, dp_rank: int) -> core.Objective:
     cfg, model_cfg = plan.cfg, plan.model_cfg
     o = cfg.objective
     parts = {}
@@ -158,23 +158,24 @@ def build_objective(plan: Plan, dp_rank: int):
 def build_loaders(plan: Plan, dp_rank: int, dp_size: int):
     """The training loader (split by the data-parallel rank: TP peers read the same batches) and one held-out
     loader factory per objective."""
-    from data_pipeline.stream import build_pretrain_loader
-
     cfg = plan.cfg
+    pin = core.uses_gpu()  # pinned batches copy to the GPU asynchronously
     train = build_pretrain_loader(plan.data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, seed=cfg.train.seed,
-                                  objective_weights=cfg.objective.active(), num_workers=cfg.data.num_workers)
+                                  objective_weights=cfg.objective.active(), num_workers=cfg.data.num_workers,
+                                  pin_memory=pin)
     evals = {}
     if plan.eval_data_cfg is not None:
         for name in cfg.objective.active():
             evals[name] = (lambda n=name: build_pretrain_loader(plan.eval_data_cfg, dp_rank=dp_rank,
                                                                 dp_world_size=dp_size, seed=0,
-                                                                objective_weights={n: 1.0}, num_workers=0))
+                                                                objective_weights={n: 1.0}, num_workers=0,
+                                                                pin_memory=pin))
     return train, evals
 
 
 def run_params(plan: Plan) -> dict[str, Any]:
     """The resolved config logged as MLflow params: the YAML's values plus what was derived from them."""
-    params = to_dict(plan.cfg)
+    params = core.to_dict(plan.cfg)
     params["resolved"] = {
         "model": asdict(plan.model_cfg),
         "world_size": plan.world_size,
@@ -189,41 +190,80 @@ def run_params(plan: Plan) -> dict[str, Any]:
 def describe(plan: Plan) -> str:
     """The `config ok:` line of --validate-only."""
     cfg, m = plan.cfg, plan.model_cfg
-    from pretrain.config import zero_stage
-
     return (f"pretrain {cfg.name} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
-            f"DP {plan.data_parallel}, ZeRO-{zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
+            f"DP {plan.data_parallel}, ZeRO-{core.zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
             f"layers={m.n_encoder_layers}+{m.n_decoder_layers} vocab={m.vocab_size}; objective {cfg.objective.name}; "
             f"{cfg.train.steps} steps of {plan.micro_batch_size} x {cfg.train.grad_accum} x {plan.data_parallel}; "
             f"output {cfg.output_dir}; mlflow {cfg.tracking.uri if cfg.tracking.mlflow else 'off'}")
 
 
 def train(plan: Plan) -> dict[str, float]:
-    from model import parallel
+    from model import parallel  # megatron-core: imported when a job starts, not for --validate-only
     from model.seq2seq import Seq2SeqModel
-    from pretrain.engine import Engine
 
     cfg = plan.cfg
-    with job.started(cfg) as mpu:
+    with core.started(cfg) as mpu:
         model = Seq2SeqModel(plan.model_cfg)  # same initial weights for every TP size (CPU master init)
         dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
         objective = build_objective(plan, dp_rank)
         train_loader, eval_loaders = build_loaders(plan, dp_rank, dp_size)
-        engine = Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=plan.micro_batch_size,
-                        eval_loaders=eval_loaders, kind="pretrain",
-                        meta={"tokenizer_checksum": plan.tokenizer_checksum})
-        return engine.fit(params=run_params(plan), artifacts=job.config_artifacts(cfg),
+        engine = core.Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=plan.micro_batch_size,
+                             eval_loaders=eval_loaders, kind="pretrain",
+                             meta={"tokenizer_checksum": plan.tokenizer_checksum})
+        return engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg),
                           run_name=cfg.tracking.run_name or cfg.name)
 
 
-def load_config(args) -> PretrainConfig:
+def config_from_args(args) -> PretrainConfig:
     cfg = load(args.config, args.overrides)
     if args.resume:
         cfg.checkpoint.resume = True
     return cfg
 
 
+def stage_facts(cfg: PretrainConfig) -> dict[str, list]:
+    """What --validate-only --json adds to the engine's facts: the files the job reads, and the shard folders with
+    their sizes (training stream; held-out shards when evaluation reads them). A data config that cannot be read
+    names no folder (the verdict says why)."""
+    inputs = [core.input_file("data.config", cfg.data.config)]
+    shards = []
+    try:
+        data_cfg = load_config(cfg.data.config, list(cfg.data.overrides))
+        shards.append(core.shard_folder("data.config", _shard_dir(data_cfg), training=True,
+                                        num_workers=cfg.data.num_workers,
+                                        build=f"{_build_command(cfg)} (with data.overrides)"))
+        if cfg.data.eval_overrides and cfg.eval.batches > 0:
+            eval_cfg = load_config(cfg.data.config, [*cfg.data.overrides, *cfg.data.eval_overrides])
+            shards.append(core.shard_folder("data.eval_overrides", _shard_dir(eval_cfg), training=False,
+                                            num_workers=0, build="python -m data_pipeline extract / shard with "
+                                                                 "data.overrides + data.eval_overrides"))
+    except ConfigError:
+        pass
+    return {"inputs": inputs, "shards": shards}
+
+
 def main(argv: Sequence[str]) -> int:
-    parser = cli_parser("python -m pretrain", "Pretrain the seq2seq model (BANG, ELMER or their mix) with DeepSpeed "
-                                              "and tensor parallelism.", "a YAML file under configs/pretrain/")
-    return job.main("pretrain", parse_args(parser, argv), load_config, prepare, train, describe)
+    parser = core.cli_parser("python -m pretrain", "Pretrain the seq2seq model (BANG, ELMER or their mix) with "
+                                                   "DeepSpeed and tensor parallelism.",
+                             "a YAML file under configs/pretrain/")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the planned peak GPU memory per rank and its parts (weights, gradients, "
+                             "optimizer, activations) for --world-size processes, from a fake dry run of one "
+                             "micro-step at this config (pretrain/plan.py); nothing is allocated, no GPU needed")
+    args = core.parse_args(parser, argv)
+    if args.plan:
+        return print_memory_plan(args)
+    return core.cli_main("pretrain", args, config_from_args, prepare, train, describe, stage_facts)
+
+
+def print_memory_plan(args) -> int:
+    from pretrain.core.config import launch_world_size
+    from pretrain.plan import memory_plan
+
+    try:
+        plan = prepare(config_from_args(args), args.world_size or launch_world_size())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(memory_plan(plan).lines()), flush=True)
+    return 0

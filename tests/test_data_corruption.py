@@ -100,6 +100,32 @@ def test_elmer_infilling_structure_and_rates(samples, tables):
     assert abs(random_spans / total_spans - 0.1) < 4 * math.sqrt(0.09 / total_spans)
 
 
+def test_elmer_infilling_removes_30_percent_of_words_in_the_output(samples, tables):
+    """The words actually missing from the corrupted source, counted on the output (not the planned span lengths):
+    with random replacements off every span is one <mask>, so the source without its masks is the permuted text
+    minus the covered words. Their count must be ceil(0.3 x words) in every sample."""
+    cfg = CorruptionConfig(elmer_random_ratio=0.0)
+    words = removed = 0
+    for sid, x in samples:
+        info = {}
+        out = elmer_corrupt(x, sample_rng(0, 0, sid, "elmer"), cfg, tables, info)
+        y, src = info["permuted"], out["src"]
+        kept = src[src != MASK_ID]
+        assert len(src) - len(kept) == len(info["span_lengths"])  # one <mask> per span, insertions included
+        it = iter(y.tolist())
+        assert all(t in it for t in kept.tolist())  # kept tokens: y in order, some tokens left out
+        n_words = int(tables.word_start[y].sum()) + int(not tables.word_start[y[0]])  # y's first token starts one
+        # Kept words are whole: each starts with a word-start piece, or is y's first word (kept iff src keeps y[0]
+        # in front; when y[0] is itself a word-start piece the sum already counts it).
+        first_kept = len(kept) > 0 and kept[0] == y[0] and not tables.word_start[y[0]]
+        sample_removed = n_words - int(tables.word_start[kept].sum()) - int(first_kept)
+        assert sample_removed == math.ceil(0.3 * n_words), sid
+        words += n_words
+        removed += sample_removed
+    assert words > 50000
+    assert abs(removed / words - 0.3) < 0.01
+
+
 def test_sentence_permutation_keeps_sentences_whole(samples, tables):
     cfg = CorruptionConfig(elmer_mask_ratio=0.0)
     changed = 0
@@ -166,3 +192,6 @@ def test_collated_pretraining_batch_contract(samples, tables):
         assert (b["tgt_positions"][pad] == 0).all() and (b["span_index"][pad] == -1).all()
         assert (b["prev_tokens"][pad] == 0).all()
         assert b["n_tokens"] == int((~pad).sum())
+        # span counts on the host (a list, not a tensor): real targets per span index, as the tensor has them
+        assert b["span_counts"] == np.bincount(b["span_index"][~pad].numpy()).tolist()
+        assert isinstance(b["span_counts"], list) and sum(b["span_counts"]) == b["n_tokens"]

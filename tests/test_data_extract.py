@@ -1,18 +1,21 @@
 """Extraction on the real files in ../shared/data: clean Wikipedia text, redirects skipped, books and WikiText
-documents, and the bad-input cases (bad UTF-8, empty documents, overlong documents, truncated dump)."""
+documents, and the bad-input cases (bad UTF-8, input files that are not text, empty documents, overlong documents,
+truncated dump)."""
 import bz2
 import collections
 import gzip
 import json
 import re
+import shutil
 
 import mwxml
 import pytest
 
-from data_pipeline.config import REPO_ROOT, load_config
+from data_pipeline.artifacts import STATS_FILE
+from data_pipeline.config import REPO_ROOT, ExtractConfig, load_config
 from data_pipeline.errors import ConfigError, DataError
 from data_pipeline.documents import doc_files, iter_all_docs
-from data_pipeline.extract import STATS_FILE, run_extract
+from data_pipeline.extract import NotText, read_text_lines, run_extract
 
 TINY = REPO_ROOT / "configs" / "data" / "tiny.yaml"
 DUMP = "wikipedia/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -94,6 +97,54 @@ def test_bad_utf8_is_replaced_and_counted(tiny, shared_data, tmp_path):
     anarchism = next(d for d in docs if d["title"] == "Anarchism")
     assert anarchism["text"].startswith("Anarchism is a \ufffd political philosophy")
     assert sum(d["text"].count("\ufffd") for d in docs if d["source"] == "books") >= 3
+
+
+def test_binary_input_file_is_refused_or_skipped_and_counted(tiny, shared_data, tmp_path):
+    """An executable saved as .txt among the books: refused naming it (default), or left out, counted and listed
+    with extract.non_text_files=skip; it never becomes a document."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(shared_data / "books/gutenberg/carroll-alice.txt", tmp_path / "in/alice.txt")
+    shutil.copy(shutil.which("true"), tmp_path / "in/program.txt")
+    cfg = _only(tiny, tmp_path / "out", books=[str(tmp_path / "in/*.txt")])
+    with pytest.raises(DataError, match=r"program.txt: not a text file \(\d+ NUL bytes\); extract.non_text_files=skip"):
+        run_extract(cfg)
+    cfg.extract.non_text_files = "skip"
+    stats = run_extract(cfg)
+    assert stats["per_source"]["books"]["non_text_files_skipped"] == stats["totals"]["non_text_files_skipped"] == 1
+    assert stats["per_source"]["books"]["books"] == 1
+    assert [f["file"] for f in stats["non_text_files"]] == [str(tmp_path / "in/program.txt")]
+    assert "NUL bytes" in stats["non_text_files"][0]["why"]
+    docs = list(iter_all_docs(doc_files(cfg.in_work("docs"))))
+    assert {d["id"].split("#")[0] for d in docs} == {"book:alice"}
+    assert not any("\x00" in d["text"] for d in docs)
+
+
+def test_control_characters_and_undecodable_bytes_over_their_thresholds(tmp_path):
+    prose = ("It was the best of times, it was the worst of times. " * 40 + "\n").encode() * 10
+    cases = {  # name: (bytes, refused with the default thresholds?)
+        "controls.txt": (prose.replace(b"times", b"t\x1bmes", 300), True),  # ~1.4% ESC characters
+        "few_controls.txt": (prose.replace(b"times", b"t\x1bmes", 50), False),  # ~0.2%
+        "latin1.txt": (prose.replace(b"best", "b\u00e9st".encode("latin-1"), 400), False),  # ~1.9% bad: counted
+        "garbled.txt": (prose.replace(b"times", b"\xff\xfe\xfd\xfc\xfb", 400), True),  # ~9% bad sequences
+    }
+    defaults = ExtractConfig()
+    for name, (data, refused) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        stats = collections.Counter()
+        if refused:
+            with pytest.raises(NotText, match=rf"{name}: not a text file \(\d+\.\d% of its characters are "):
+                read_text_lines(tmp_path / name, stats, defaults)
+            assert not stats  # nothing of a refused file is counted as text
+        else:
+            assert len(read_text_lines(tmp_path / name, stats, defaults)) == 10
+            assert stats["bad_utf8_lines"] == (10 if name == "latin1.txt" else 0)
+    loose = ExtractConfig(max_control_char_ratio=0.05, max_bad_utf8_ratio=0.2)
+    for name in ("controls.txt", "garbled.txt"):
+        assert len(read_text_lines(tmp_path / name, collections.Counter(), loose)) == 10
+    with pytest.raises(ConfigError, match="extract.max_bad_utf8_ratio"):
+        load_config(TINY, ["extract.max_bad_utf8_ratio=1.5"])
+    with pytest.raises(ConfigError, match="extract.non_text_files"):
+        load_config(TINY, ["extract.non_text_files=ignore"])
 
 
 def test_empty_documents_are_counted_and_skipped(tiny, tmp_path):

@@ -242,7 +242,7 @@ def test_bang_mixed_draws_once_per_step_and_resumes_exactly():
     from model import parallel
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
-    from pretrain.objectives import build
+    from pretrain.core import build
 
     parallel.ensure_initialized()
     torch.manual_seed(0)

@@ -121,7 +121,7 @@ def _export(tmp_path, run_id: str, checksum: str):
     from model import parallel
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
-    from pretrain.export import export_payload, model_config_dict
+    from pretrain.core.export import export_payload, model_config_dict
 
     parallel.ensure_initialized()
     model = Seq2SeqModel(ModelConfig.preset("tiny"))
@@ -151,6 +151,10 @@ def test_validate_only_links_the_pretraining_run_and_refuses_another_tokenizer(d
     assert not out.exists() and not (tmp_path / "m.db").exists()  # validation writes nothing
     plan = prepare(load(GIGAWORD, [f"init.checkpoint={good}", shards]), world_size=1)
     assert run_tags(plan)["pretrain_run_id"] == "run-good" and run_tags(plan)["pretrain_step"] == 5
+
+    assert train_main(["--validate-only", "--config", GIGAWORD, "--init", str(good), shards, "decode.mode=early_exit",
+                       "decode.exit_layer=3"]) == 2  # checked against the model before anything runs
+    assert "decode: decode.exit_layer=3: the model has 2 decoder layers" in capsys.readouterr().err
 
     other = _export(tmp_path, "run-other", "0123abcd")
     assert train_main(["--validate-only", "--config", GIGAWORD, "--init", str(other), shards]) == 2

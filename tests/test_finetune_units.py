@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.init_checkpoint import (InitError, check_dims, checkpoint_dims, full_weights, load_into, read_init)
+from finetune.init_checkpoint import read_init
+from pretrain.core.weights import InitError, check_dims, checkpoint_dims, full_weights, load_into
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("cnndm", "gigaword", "xsum", "msnews", "squadqg", "msqg", "coqa", "personachat", "iwslt14")
@@ -81,7 +82,7 @@ def test_full_state_dict_and_engine_export_are_read(tmp_path):
     load_into(target, read_init(plain))  # megatron's _extra_state placeholders need not be in the file
     assert torch.equal(target.embed_tokens.weight, source.embed_tokens.weight)
 
-    export = tmp_path / "final_model.pt"  # pretrain.engine.Engine.export_weights' layout
+    export = tmp_path / "final_model.pt"  # pretrain.core.engine.Engine.export_weights' layout
     torch.save({"model": source.state_dict(), "config": dataclasses.asdict(source.cfg), "step": 11}, export)
     weights = read_init(export)
     assert weights.meta["step"] == 11 and weights.meta["model_config"]["n_heads"] == 4
@@ -142,6 +143,13 @@ def test_decoding_follows_the_objective_and_the_task():
         decoding.resolve(DecodeSection(mode="beam"), "xsum", nar)
     with pytest.raises(ValueError, match=r"decode\.block_size=0"):
         decoding.resolve(DecodeSection(mode="semi_nar", block_size=0), "xsum", nar)
+    assert decoding.resolve(DecodeSection(mode="early_exit", exit_layer=2), "xsum", nar)[1].exit_layer == 2
+    opts = decoding.resolve(DecodeSection(), "xsum", nar)[1]
+    assert (opts.length_candidates, opts.remask_slots) == ("offsets", "content")  # fairseq's mask-predict
+    opts = decoding.resolve(DecodeSection(length_candidates="top", remask_slots="all"), "xsum", nar)[1]
+    assert (opts.length_candidates, opts.remask_slots) == ("top", "all")
+    with pytest.raises(ValueError, match=r"decode\.exit_layer=0: must be a layer number >= 1"):
+        decoding.resolve(DecodeSection(mode="early_exit", exit_layer=0), "xsum", nar)
 
 
 def test_prediction_files_are_named_as_glge_submissions_expect():
@@ -155,12 +163,12 @@ def test_prediction_files_are_named_as_glge_submissions_expect():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_has_a_valid_config_and_a_runnable_script(task):
-    from finetune import decoding, run
+    from finetune import decoding, resolve, run
     from finetune.config import load
 
     cfg = load(REPO_ROOT / "configs" / "finetune" / f"{task}.yaml", ["task.difficulty=hard"])
     assert cfg.task.name == task
-    run._validate_task(cfg)
+    resolve.validate_task(cfg)
     run._validate_objective(cfg)
     decoding.resolve(cfg.decode, task, cfg.objective)
     script = REPO_ROOT / "finetune" / "scripts" / f"{task}.sh"
@@ -221,7 +229,7 @@ def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
     model config and tokenizer checksum; read_init reads them back, pretrain_run_id names the run, and
     check_tokenizer refuses other shards naming both checksums. Finetuned weights point at their pretraining run."""
     from finetune.init_checkpoint import FINETUNE_META, check_tokenizer, pretrain_run_id
-    from pretrain.export import export_payload, model_config_dict
+    from pretrain.core.export import export_payload, model_config_dict
 
     source = tiny()
     record = {"job": "pretrain", "mlflow_run_id": "run-pre", "tokenizer_checksum": "aaa111", "experiment": "e"}
@@ -253,7 +261,8 @@ def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
 
 def test_finetuned_weights_keep_their_pretraining_lineage():
     """Weights finetuned again name the pretraining run and step they descend from, not their own finetuning step."""
-    from finetune.init_checkpoint import FINETUNED, InitWeights, pretrain_run_id, pretrain_step
+    from finetune.init_checkpoint import FINETUNED, pretrain_run_id, pretrain_step
+    from pretrain.core.weights import InitWeights
 
     pretrained = InitWeights(Path("p.pt"), {}, {"job": "pretrain", "mlflow_run_id": "PT", "step": 1000})
     finetuned = InitWeights(Path("f"), {}, {"format": FINETUNED, "job": "finetune", "mlflow_run_id": "FT",

@@ -14,7 +14,8 @@ from model.config import SPECIAL, ModelConfig
 from model.generation import MODES, DecodeOptions, decode, get_mode
 from model.generation.common import constrain_step, log_probs
 from model.generation.incremental import ArStepper, run_block
-from model.generation.postprocess import collapse_repeats, cut_at_eos, nar_postprocess
+from model.generation.lengths import length_beam
+from model.generation.postprocess import collapse_repeats, cut_at_eos, finish_text, nar_postprocess
 from model.seq2seq import Seq2SeqModel
 from model.streams import build_streams
 
@@ -230,6 +231,30 @@ def test_nar_postprocessing_by_hand():
     assert collapse_repeats([5, 5, 6, 5, 5]) == [5, 6, 5]
 
 
+def test_nar_postprocessing_on_pieces_and_on_words_with_real_sentencepiece(tiny):
+    """BANG cleans the pieces and again the merged words; ELMER collapses repeated words. With the data pipeline's
+    sentencepiece model, 'Woodhouse' is two pieces, so 'Woodhouse Woodhouse' has no repeated piece and only the
+    word pass collapses it, while 'the the' is one repeated piece."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny.in_work("tokenizer"))
+    woodhouse = tok.encode("Woodhouse")
+    assert len(woodhouse) > 1 and tok.encode("Woodhouse Woodhouse") == woodhouse * 2  # ▁Wood house ▁Wood house
+    the = tok.encode("the")
+    assert len(the) == 1
+    row = [EOS] + tok.encode("Woodhouse Woodhouse said the the news") + [EOS] + tok.encode("later")
+    pieces = nar_postprocess(row)  # leading EOS skipped, cut at the second, ▁the ▁the collapsed
+    assert pieces == tok.encode("Woodhouse Woodhouse said the news")
+    text = tok.decode(pieces)
+    assert text == "Woodhouse Woodhouse said the news"
+    for mode in ("nar", "mask_predict", "early_exit", "semi_nar"):
+        assert finish_text(text, mode, postprocess=True) == "Woodhouse said the news"
+        assert finish_text(text, mode, postprocess=False) == text
+    assert finish_text(text, "ar_beam", postprocess=True) == text  # AR outputs are never post-processed
+    assert finish_text("Woodhouse  Woodhouse,\nWoodhouse", "nar", True) == "Woodhouse Woodhouse, Woodhouse"
+    assert finish_text("a b a a\n", "nar", True) == "a b a"  # consecutive repeats only, one line
+
+
 @pytest.mark.parametrize("nar_mode", ["nar_bidir", "nar_causal"])
 @pytest.mark.parametrize("length_source", ["length_head", "source"])
 @pytest.mark.parametrize("postprocess", [True, False])
@@ -252,16 +277,31 @@ def test_nar_one_pass_is_argmax_at_predicted_length(model, src, nar_mode, length
     assert result.figures["decoder_passes"] == 1
 
 
-def test_nar_length_beam_picks_best_mean_log_prob(model, src):
-    beam = decode("nar", model, src, DecodeOptions(length_beam=3, postprocess=False))
+def test_length_beam_is_argmax_plus_offsets_as_fairseq():
+    """fairseq's length beam (IterativeRefinementGenerator): best + (-(l//2) .. l-1-l//2), clamped (to 1..cap
+    here: one slot is the EOS alone)."""
+    best = torch.tensor([1, 5, 9])
+    assert length_beam(best, 3, cap=9).tolist() == [[1, 1, 2], [4, 5, 6], [8, 9, 9]]
+    assert length_beam(best, 4, cap=9).tolist() == [[1, 1, 1, 2], [3, 4, 5, 6], [7, 8, 9, 9]]
+    assert length_beam(best, 1, cap=9).tolist() == [[1], [5], [9]]
+
+
+@pytest.mark.parametrize("rule", ["offsets", "top"])
+def test_nar_length_beam_picks_best_mean_log_prob(model, src, rule):
+    """The candidates: fairseq's argmax -1, 0, +1 by default, the 3 likeliest classes with length_candidates=top
+    (the two differ on every row here); the candidate with the best mean log-prob wins."""
+    beam = decode("nar", model, src, DecodeOptions(length_beam=3, postprocess=False, length_candidates=rule))
     with torch.no_grad():
         head = model.length_logits(model.encode(src))
         head[:, 0] = -math.inf
         top = head.topk(3, dim=1).indices.tolist()
+        offsets = [[max(L - 1, 1), L, L + 1] for L in head.argmax(1).tolist()]  # an argmax of 1 gives 1, 1, 2
+        assert all(sorted(a) != sorted(b) for a, b in zip(offsets, top))
+    candidates = offsets if rule == "offsets" else top
     single = {L: decode("nar", model, src, DecodeOptions(length_source="fixed", fixed_length=L, postprocess=False))
-              for L in {L for row in top for L in row}}
+              for L in {L for row in candidates for L in row}}
     for b in range(src.shape[0]):
-        best = max(top[b], key=lambda L: single[L].scores[b])
+        best = max(candidates[b], key=lambda L: single[L].scores[b])
         assert beam.tokens[b] == single[best].tokens[b]
         assert abs(beam.scores[b] - single[best].scores[b]) <= TOL
 
@@ -274,18 +314,23 @@ def test_mask_predict_one_iteration_equals_nar_pass(model, src):
         assert mp.figures["decoder_passes"] == 1
 
 
-def test_mask_predict_refines_only_the_least_confident(model, src):
-    """Two iterations by hand: pass 0 over all slots, re-mask floor(L/2) least confident, predict those again."""
+@pytest.mark.parametrize("slots", ["content", "all"])
+def test_mask_predict_refines_only_the_least_confident(model, src, slots):
+    """Two iterations by hand: pass 0 over all slots, re-mask the floor((L-1)/2) least confident content slots
+    (fairseq counts content tokens; the last slot, EOS, is never re-masked), predict those again. With
+    remask_slots=all: the floor(L/2) least confident of all L slots."""
     L = 8
-    opts = DecodeOptions(iterations=2, length_source="fixed", fixed_length=L, postprocess=False)
+    opts = DecodeOptions(iterations=2, length_source="fixed", fixed_length=L, postprocess=False, remask_slots=slots)
     result = decode("mask_predict", model, src, opts)
     assert result.figures["decoder_passes"] == 2
+    eligible = L - 1 if slots == "content" else L
     with torch.no_grad():
         enc = model.encode(src)
         streams = build_streams("nar_bidir", length=L, batch_size=src.shape[0])
         p0, tok0 = log_probs(model, model.decode(enc, streams).hidden).max(-1)
         remask = torch.zeros_like(tok0, dtype=torch.bool)
-        remask.scatter_(1, p0.argsort(1)[:, :L // 2], True)
+        remask.scatter_(1, p0[:, :eligible].argsort(1)[:, :eligible // 2], True)  # 3 of 7, or 4 of 8
+        assert (p0[:, L - 1] < p0[:, :L - 1].sort(1).values[:, 3]).any()  # the EOS slot is among the 4 lowest
         streams = build_streams("nar_bidir", tgt_tokens=tok0, masked=remask)
         p1, tok1 = log_probs(model, model.decode(enc, streams).hidden).max(-1)
         final = torch.where(remask, tok1, tok0)
@@ -308,6 +353,29 @@ def test_early_exit_infinite_threshold_exits_at_layer_one(model, src):
             layer1 = model.decode(one, streams, keep_layer_states=True).layer_states[0]
             ids = log_probs(model, model.decoder_final_norm(layer1)).argmax(-1)[0].tolist()
             assert result.tokens[b] == cut_at_eos(ids)
+
+
+def test_early_exit_fixed_layer(model, src):
+    """exit_layer=k: every slot leaves at layer k (k layers run), its tokens the argmax of layer k's off-ramp;
+    k = L is the plain NAR pass. The entropy threshold is then unused."""
+    L = model.cfg.n_decoder_layers
+    real = torch.arange(src.shape[1])[None] < (src != PAD).sum(1)[:, None]
+    with torch.no_grad():
+        states = model.decode(model.encode(src), build_streams("nar_bidir", tgt_mask=real),
+                              keep_layer_states=True).layer_states
+    outputs = {}
+    for k in range(1, L + 1):
+        opts = DecodeOptions(exit_layer=k, exit_entropy=math.inf, length_source="source", postprocess=False)
+        result = decode("early_exit", model, src, opts)
+        assert result.figures["mean_exit_layer"] == k and result.figures["layers_run"] == k
+        ids = log_probs(model, model.decoder_final_norm(states[k - 1])).argmax(-1).tolist()
+        assert result.tokens == [cut_at_eos(row[:n]) for row, n in zip(ids, real.sum(1).tolist())]
+        outputs[k] = result.tokens
+    assert outputs[1] != outputs[L]  # the layers' off-ramps disagree: the test tells them apart
+    nar = decode("nar", model, src, DecodeOptions(length_source="source", postprocess=False, nar_mode="nar_bidir"))
+    assert result.tokens == nar.tokens and result.scores == pytest.approx(nar.scores, abs=TOL)
+    with pytest.raises(ValueError, match=f"decode.exit_layer={L + 1}: the model has {L} decoder layers"):
+        decode("early_exit", model, src, DecodeOptions(exit_layer=L + 1))
 
 
 def test_early_exit_minus_infinity_equals_nar_pass(model, src):
@@ -340,7 +408,8 @@ def test_early_exit_threshold_in_between(model, src):
 @pytest.mark.parametrize("field, value", [
     ("beam_size", 0), ("min_len", -1), ("max_len", 0), ("no_repeat_ngram_size", -2), ("length_beam", 0),
     ("block_size", 0), ("iterations", 0), ("ar_logits", "bang"), ("nar_mode", "janus"),
-    ("length_source", "oracle"), ("exit_entropy", float("nan")), ("postprocess", "yes"),
+    ("length_source", "oracle"), ("exit_entropy", float("nan")), ("postprocess", "yes"), ("exit_layer", 0),
+    ("exit_layer", 1.5), ("length_candidates", "best"), ("remask_slots", "eos"),
 ])
 def test_bad_options_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"decode.{field}="):

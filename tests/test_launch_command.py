@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from configs import ConfigError as LaunchConfigError
 from launch import command
-from launch.config import LaunchConfig, LaunchConfigError, load, validate
+from launch.config import LaunchConfig, load, validate
 from launch.nodes import expand_nodelist, resolve_layout, slurm_gpus_per_node
 from launch.supervisor import job_vars
 
@@ -97,10 +98,32 @@ def test_multi_node_hostfile_over_ssh(tmp_path):
                     "--master_port 29500 --no_local_rank --module pretrain --config configs/pretrain/tiny.yaml")
     assert plan.files[Path("/jobs/cluster/hostfile")] == "worker-0 slots=8\nworker-1 slots=8\n"
     assert plan.files[Path("/jobs/cluster/.deepspeed_env")] == (
-        "OMP_NUM_THREADS=4\nDS_ACCELERATOR=cuda\nMLFLOW_DISABLE_TELEMETRY=true\nNCCL_DEBUG=WARN\nNCCL_IB_DISABLE=0\n"
+        "OMP_NUM_THREADS=4\nDS_ACCELERATOR=cuda\nMLFLOW_DISABLE_TELEMETRY=true\nCUDA_DEVICE_MAX_CONNECTIONS=1\n"
+        "NCCL_DEBUG=WARN\nNCCL_IB_DISABLE=0\n"
         "TORCH_NCCL_ASYNC_ERROR_HANDLING=1\nTOKENIZERS_PARALLELISM=false\nMLFLOW_TRACKING_URI=http://mlflow:5000\n"
         "TANDEM_LAUNCH_ID=cluster-20260101-000000-0123abcd\nTANDEM_RESTART=1\n")
     assert (plan.env["TANDEM_LAUNCH_ID"], plan.env["TANDEM_RESTART"]) == ("cluster-20260101-000000-0123abcd", "1")
+
+
+def test_gpu_ranks_get_one_cuda_connection_and_the_socket_interface():
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 on GPU jobs only (TP collectives overlap the next matmul); env.socket_ifname
+    names NCCL's and gloo's interface; an explicit NCCL_SOCKET_IFNAME in env.nccl and env.vars still win."""
+    cfg = cfg_from("configs/launch/slurm.yaml", "env.socket_ifname=ib0", "run_dir=/jobs")
+    _, plan = argv_for(cfg, SLURM_ENV)
+    assert plan.files[Path("/jobs/slurm/.deepspeed_env")] == (
+        "OMP_NUM_THREADS=4\nDS_ACCELERATOR=cuda\nMLFLOW_DISABLE_TELEMETRY=true\nCUDA_DEVICE_MAX_CONNECTIONS=1\n"
+        "NCCL_SOCKET_IFNAME=ib0\nGLOO_SOCKET_IFNAME=ib0\nNCCL_DEBUG=WARN\nTORCH_NCCL_ASYNC_ERROR_HANDLING=1\n"
+        "TOKENIZERS_PARALLELISM=false\n")
+    cfg = cfg_from("configs/launch/local_cpu.yaml", "env.socket_ifname=lo", "env.nccl={NCCL_SOCKET_IFNAME: eth1}",
+                   "env.vars={CUDA_DEVICE_MAX_CONNECTIONS: '8'}", "launcher=torchrun")
+    env = command.rank_env(cfg, {})
+    assert list(env.items()) == [("OMP_NUM_THREADS", "1"), ("DS_ACCELERATOR", "cpu"),
+                                 ("MLFLOW_DISABLE_TELEMETRY", "true"), ("NCCL_SOCKET_IFNAME", "eth1"),
+                                 ("GLOO_SOCKET_IFNAME", "lo"), ("TOKENIZERS_PARALLELISM", "false"),
+                                 ("CUDA_DEVICE_MAX_CONNECTIONS", "8")]
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in command.rank_env(cfg_from("configs/launch/local_cpu.yaml"), {})
+    with pytest.raises(LaunchConfigError, match="env.socket_ifname: must be interface names"):
+        cfg_from("configs/launch/cluster.yaml", "env.socket_ifname='ib0 eth0'")
 
 
 def test_multi_node_include_filter_and_extras():
@@ -237,14 +260,15 @@ def test_slurm_batch_template_starts_one_launcher_per_node(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     srun = bin_dir / "srun"
-    srun.write_text("#!/bin/bash\n# stand-in for srun --ntasks-per-node=1: drop srun's options, run once per node\n"
-                    "while [[ \"$1\" == --* ]]; do shift; done\n"
+    srun.write_text("#!/bin/bash\n# stand-in for srun --ntasks-per-node=1: note srun's options, run once per node\n"
+                    f"while [[ \"$1\" == --* ]]; do echo \"$1\" >> {tmp_path}/srun_options; shift; done\n"
                     "for ((i = 0; i < SLURM_NNODES; i++)); do\n"
                     "  SLURM_NODEID=$i SLURM_PROCID=$i \"$@\" || exit $?\n"
                     "done\n")
     srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(REPO_ROOT),
+           "SLURM_CPUS_PER_TASK": "32",  # what `#SBATCH --cpus-per-task=32` gives the batch script
            "TANDEM_PYTHON": sys.executable, "LAUNCH_ARGS": f"--dry-run run_dir={tmp_path}"}
     proc = subprocess.run(["bash", str(REPO_ROOT / "launch/slurm/tandem.sbatch"), "pretrain", "--config", TINY],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
@@ -256,6 +280,32 @@ def test_slurm_batch_template_starts_one_launcher_per_node(tmp_path):
         f"--master_addr gpu07 --master_port 24242 --no_local_rank --module pretrain --config {TINY}"
         for rank in (0, 1)]
     assert shlex.split(commands[0])[0] == exe
+    # The step asks for the allocation's CPUs per task (srun does not inherit them from sbatch).
+    assert (tmp_path / "srun_options").read_text() == "--ntasks-per-node=1\n--kill-on-bad-exit=1\n--cpus-per-task=32\n"
+
+
+@pytest.mark.parametrize("gpu_seen, preset, expected", [(False, None, "cpu"), (True, None, "unset"),
+                                                        (True, "cpu", "cpu"), (False, "cuda", "cuda")])
+def test_finetune_task_script_names_the_cpu_accelerator_only_without_a_gpu(tmp_path, gpu_seen, preset, expected):
+    """finetune/scripts/run_task.sh run by bash, with a stand-in for the project's Python that answers the script's
+    `torch.cuda.is_available()` question and records every other command with the DS_ACCELERATOR it saw."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/bash\n"
+                      f"if [[ \"$1\" == -c ]]; then exit {0 if gpu_seen else 1}; fi\n"
+                      f"echo \"DS_ACCELERATOR=${{DS_ACCELERATOR-unset}} $*\" >> {tmp_path}/calls\n")
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    env.update({"PYTHON": str(python), **({"DS_ACCELERATOR": preset} if preset else {})})
+    proc = subprocess.run(["bash", "finetune/scripts/gigaword.sh", "--init", "ckpt", "--split", "valid", "--out", "o"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = "--config configs/finetune/gigaword.yaml"
+    assert (tmp_path / "calls").read_text().splitlines() == [f"DS_ACCELERATOR={expected} {line}" for line in (
+        f"-m finetune generate --check {config} --split valid task.difficulty=easy output_dir=o",
+        f"-m finetune data {config} task.difficulty=easy output_dir=o",
+        f"-m finetune {config} --init ckpt task.difficulty=easy output_dir=o",
+        "-m finetune generate --model o --split valid --out o/generate/valid-default",
+        "-m finetune evaluate --generation o/generate/valid-default")]
 
 
 def test_launch_imports_none_of_the_project_packages():

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from configs import ConfigError as LaunchConfigError
 from launch.command import LaunchPlan
-from launch.config import LaunchConfigError
 from launch.stage import StageInfo
 from launch.supervisor import Supervisor, new_launch_id
 
@@ -40,7 +40,8 @@ def stage_at(tmp_path: Path, tag: str | None) -> StageInfo:
         (ckpt / tag).mkdir()
         (ckpt / "latest").write_text(tag)
     return StageInfo(name="pretrain", config_file=tmp_path / "cfg.yaml", args=(), output_dir=tmp_path,
-                     checkpoint_dir=ckpt, tensor_parallel=1, mlflow=False, tracking_uri="", shards=())
+                     checkpoint_dir=ckpt, tensor_parallel=1, mlflow=False, tracking_uri="", shards=(),
+                     latest_pointer="latest")
 
 
 def plans(argv: list[str], env: dict[str, str] | None = None):

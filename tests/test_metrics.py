@@ -3,14 +3,13 @@ task registry, the GLGE score arithmetic, and scoring of the real samples in ../
 
 from pathlib import Path
 
-import nltk
 import pytest
 import sacrebleu
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 
 from finetune.glge_tasks import GLGE_TASKS, TASKS, get_task, submission_filename
-from finetune.metrics import evaluate_task, evaluate_task_detailed, glge_score, task_score
+from finetune.metrics import evaluate_task, evaluate_task_detailed, glge_score, meteor, task_score
 from finetune.metrics.scores import coco_rouge_l, corpus_bleu4, distinct
 from finetune.metrics.text import cnndm_filter_sentences, ptb_fix, split_sentences
 
@@ -147,12 +146,47 @@ def test_coqa_f1_hand_computed():
     assert evaluate_task("coqa", hyps, refs)["f1"] == pytest.approx(100 * (0.8 + 2 / 3 + 2) / 4, abs=1e-9)
 
 
-def test_meteor_reported_unavailable_not_zero(tmp_path, monkeypatch):
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # a data path with no WordNet
+# METEOR 1.5: expected values from running the jar by hand (pycocoevalcap 1.2's meteor-1.5.jar, OpenJDK 17), in its
+# folder, with coco-caption's arguments:
+#   java -Dfile.encoding=UTF-8 -Xmx2G -jar meteor-1.5.jar - - -stdio -l en -norm
+# fed the four lines `SCORE ||| <refs ...> ||| <hypothesis>` below (it answered one statistics line each), then, in
+# a second run, `EVAL ||| <the four statistics lines>`; it answered the four segment scores and the corpus score
+# 1.0, 0.4443438716486749, 0.29282706548657655, 0.0 and 0.29933304485647605.
+METEOR_HYPS = ["what is the capital of france ?", "who wrote the play hamlet ?", "when did the war end ?",
+               "the cat sat on the mat"]
+METEOR_REFS = [["what is the capital of france ?"], ["who is the author of hamlet ?", "who wrote hamlet ?"],
+               ["in which year did the second world war end ?"], ["how many moons does jupiter have ?"]]
+METEOR_SEGMENTS = [100.0, 44.43438716486749, 29.282706548657655, 0.0]
+METEOR_CORPUS = 29.933304485647605
+
+
+def test_meteor_1_5_jar_on_known_sentences():
+    """The wrapper gives the jar's own numbers (run by hand above): an identical hypothesis scores 100, an
+    unrelated one 0, and the corpus score is the jar's aggregate of the statistics (not the segment mean, 43.4)."""
+    assert meteor.unavailable_reason() is None, meteor.unavailable_reason()  # `make test` installs Java and the jar
+    corpus, segments = meteor.meteor_1_5(METEOR_HYPS, METEOR_REFS)
+    assert segments == pytest.approx(METEOR_SEGMENTS, abs=1e-9)
+    assert corpus == pytest.approx(METEOR_CORPUS, abs=1e-9)
+    assert abs(corpus - sum(segments) / 4) > 10
+
+
+def test_meteor_in_the_qg_task_scores_and_the_glge_score():
+    """msqg scores the raw lines: METEOR is the jar's corpus score, and the task score the mean of all three."""
+    result = evaluate_task_detailed("msqg", METEOR_HYPS, METEOR_REFS)
+    s = result.scores
+    assert s["meteor"] == pytest.approx(METEOR_CORPUS, abs=1e-9)
+    assert s["task_score"] == pytest.approx((s["rougeL"] + s["bleu4"] + METEOR_CORPUS) / 3, abs=1e-9)
+    assert result.notes["meteor"].startswith("METEOR 1.5") and "task_score" not in result.notes
+    assert glge_score({"msqg": s, "coqa": 70.0}) == pytest.approx((s["task_score"] + 70.0) / 2, abs=1e-12)
+
+
+def test_meteor_reported_unavailable_not_zero_without_java(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `java` here
     refs = ["what is the capital of france ?", "who wrote hamlet ?"]
     result = evaluate_task_detailed("squadqg", ["what is the capital of france ?", "who wrote it ?"], refs)
     assert result.scores["meteor"] is None
-    assert "METEOR unavailable" in result.notes["meteor"] and "WordNet" in result.notes["meteor"]
+    note = result.notes["meteor"]
+    assert note.startswith("METEOR unavailable: Java is not installed") and "apt-get install default-jre-headless" in note
     s = result.scores
     assert s["task_score"] == pytest.approx((s["rougeL"] + s["bleu4"]) / 2, abs=1e-12)
     assert result.notes["task_score"] == "mean of rougeL, bleu4 only; unavailable: meteor"
@@ -233,6 +267,6 @@ def test_real_samples_self_and_shifted(shared_data):
     squad_refs = read_lines(glge / "squadqg/valid.tgt", 2000)
     squad_src = read_lines(glge / "squadqg/valid.src", 2000)
     same = evaluate_task("squadqg", squad_refs, squad_refs, sources=squad_src)
-    assert same["rougeL"] > 99 and same["bleu4"] > 99
+    assert same["rougeL"] > 99 and same["bleu4"] > 99 and same["meteor"] > 99
     low = evaluate_task("squadqg", squad_refs[1:] + squad_refs[:1], squad_refs)
-    assert low["bleu4"] < 15 and low["rougeL"] < 40
+    assert low["bleu4"] < 15 and low["rougeL"] < 40 and low["meteor"] < 20

@@ -37,6 +37,15 @@ BANG_N2 = grid(
     "1000 1000 0000", "1100 0100 0000", "1110 0010 0000", "1111 0001 0000",  # predict0: y_<i
     "1000 0000 1000", "1000 1000 0100", "1100 0100 0010", "1110 0010 0001",  # predict1: y_<i-1 + predict0 at i-1
 )
+# n=3, derived row by row from the rule above (stream s at i: main 0..max(i-s, 0), stream m at i-s+m for every
+# m < s, itself). predict2 at i=2 sees predict0 at 0 AND predict1 at 1; at i=3 predict0 at 1 and predict1 at 2.
+# A rule where stream s sees only stream s-1's diagonal drops the predict0 columns of rows predict2 i=2, 3.
+BANG_N3 = grid(
+    "1000 0000 0000 0000", "1100 0000 0000 0000", "1110 0000 0000 0000", "1111 0000 0000 0000",  # main
+    "1000 1000 0000 0000", "1100 0100 0000 0000", "1110 0010 0000 0000", "1111 0001 0000 0000",  # predict0
+    "1000 0000 1000 0000", "1000 1000 0100 0000", "1100 0100 0010 0000", "1110 0010 0001 0000",  # predict1
+    "1000 0000 0000 1000", "1000 0000 1000 0100", "1000 1000 0100 0010", "1100 0100 0010 0001",  # predict2
+)
 # Semi-NAR block size k: slot i (block start b = k*(i//k)) sees main 0..b (BOS, y_<b) and slots b..i.
 SEMI_K2 = grid(
     "1000 0000", "1100 0000", "1110 0000", "1111 0000",
@@ -75,6 +84,8 @@ def test_bang_masks_by_hand():
     assert torch.equal(mask_of("bang_ar"), BANG_AR)
     assert torch.equal(mask_of("bang", n_predict=1), BANG_AR)
     assert torch.equal(mask_of("bang", n_predict=2), BANG_N2)
+    assert torch.equal(mask_of("bang", n_predict=3), BANG_N3)
+    assert torch.equal(BANG_N3[:3 * T, :3 * T], BANG_N2)  # streams 0..2 do not depend on later streams
 
 
 def test_semi_nar_masks_by_hand():
@@ -210,13 +221,15 @@ def test_stream_layout_positions_and_slots():
         s.index("predict2")
 
 
-def test_mask_cache_returns_the_same_object():
+def test_host_masks_are_cached_device_masks_built_there_and_streams_build_theirs_on_demand():
     a = structure_mask("bang", 5, 2, 1)
     assert structure_mask("bang", 5, 2, 1) is a
     assert structure_mask("semi_nar", 5, 1, 2) is structure_mask("semi_nar", 5, 1, 2)
     assert structure_mask("bang", 6, 2, 1) is not a and structure_mask("bang", 6, 2, 1).shape == (18, 18)
-    hits = structure_mask.cache_info().hits
-    build_streams("bang", prev_tokens=torch.ones(2, 5, dtype=torch.long), n_predict=2)
-    assert structure_mask.cache_info().hits == hits + 1  # build_streams takes its structure from the cache
+    on_meta = structure_mask("bang", 5, 2, 1, device="meta")  # built there from the rule, not copied
+    assert on_meta.device.type == "meta" and on_meta.shape == a.shape and on_meta is not a
+    streams = build_streams("bang", prev_tokens=torch.ones(2, 5, dtype=torch.long), n_predict=2)
+    assert "attn_mask" not in vars(streams)  # a FlexAttention forward never asks for the dense mask
+    assert torch.equal(streams.attn_mask[0], a) and "attn_mask" in vars(streams)
     with pytest.raises(ValueError, match="janus"):
         structure_mask("janus", 4)

@@ -75,6 +75,28 @@ def test_tp2_equals_tp1(tp_results, case):
         assert n_checked >= len(ref["grads"]) - 1, f"{case}: only {n_checked} gradients"
 
 
+@pytest.mark.parametrize("case", list(tp_worker.OBJECTIVE_CASES))
+def test_tp2_objective_losses_equal_tp1(tp_results, case):
+    """BANG and JANUS losses, metrics and gradients with the vocabulary-parallel head on gathered rows (JANUS: a
+    vocabulary-parallel log-softmax per view, its smoothed cross entropy and the symmetric KL terms)."""
+    reference, _, ranks = tp_results
+    ref = reference[case]
+    assert float(ref["loss"]) > 1.0
+    for out in ranks:
+        got, rank = out["results"][case], out["rank"]
+        assert max_diff(got["loss"], ref["loss"]) <= TOL, f"{case} rank {rank}: loss"
+        assert got["metrics"].keys() == ref["metrics"].keys()
+        for name, value in ref["metrics"].items():
+            assert max_diff(got["metrics"][name], value) <= TOL, f"{case} rank {rank}: {name}"
+        for name, g_ref in ref["grads"].items():
+            g = got["grads"][name]
+            assert (g is None) == (g_ref is None), f"{case} rank {rank}: {name} has a gradient on one side only"
+            if g_ref is not None:
+                d = max_diff(g, g_ref)
+                assert d <= TOL, f"{case} rank {rank}: grad of {name} differs by {d:.3g}"
+        assert sum(g is not None for g in ref["grads"].values()) >= len(ref["grads"]) - 2
+
+
 def test_every_parameter_is_checked_in_some_mode(tp_results):
     reference, _, _ = tp_results
     for key in tp_worker.MODEL_CONFIGS:

@@ -135,15 +135,16 @@ def assert_loss_falls(records: dict[int, dict]) -> None:
 def test_config_errors_against_real_shards(pretrain_shards):
     """Checked before any process group: the model shape against TP and the tokenizer's padded vocabulary, the
     data config, the held-out shards. Each message names the field at fault."""
-    from pretrain import config, run
+    from pretrain import pretrain_config, run
+    from pretrain.core import config
 
     def error(overrides: list[str], world: int) -> str:
-        cfg = config.load(TINY, [*pretrain_shards, *overrides])
+        cfg = pretrain_config.load(TINY, [*pretrain_shards, *overrides])
         with pytest.raises(config.ConfigError) as err:
             run.prepare(cfg, world)
         return str(err.value)
 
-    plan = run.prepare(config.load(TINY, pretrain_shards), 2)  # the good config passes
+    plan = run.prepare(pretrain_config.load(TINY, pretrain_shards), 2)  # the good config passes
     assert plan.model_cfg.vocab_size == 4096 and plan.data_parallel == 2
     assert "model: model.n_heads=4: must be divisible by the tensor-parallel size 3" in \
         error(["parallel.tensor_parallel=3"], 3)
@@ -262,8 +263,8 @@ def test_final_weights_are_exported_tp_merged(tp2_zero2_run, pretrain_shards):
     from model import parallel
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
-    from pretrain import config, run
-    from pretrain.metrics import MetricSums
+    from pretrain import pretrain_config, run
+    from pretrain.core.metrics import MetricSums
 
     from mlflow.tracking import MlflowClient
 
@@ -280,7 +281,7 @@ def test_final_weights_are_exported_tp_merged(tp2_zero2_run, pretrain_shards):
     model = Seq2SeqModel(ModelConfig(**saved["config"]))
     model.load_state_dict(saved["model"])
     model.eval()
-    plan = run.prepare(config.load(TINY, pretrain_shards), 1)
+    plan = run.prepare(pretrain_config.load(TINY, pretrain_shards), 1)
     objective = run.build_objective(plan, dp_rank=0)
     sums = MetricSums(objective.eval_metric_names())
     for name in ("bang", "elmer"):  # what the engine's evaluation reads: 2 batches per objective
@@ -417,16 +418,18 @@ def worker(out: str, which: str, overrides: list[str]) -> None:
     from data_pipeline.stream import build_pretrain_loader
     from model import parallel
     from model.seq2seq import Seq2SeqModel
-    from pretrain import config, distributed, run
-    from pretrain.engine import Engine
+    from pretrain import pretrain_config, run
+    from pretrain.core import config, distributed
+    from pretrain.core.engine import Engine
 
     single = which == "single"
     names = ["single"] if single else which.split(",")
     for name in names:
         stage = "zero1" if single else name
-        cfg = config.load(TINY, [*base_overrides(Path(out) / name, EQUIV_STEPS), *overrides, "objective.name=bang",
-                                 f"deepspeed.config=configs/deepspeed/{stage}.json", "train.progress_bar=false",
-                                 "eval.at_end=false", f"train.grad_accum={2 if single else 1}"])
+        cfg = pretrain_config.load(TINY, [*base_overrides(Path(out) / name, EQUIV_STEPS), *overrides,
+                                          "objective.name=bang", f"deepspeed.config=configs/deepspeed/{stage}.json",
+                                          "train.progress_bar=false", "eval.at_end=false",
+                                          f"train.grad_accum={2 if single else 1}"])
         plan = run.prepare(cfg, config.launch_world_size())
         mpu = distributed.init(1, cfg.train.seed)  # reseeds: every run starts from the same weights
         model = Seq2SeqModel(plan.model_cfg)

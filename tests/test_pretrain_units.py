@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from pretrain import checkpoint, config
-from pretrain.schedule import WarmupDecay
-from pretrain.tracking import Tracker, flatten
+from pretrain import pretrain_config
+from pretrain.core import checkpoint, config
+from pretrain.core.schedule import WarmupDecay
+from pretrain.core.tracking import Tracker, flatten
 
 TINY = str(REPO_ROOT / "configs" / "pretrain" / "tiny.yaml")
 
@@ -117,6 +118,18 @@ def make_batch(objective: str, B: int = 3, S: int = 12, T: int = 9) -> dict:
             "span_index": span, "sample_ids": torch.arange(B)}
 
 
+def every_stream_row_loss(model, batch: dict, n: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """[n, B, T]: the cross entropy of every predicting-stream row, trained or not (the reference)."""
+    from model.streams import build_streams
+
+    tgt = batch["tgt_tokens"]
+    streams = build_streams("bang", prev_tokens=batch["prev_tokens"], tgt_positions=batch["tgt_positions"],
+                            tgt_mask=tgt != 0, n_predict=n)
+    hidden = model.decode(model.encode(batch["src_tokens"]), streams).hidden
+    B, T = tgt.shape
+    return model.token_loss(hidden[:, T:], tgt.repeat(1, n), label_smoothing).view(B, n, T).transpose(0, 1)
+
+
 def test_bang_trains_stream_s_only_on_targets_with_s_predecessors(tiny_model):
     from model.config import SPECIAL
     from pretrain.objectives import build
@@ -126,7 +139,7 @@ def test_bang_trains_stream_s_only_on_targets_with_s_predecessors(tiny_model):
     bang = build("bang", n_streams=3, stream_weights=weights)
     loss, metrics = bang.loss(tiny_model, batch)
     real = batch["tgt_tokens"] != SPECIAL.pad
-    per_stream = bang._stream_losses(tiny_model, batch, 0.0)
+    per_stream = every_stream_row_loss(tiny_model, batch, 3)
     expected = 0.0
     for s in range(3):
         trained = real & (batch["span_index"] >= s)
@@ -186,7 +199,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(dropout):
     from model import parallel
     from model.config import ModelConfig
     from model.seq2seq import Seq2SeqModel
-    from pretrain import activation_checkpointing
+    from pretrain.core import activation_checkpointing
     from pretrain.objectives import build
 
     parallel.ensure_initialized(seed=0)
@@ -209,7 +222,7 @@ def test_checkpointed_recompute_replays_tp_region_dropout():
     """Dropout inside tensor-parallel regions draws from megatron's RNG tracker (model/layers.py forks it at
     TP > 1); the recomputation in backward must see the tracker as it was in forward."""
     from model import parallel
-    from pretrain import activation_checkpointing
+    from pretrain.core import activation_checkpointing
 
     parallel.ensure_initialized(seed=0)
 
@@ -237,14 +250,14 @@ def test_checkpointed_recompute_replays_tp_region_dropout():
 # --- DeepSpeed config and mpu -------------------------------------------------------------------------------
 
 def test_deepspeed_dict_takes_batch_precision_and_optimizer_from_the_typed_config():
-    cfg = config.load(TINY, ["train.grad_accum=3", "optim.clip_grad=0.5", "deepspeed.precision=bf16",
+    cfg = pretrain_config.load(TINY, ["train.grad_accum=3", "optim.clip_grad=0.5", "deepspeed.precision=bf16",
                              "deepspeed.config=configs/deepspeed/zero2_offload.json"])
     ds = config.deepspeed_dict(cfg, dp_size=4, micro_batch_size=8)
     assert ds["train_batch_size"] == 8 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False  # torch AdamW over offloaded states
-    cfg = config.load(TINY, ["optim.impl=deepspeed", "deepspeed.precision=fp32"])
+    cfg = pretrain_config.load(TINY, ["optim.impl=deepspeed", "deepspeed.precision=fp32"])
     ds = config.deepspeed_dict(cfg, dp_size=1, micro_batch_size=16)
     assert ds["optimizer"]["type"] == "AdamW" and ds["bf16"] == {"enabled": False}
     for name in ("zero1", "zero2", "zero3", "zero2_offload"):  # the reference files never set owned keys
@@ -254,7 +267,7 @@ def test_deepspeed_dict_takes_batch_precision_and_optimizer_from_the_typed_confi
 
 def test_mpu_adapter_answers_what_deepspeed_asks():
     from model import parallel
-    from pretrain.distributed import MegatronMpu
+    from pretrain.core.distributed import MegatronMpu
 
     parallel.ensure_initialized(seed=0)
     mpu = MegatronMpu()
@@ -276,7 +289,7 @@ def test_mpu_adapter_answers_what_deepspeed_asks():
     (["deepspeed.config=configs/deepspeed/nope.json"], 1, "deepspeed.config", "file not found"),
 ])
 def test_engine_config_errors_name_the_field(overrides, world, field, words):
-    cfg = config.load(TINY, overrides)
+    cfg = pretrain_config.load(TINY, overrides)
     with pytest.raises(config.ConfigError) as err:
         config.validate_engine(cfg, world)
     assert f"tiny.yaml: {field}" in str(err.value) and words in str(err.value)
@@ -284,15 +297,15 @@ def test_engine_config_errors_name_the_field(overrides, world, field, words):
 
 def test_unknown_keys_and_bad_types_name_the_key():
     with pytest.raises(config.ConfigError, match="trian"):
-        config.load(TINY, ["trian.steps=5"])
+        pretrain_config.load(TINY, ["trian.steps=5"])
     with pytest.raises(config.ConfigError, match="train.steps"):
-        config.load(TINY, ["train.steps=many"])
+        pretrain_config.load(TINY, ["train.steps=many"])
 
 
 def test_deepspeed_json_may_not_set_what_the_typed_config_owns(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 64}))
-    cfg = config.load(TINY, [f"deepspeed.config={bad}"])
+    cfg = pretrain_config.load(TINY, [f"deepspeed.config={bad}"])
     with pytest.raises(config.ConfigError, match=r"deepspeed.config: .*ds.json sets \['train_batch_size'\]"):
         config.validate_engine(cfg, 1)
 
@@ -333,12 +346,47 @@ def test_validate_only_and_world_size_flags(capsys, tmp_path):
     assert exit_.value.code == 2 and "--world-size must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_validate_only_json_states_the_stage_facts_even_for_a_refused_config(capsys, tmp_path):
+    """--validate-only --json: one JSON object with the verdict and what the launcher needs (folders, pointer,
+    layout, store, inputs, shard folders), also when the config is refused (exit 2: no shards here); --json goes
+    with --validate-only."""
+    import json
+
+    from pretrain.run import main
+
+    nodata = tmp_path / "nodata"
+    argv = ["--validate-only", "--json", "--world-size", "4", "--config", TINY, f"output_dir={tmp_path / 'o'}",
+            f"checkpoint.dir={tmp_path / 'c'}", "parallel.tensor_parallel=2", "tracking.uri=sqlite:////x/m.db",
+            "data.num_workers=3", f"data.overrides=['work_dir={nodata}']", "data.eval_overrides=[]"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert (report["stage"], report["world_size"], report["ok"], report["message"]) == ("pretrain", 4, False, None)
+    assert "data.config: no shards at" in report["error"] and captured.err == f"error: {report['error']}\n"
+    assert (report["output_dir"], report["checkpoint_dir"], report["latest_pointer"]) == \
+        (str(tmp_path / "o"), str(tmp_path / "c"), checkpoint.POINTER)
+    assert (report["tensor_parallel"], report["mlflow"], report["tracking_uri"]) == (2, True, "sqlite:////x/m.db")
+    assert report["config_file"] == TINY
+    assert [i["field"] for i in report["inputs"]] == ["deepspeed.config", "data.config"]
+    assert report["shards"] == [{"field": "data.config", "dir": str(nodata / "shards"), "training": True,
+                                 "num_workers": 3, "num_shards": None, "num_samples": None,
+                                 "problem": "manifest.json missing",
+                                 "build": "python -m data_pipeline prepare --config configs/data/tiny.yaml "
+                                          "(with data.overrides)"}]
+    assert main(["--validate-only", "--json", "--config", TINY, "trian.steps=1"]) == 2  # not even loadable
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and "trian" in report["error"] and "output_dir" not in report
+    with pytest.raises(SystemExit) as exit_:
+        main(["--json", "--config", TINY])
+    assert exit_.value.code == 2 and "--json goes with --validate-only" in capsys.readouterr().err
+
+
 def test_stop_signals_raise_once_and_wait_for_cleanup():
     """Inside stop_on_signals a SIGTERM raises Stopped; a signal inside signals_deferred is held until the block
     ends; outside the block the previous handler is back."""
     import signal
 
-    from pretrain import job
+    from pretrain.core import job
 
     before = signal.getsignal(signal.SIGTERM)
     with job.stop_on_signals():
@@ -366,7 +414,7 @@ def test_tracking_store_default_env_and_launch_tags(monkeypatch):
     """One default store for pretraining and finetuning, an absolute path under the repository; tracking.uri wins
     over $MLFLOW_TRACKING_URI, which wins over the default. The launcher's ids become tags."""
     from finetune.tracking import resolve_uri as finetune_uri
-    from pretrain.tracking import artifact_root, launch_tags, resolve_uri
+    from pretrain.core.tracking import artifact_root, launch_tags, resolve_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     default = f"sqlite:///{REPO_ROOT / 'runs' / 'mlflow.db'}"

@@ -54,6 +54,13 @@ CASES = {
     "pre_bang_n2_ls": ("pre", "bang", {"n_predict": 2}, {}),
 }
 LABEL_SMOOTHING = 0.1
+# Training objectives whose losses use the vocabulary-parallel head on gathered rows (BANG's trained rows; JANUS's
+# log-softmax per view with its cross entropies and KL terms): loss, metrics and every gradient.
+OBJECTIVE_CASES = {
+    "objective_bang": ("post", "bang", {"n_streams": 2, "label_smoothing": LABEL_SMOOTHING}),
+    "objective_janus": ("post", "janus", {"seed": 3}),
+    "objective_janus_pre": ("pre", "janus", {"seed": 4, "label_smoothing": 0.0}),
+}
 
 
 def label_smoothing(case: str) -> float:
@@ -120,8 +127,31 @@ def run_case(model: Seq2SeqModel, index: int, name: str, inputs: dict[str, torch
             "length_logits": length_logits.detach(), "grads": full_grads(model)}
 
 
+def objective_batch(inputs: dict[str, torch.Tensor]) -> dict:
+    real = inputs["tgt_mask"]
+    span = torch.where(real, torch.arange(T).expand(B, T) % 3, torch.full_like(inputs["tgt"], -1))
+    return {"src_tokens": inputs["src"], "tgt_tokens": inputs["tgt"], "prev_tokens": inputs["prev"],
+            "tgt_positions": inputs["tgt_positions"] * real, "span_index": span,
+            "span_counts": torch.bincount(span[real]).tolist(), "n_tokens": int(real.sum())}
+
+
+def run_objective_case(model: Seq2SeqModel, name: str, inputs: dict[str, torch.Tensor]) -> dict:
+    import finetune.objectives  # noqa: F401  (registers janus)
+    from pretrain.objectives import build
+
+    _, objective_name, kwargs = OBJECTIVE_CASES[name]
+    model.zero_grad(set_to_none=True)
+    loss, metrics = build(objective_name, **kwargs).loss(model, objective_batch(inputs))
+    loss.backward()
+    return {"loss": loss.detach(), "metrics": {k: torch.stack([v[0], v[1]]) for k, v in metrics.items()},
+            "grads": full_grads(model)}
+
+
 def run_all(models: dict[str, Seq2SeqModel], inputs: dict[str, torch.Tensor]) -> dict[str, dict]:
-    return {name: run_case(models[CASES[name][0]], i, name, inputs) for i, name in enumerate(CASES)}
+    results = {name: run_case(models[CASES[name][0]], i, name, inputs) for i, name in enumerate(CASES)}
+    results.update({name: run_objective_case(models[OBJECTIVE_CASES[name][0]], name, inputs)
+                    for name in OBJECTIVE_CASES})
+    return results
 
 
 def main(reference_path: str, out_dir: str) -> None:

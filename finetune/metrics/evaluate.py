@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from finetune.glge_tasks import GLGE_TASKS, TaskSpec, get_task
-from finetune.metrics import scores
+from finetune.metrics import meteor, scores
 from finetune.metrics.text import cnndm_filter_sentences, digits_to_hash, normalize_space, ptb_fix, split_sentences
 
 Reference = str | Sequence[str]  # several references per example only for coqa and the QG tasks
@@ -22,7 +22,8 @@ class TaskEvaluation:
 def evaluate_task(
     task: str, hypotheses: Sequence[str], references: Sequence[Reference], sources: Sequence[str] | None = None
 ) -> dict[str, float | None]:
-    """The task's metrics by name plus "task_score". A metric that cannot run here (METEOR) is None, never 0."""
+    """The task's metrics by name plus "task_score". A metric that cannot run here (METEOR 1.5 without Java or
+    its jar) is None, never 0."""
     return evaluate_task_detailed(task, hypotheses, references, sources).scores
 
 
@@ -140,13 +141,10 @@ def _question_generation(spec: TaskSpec, hyps, refs, sources, notes) -> dict[str
             grouped[key] = (hyp, previous_refs + group)
         hyps = [hyp for hyp, _ in grouped.values()]
         refs = [group for _, group in grouped.values()]
-    reason = scores.meteor_unavailable_reason()
-    if reason:
-        notes["meteor"] = reason
-    else:
-        notes["meteor"] = "NLTK meteor (WordNet found), an approximation of GLGE's METEOR 1.5"
+    reason = meteor.unavailable_reason()
+    notes["meteor"] = reason or "METEOR 1.5 (coco-caption's jar: -l en -norm, corpus score)"
     return {
         "rougeL": scores.coco_rouge_l(hyps, refs),
         "bleu4": scores.corpus_bleu4(hyps, refs),
-        "meteor": None if reason else scores.nltk_meteor(hyps, refs),
+        "meteor": None if reason else meteor.corpus_meteor(hyps, refs),
     }

@@ -7,7 +7,6 @@ import math
 from collections import Counter
 from typing import Sequence
 
-import nltk
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
@@ -117,31 +116,6 @@ def _answer_f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = same / len(pred_toks), same / len(gold_toks)
     return 2 * precision * recall / (precision + recall)
-
-
-def meteor_unavailable_reason() -> str | None:
-    """None when METEOR can run here, else why not. GLGE's METEOR is the METEOR 1.5 jar (coco-caption), which is
-    not shipped; the offline substitute is NLTK's meteor, which needs the WordNet corpus on nltk.data.path
-    (NLTK never downloads it by itself)."""
-    try:
-        nltk.data.find("corpora/wordnet")  # also finds corpora/wordnet.zip
-    except LookupError:
-        return (
-            "METEOR unavailable: the official METEOR 1.5 jar is not installed and NLTK's meteor needs the WordNet "
-            f"corpus, which is not on nltk.data.path ({', '.join(nltk.data.path)}) and cannot be downloaded here"
-        )
-    return None
-
-
-def nltk_meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """NLTK's METEOR x100 averaged over sentences (call only when meteor_unavailable_reason() is None). It
-    approximates METEOR 1.5 (no paraphrase table, sentence mean rather than the jar's corpus aggregate)."""
-    from nltk.translate.meteor_score import meteor_score
-
-    total = 0.0
-    for hyp, refs in zip(hypotheses, references, strict=True):
-        total += meteor_score([tokens(r) for r in refs], tokens(hyp))
-    return 100.0 * total / len(hypotheses)
 
 
 def sacrebleu_corpus(hypotheses: Sequence[str], references: Sequence[str], tokenize: str) -> tuple[float, str]:

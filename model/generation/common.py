@@ -1,5 +1,9 @@
 """What every decoding mode shares: the wrapper that makes a function a mode, log-probabilities with the
-never-output tokens banned, the AR length and n-gram constraints, and beam/length-beam expansion."""
+never-output tokens banned, the AR length and n-gram constraints, and beam/length-beam expansion.
+
+Device discipline (checked by tests/test_fake_cuda.py): a mode's per-step work stays on the model's device; a loop
+reads at most one stop flag per step on the host, and the result is read back at the end in one or two
+transfers. Host-side choices (lengths, step counts) come from the options, not from device values."""
 from __future__ import annotations
 
 import functools
@@ -26,7 +30,7 @@ def decoding_mode(fn: DecodeFn) -> DecodeFn:
 
     @functools.wraps(fn)
     def run(model: Seq2SeqModel, src_tokens: torch.Tensor, options: DecodeOptions | None = None) -> DecodeResult:
-        options = (options if options is not None else DecodeOptions()).validate()
+        options = (options if options is not None else DecodeOptions()).validate().check_model(model.cfg)
         if src_tokens.dim() != 2:
             raise ValueError(f"src_tokens must be [batch, length], got shape {tuple(src_tokens.shape)}")
         was_training = model.training
@@ -48,7 +52,8 @@ def log_probs(model: Seq2SeqModel, hidden: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary log-probabilities in fp32 (gathered across TP ranks, so every rank picks the same
     tokens), with pad, bos and mask made impossible."""
     logp = F.log_softmax(model.logits(hidden).float(), dim=-1)
-    logp[..., list(NEVER_OUTPUT)] = NEG_INF
+    for token in NEVER_OUTPUT:  # one id at a time: a list index would be copied to the device every step
+        logp[..., token] = NEG_INF
     return logp
 
 

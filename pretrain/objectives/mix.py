@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pretrain.objectives.base import Metrics, Objective, register
+from pretrain.core.objectives import Metrics, Objective, register
 
 
 @register("mix")
@@ -25,6 +25,9 @@ class MixObjective(Objective):
     def start_step(self, step: int) -> None:
         for part in self.parts.values():
             part.start_step(step)
+
+    def prepare(self, batch: dict[str, Any], evaluate: bool = False) -> dict[str, Any]:
+        return self._part(batch).prepare(batch, evaluate)
 
     def loss(self, model, batch: dict[str, Any]):
         return self._part(batch).loss(model, batch)

@@ -1,10 +1,11 @@
-"""Typed pretraining config: omegaconf structured dataclasses, a YAML file, `key=value` overrides, validation.
+"""The engine's typed config: omegaconf structured dataclasses, a YAML file, `key=value` overrides, validation.
 
 `EngineConfig` holds what the training engine reads (train loop, optimizer, schedule, DeepSpeed, parallel
-layout, checkpoints, evaluation, tracking); finetuning configs extend it. `PretrainConfig` adds the model,
-the data and the objective. Relative paths are relative to the working directory (the repository root).
+layout, checkpoints, evaluation, tracking); each recipe's config extends it (pretrain.pretrain_config.PretrainConfig
+adds the model, the data and the objective; finetune.config.FinetuneConfig the task). Relative paths are relative
+to the working directory (the repository root). The command line both recipes share is here too (`cli_parser`).
 
-`validate()` runs before any process group starts and raises ConfigError naming the field (and file) at fault.
+`validate_engine()` runs before any process group starts and raises ConfigError naming the field (and file) at fault.
 """
 from __future__ import annotations
 
@@ -16,12 +17,8 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from data_pipeline.typed_config import load_typed
-from pretrain.schedule import DECAYS
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field or the file."""
+from configs import ConfigError, load_typed
+from pretrain.core.schedule import DECAYS
 
 
 # --- engine sections (shared with finetuning) ------------------------------------------------------------
@@ -39,7 +36,11 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    impl: str = "torch"  # "torch": torch.optim.AdamW; "deepspeed": DeepSpeed's AdamW (fused on GPU, JIT CPU Adam)
+    # "torch": torch.optim.AdamW, its fused kernel on CUDA (part of torch: nothing to build). "deepspeed":
+    # DeepSpeed's FusedAdam (CPUAdam under optimizer offload), accepted only where that op was prebuilt at install
+    # (DS_BUILD_FUSED_ADAM=1 / DS_BUILD_CPU_ADAM=1): otherwise DeepSpeed JIT-compiles it at the first step, which
+    # needs nvcc and CUDA_HOME on every node.
+    impl: str = "torch"
     lr: float = 3e-4  # peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -88,7 +89,7 @@ class EvalSection:
 class TrackingSection:
     mlflow: bool = True
     # empty: $MLFLOW_TRACKING_URI, else the project's one store sqlite:///<repo>/runs/mlflow.db (pretraining,
-    # finetuning and evaluation side by side; pretrain.tracking.resolve_uri)
+    # finetuning and evaluation side by side; pretrain.core.tracking.resolve_uri)
     uri: str = ""
     experiment: str = "tandem-pretrain"
     run_name: str = ""  # empty: the config name
@@ -106,67 +107,17 @@ class EngineConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
-    config_file: str = ""  # filled by load(); used in error messages
+    config_file: str = ""  # filled by load_config(); used in error messages
 
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
 
 
-# --- pretraining sections -------------------------------------------------------------------------------
-
-@dataclass
-class ModelSection:
-    preset: str = "tiny"  # model.config presets: tiny, base
-    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field; vocab_size comes from the data
-
-
-@dataclass
-class DataSection:
-    config: str = "configs/data/tiny.yaml"  # the data pipeline's config: shards, tokenizer, loader, corruption
-    overrides: list[str] = field(default_factory=list)  # key=value applied to that config
-    # Held-out text for evaluation: more key=value applied on top (e.g. another loader.shard_dir); empty: none.
-    eval_overrides: list[str] = field(default_factory=list)
-    num_workers: int = 0  # loader worker processes per rank
-
-
-@dataclass
-class BangSection:
-    n_streams: int = 0  # 0: the model's n_predict
-    stream_weights: list[float] = field(default_factory=list)  # empty: 1.0 each (BANG weighs streams equally)
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class ElmerSection:
-    label_smoothing: float = 0.0
-
-
-@dataclass
-class ObjectiveSection:
-    name: str = "mix"  # bang, elmer or mix
-    weights: dict[str, float] = field(default_factory=lambda: {"bang": 0.5, "elmer": 0.5})  # mix: per-batch odds
-    bang: BangSection = field(default_factory=BangSection)
-    elmer: ElmerSection = field(default_factory=ElmerSection)
-
-    def active(self) -> dict[str, float]:
-        """The objectives the loader samples, with their weights."""
-        if self.name == "mix":
-            return {k: float(v) for k, v in self.weights.items() if v > 0}
-        return {self.name: 1.0}
-
-
-@dataclass
-class PretrainConfig(EngineConfig):
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
-
-
 # --- loading --------------------------------------------------------------------------------------------
 
-def load(path: str | Path, overrides: Sequence[str] = (), schema: type = PretrainConfig):
-    """YAML file + `key=value` overrides -> a typed config object (not yet validated)."""
-    return load_typed(schema, path, overrides, error=ConfigError)
+def load_config(path: str | Path, overrides: Sequence[str], schema: type):
+    """YAML file + `key=value` overrides -> a typed config object of `schema` (an EngineConfig; not yet validated)."""
+    return load_typed(schema, path, overrides)
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -185,7 +136,11 @@ def _fail(cfg: EngineConfig, field_name: str, why: str):
 
 
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler", "data_types")
+# ZeRO-3 keeps parameters of at most this many elements whole on every rank instead of gathering them for each
+# module: "auto" in the JSON means PERSISTENCE_PER_D_MODEL x d_model (as Hugging Face's integration resolves it),
+# so norms and biases stay resident while every weight matrix, at any model size, is partitioned.
+PERSISTENCE_PER_D_MODEL = 10
 
 
 def read_deepspeed_json(cfg: EngineConfig) -> dict[str, Any]:
@@ -238,6 +193,13 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         _fail(cfg, "train.log_every", f"must be >= 1, got {t.log_every}")
     if o.impl not in ("torch", "deepspeed"):
         _fail(cfg, "optim.impl", f"must be 'torch' or 'deepspeed', got {o.impl!r}")
+    if o.impl == "deepspeed":
+        op = deepspeed_adam_op(cfg)
+        if not deepspeed_op_prebuilt(op):
+            _fail(cfg, "optim.impl", f"'deepspeed' uses DeepSpeed's {op} op, which this DeepSpeed install does not "
+                                     "have prebuilt: DeepSpeed would JIT-compile it at the first step, which needs "
+                                     "nvcc and CUDA_HOME on every node. Use optim.impl=torch (torch's fused AdamW "
+                                     f"on CUDA), or install DeepSpeed with DS_BUILD_{op.upper()}=1")
     if not o.lr > 0:
         _fail(cfg, "optim.lr", f"must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -270,13 +232,38 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         _fail(cfg, "eval.every_steps" if e.every_steps < 0 else "eval.batches", "must be >= 0")
 
 
-def deepspeed_dict(cfg: EngineConfig, dp_size: int, micro_batch_size: int) -> dict[str, Any]:
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+
+
+def deepspeed_adam_op(cfg: EngineConfig) -> str:
+    """The DeepSpeed op that optim.impl=deepspeed runs: CPUAdam on offloaded optimizer states, else FusedAdam."""
+    return "cpu_adam" if offloads_optimizer(read_deepspeed_json(cfg)) else "fused_adam"
+
+
+def deepspeed_op_prebuilt(op: str) -> bool:
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get(op, False))
+
+
+def deepspeed_dict(cfg: EngineConfig, dp_size: int, micro_batch_size: int, d_model: int = 0) -> dict[str, Any]:
     """The DeepSpeed config: the JSON file's ZeRO/communication settings plus the fields the typed config owns.
 
     The JSON files in configs/deepspeed/ are the reference for ZeRO settings; batch sizes, clipping, precision
-    and the optimizer are filled in here so they have one source of truth."""
+    and the optimizer are filled in here so they have one source of truth. Under bf16 with ZeRO, gradients are
+    accumulated over micro-batches in fp32 (data_types.grad_accum_dtype): bf16 sums keep 8 bits of mantissa, so
+    grad_accum micro-batches would lose the small ones (ZeRO-1 then runs DeepSpeed's BF16_Optimizer; without
+    ZeRO DeepSpeed has no fp32 accumulation for bf16 weights). d_model resolves a ZeRO-3
+    stage3_param_persistence_threshold of "auto" (PERSISTENCE_PER_D_MODEL x d_model)."""
     ds = read_deepspeed_json(cfg)
     precision = resolve_precision(cfg)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        if d_model < 1:
+            _fail(cfg, "deepspeed.config", f"{cfg.deepspeed.config}: stage3_param_persistence_threshold=auto needs "
+                                           "the model's d_model")
+        zero["stage3_param_persistence_threshold"] = PERSISTENCE_PER_D_MODEL * d_model
     ds.update({
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -286,11 +273,12 @@ def deepspeed_dict(cfg: EngineConfig, dp_size: int, micro_batch_size: int) -> di
         "steps_per_print": 1 << 30,  # the engine logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     })
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if precision == "bf16" and zero.get("stage", 0) >= 1:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if cfg.optim.impl == "deepspeed":
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas),
                                                        "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}}
-    elif offload not in (None, "none"):
+    elif offloads_optimizer(ds):
         ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states: slower, but no JIT build
     return ds
 
@@ -301,7 +289,7 @@ def launch_world_size() -> int:
 
 def cli_parser(prog: str, description: str, config_help: str):
     """The options `python -m pretrain` and `python -m finetune` share (finetune adds --init):
-    --config PATH [--resume] [--validate-only [--world-size N]] [key=value ...]."""
+    --config PATH [--resume] [--validate-only [--world-size N] [--json]] [key=value ...]."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -311,7 +299,12 @@ def cli_parser(prog: str, description: str, config_help: str):
                         help="check the whole job for --world-size processes without starting any (no process "
                              "group, no output); print `config ok: ...` and exit 0, or `error: ...` and exit 2")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="with --validate-only: the number of processes to check for (default: $WORLD_SIZE or 1)")
+                        help="with --validate-only or --plan: the number of processes to check for (default: $WORLD_SIZE "
+                             "or 1)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --validate-only: print one JSON object instead, the stage's facts for the launcher "
+                             "(folders, checkpoint pointer, parallel layout, MLflow store, shards) and the verdict; "
+                             "also when the config is refused (exit 2)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 parallel.tensor_parallel=2")
     return parser
@@ -320,10 +313,12 @@ def cli_parser(prog: str, description: str, config_help: str):
 def parse_args(parser, argv: Sequence[str]):
     """Parse and check the shared options (argparse exits with code 2 and `error: ...` on a bad command line)."""
     args = parser.parse_args(list(argv))
+    if args.json and not args.validate_only:
+        parser.error("--json goes with --validate-only")
     if args.world_size is not None:
-        if not args.validate_only:
-            parser.error("--world-size goes with --validate-only (a training job takes its world size from the "
-                         "launcher)")
+        if not (args.validate_only or getattr(args, "plan", False)):
+            parser.error("--world-size goes with --validate-only or --plan (a training job takes its world size "
+                         "from the launcher)")
         if args.world_size < 1:
             parser.error(f"--world-size must be >= 1, got {args.world_size}")
     return args

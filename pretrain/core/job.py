@@ -1,10 +1,11 @@
 """What every training job (pretraining, finetuning) does around the engine, in one place.
 
-    main()             the command line: config -> prepare() -> `config ok:` (--validate-only) or train();
-                       exit 0, 2 on a ConfigError (`error: ...`), 128 + signal number when stopped by a signal
+    cli_main()         the command line: config -> prepare() -> `config ok:` (--validate-only) or train();
+                       exit 0, 2 on a ConfigError (`error: ...`), 128 + signal number when stopped by a signal;
+                       --validate-only --json prints the stage's facts for the launcher (pretrain.core.facts)
     started(cfg)       process groups up and every generator seeded; torn down however the block ends
     config_artifacts   the job's input files (config, DeepSpeed JSON, data config) for the MLflow run
-    stop signals       inside main(), SIGTERM / SIGINT raise `Stopped` in the main thread, so the engine's
+    stop signals       inside cli_main(), SIGTERM / SIGINT raise `Stopped` in the main thread, so the engine's
                        `finally` runs: rank 0 closes its MLflow run as KILLED instead of leaving it RUNNING
 
 A signal is raised once; a repeat (torchrun and DeepSpeed's launcher forward the signal, a user presses Ctrl-C
@@ -14,12 +15,17 @@ cleanup itself is never cut short.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from configs import ConfigError
+from pretrain.core import facts
+from pretrain.core.config import launch_world_size
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -104,7 +110,7 @@ def seed_all(seed: int) -> None:
 def started(cfg) -> Iterator[Any]:
     """Start torch.distributed and megatron's groups for cfg.parallel.tensor_parallel, seed python, numpy and
     torch with cfg.train.seed; yields DeepSpeed's mpu. The groups are shut down however the block ends."""
-    from pretrain import distributed
+    from pretrain.core import distributed
 
     mpu = distributed.init(cfg.parallel.tensor_parallel, cfg.train.seed)
     try:
@@ -120,21 +126,30 @@ def config_artifacts(cfg) -> list[tuple[Path, str]]:
     return [(Path(f), folder) for f, folder in files if f and Path(f).is_file()]
 
 
-def main(kind: str, args, load_config: Callable[[Any], Any], prepare: Callable[[Any, int], Any],
-         train: Callable[[Any], Any], describe: Callable[[Any], str]) -> int:
-    """The body of `python -m <kind>`. args: from pretrain.config.cli_parser (config, overrides, resume,
-    validate_only, world_size, ...); load_config(args) -> config; prepare(config, world size) -> plan (raises
-    ConfigError); train(plan); describe(plan) -> the text after `config ok: `."""
-    from pretrain.config import ConfigError, launch_world_size
-
+def cli_main(kind: str, args, load_config: Callable[[Any], Any], prepare: Callable[[Any, int], Any],
+         train: Callable[[Any], Any], describe: Callable[[Any], str],
+         stage_facts: Callable[[Any], dict[str, list]]) -> int:
+    """The body of `python -m <kind>`. args: from pretrain.core.config.cli_parser (config, overrides, resume,
+    validate_only, json, world_size, ...); load_config(args) -> config; prepare(config, world size) -> plan (raises
+    ConfigError); train(plan); describe(plan) -> the text after `config ok: `; stage_facts(config) -> the recipe's
+    part of the --json report (its input files and shard folders, pretrain.core.facts)."""
+    world_size = args.world_size or launch_world_size()
+    cfg = plan = error = None
     try:
         cfg = load_config(args)
-        plan = prepare(cfg, args.world_size or launch_world_size())
+        plan = prepare(cfg, world_size)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        error = str(err)
+    if args.json:  # even for a refused config: the launcher reports the refusal with its other findings
+        report = facts.report(kind, world_size, cfg, error, describe(plan) if plan is not None else None,
+                              stage_facts)
+        print(json.dumps(report), flush=True)
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.validate_only:
-        print(f"config ok: {describe(plan)}", flush=True)
+        if not args.json:
+            print(f"config ok: {describe(plan)}", flush=True)
         return 0
     with stop_on_signals():
         try:

@@ -8,27 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from model import parallel
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """What the launcher (deepspeed / torchrun) told this process, read before any process group exists."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @classmethod
-    def from_environ(cls) -> "LaunchEnv":
-        return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   world_size=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _free_port() -> int:

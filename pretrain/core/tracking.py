@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STORE = REPO_ROOT / "runs" / "mlflow.db"  # one store for pretraining, finetuning and evaluation
 LAUNCH_ENV_TAGS = {"TANDEM_LAUNCH_ID": "tandem.launch_id", "TANDEM_RESTART": "tandem.restart"}
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a parameter value

@@ -9,6 +9,10 @@ Layout under `checkpoint.dir`:
 `latest` is replaced atomically (write a temporary file, fsync, os.replace) by rank 0 only after every rank has
 written its files, so a job killed mid-save leaves the previous pointer in place, and the torn directory, which
 no pointer names, is never loaded. DeepSpeed's own `latest` file is switched off (save_latest=False).
+
+The layout (tag names, the pointer, atomic writes) costs no megatron-core import: model.parallel and the process
+groups are imported only where a checkpoint is taken or resumed, so reading a checkpoint's files (finetune's
+--init, the stage's --validate-only) stays quick.
 """
 from __future__ import annotations
 
@@ -22,9 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import parallel
-from pretrain import distributed
-
 POINTER = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
@@ -34,6 +35,8 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    from model import parallel
+
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -46,6 +49,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    from model import parallel
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -97,6 +102,8 @@ def read_pointer(ckpt_dir: Path) -> str | None:
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
          keep_last: int = 0) -> str:
     """Collective: every rank calls it. client_state is shared (saved by DeepSpeed); rank_state is per rank."""
+    from pretrain.core import distributed
+
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     rank = torch.distributed.get_rank()

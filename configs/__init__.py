@@ -1,0 +1,63 @@
+"""The project's configs: the YAML files in this folder and the one loader that reads them.
+
+YAML file + `key=value` overrides -> a typed dataclass config, with errors that name the file or key at fault.
+Every package's config goes through here (data_pipeline, the training core and both recipes, launch), and every
+config error is the one `ConfigError` below, so a caller never converts one package's error into another's.
+
+This is the lowest layer of the import graph: it imports nothing of the project, so launch/ (which imports no
+training package) and data_pipeline/ (the lowest data layer) can both use it (docs/architecture.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, or a config file that cannot be read; the message names the field or the
+    file."""
+
+
+def load_typed(schema: type, path: str | Path | None, overrides: Sequence[str] = (), *, label: str = "config") -> Any:
+    """Merge the schema's defaults, the YAML at `path` (None: defaults only) and the overrides; set config_file.
+
+    Unknown keys and wrong types are refused by omegaconf, which names the key. `label` names the file in the
+    message when it is missing ("launch config file not found: ...").
+    """
+    sources: list[Any] = []
+    where = ""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{label} file not found: {path}")
+        where = f"{path}: "
+        try:
+            sources.append(OmegaConf.load(path))
+        except Exception as err:  # YAML syntax
+            raise ConfigError(f"{where}cannot parse: {err}") from None
+    sources.append(dotlist(overrides, where=where))
+    cfg = merge_typed(schema, sources, where=where)
+    cfg.config_file = str(path) if path is not None else ""
+    return cfg
+
+
+def dotlist(overrides: Sequence[str], *, where: str = "") -> Any:
+    """`key=value` overrides as an omegaconf node to merge last."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}{err}") from None
+
+
+def merge_typed(schema: type, sources: Sequence[Any], *, where: str = "") -> Any:
+    """The schema's defaults with `sources` (YAML nodes, dicts) merged on top, as a dataclass instance."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), *sources))
+    except OmegaConfBaseException as err:  # unknown key or wrong type: omegaconf names the key
+        raise ConfigError(f"{where}{err}") from None
