@@ -67,12 +67,12 @@ def read_outputs(folders: dict[str, Path]) -> dict[str, list[str]]:
 
 def validation_text(finetune_config: str, data_overrides: Sequence[str], split: str) -> tuple[list[str], list[str]]:
     """Sources and references of the task's split, found as finetuning finds them (its config + data overrides)."""
-    from finetune import run
     from finetune.config import load
     from finetune.data import read_split
+    from finetune.resolve import load_data_config, resolve_task_data
 
     cfg = load(finetune_config, [f"data.overrides=[{','.join(repr(o) for o in data_overrides)}]"])
-    return read_split(run.resolve_task_data(cfg, run.load_data_config(cfg)), split)
+    return read_split(resolve_task_data(cfg, load_data_config(cfg)), split)
 
 
 def closing_screen(uri: str, task: str, text: tuple[Sequence[str], Sequence[str]], folders: dict[str, Path],

@@ -112,7 +112,7 @@ def test_full_settings_are_config_fields():
     from data_pipeline.config import load_config
     from finetune.config import load as load_finetune
     from model.config import PRESETS
-    from pretrain.config import load as load_pretrain
+    from pretrain.pretrain_config import load as load_pretrain
 
     data = load_config(REPO_ROOT / demo.DATA_CONFIG, demo.FULL.data)
     pre = load_pretrain(REPO_ROOT / demo.PRETRAIN_CONFIG, demo.FULL.pretrain)
