@@ -1,9 +1,9 @@
 """The quickstart, one command (`make demo`): real text -> tokenizer -> shards -> pretraining of the small model
 with BANG + ELMER on 2 processes (ZeRO-2, through the deepspeed launcher) -> JANUS finetuning on GLGE Gigaword
 (2 processes, same launcher) -> generation in AR (beam search), NAR (one pass) and semi-NAR (blocks) -> GLGE
-metrics -> the MLflow quality-vs-speed table -> the closing screen (launch/demo_report.py: scores and speed per
-mode, a few examples side by side). Every stage is the project's own command line, run as a subprocess; everything
-is written under --out, one MLflow store included.
+metrics -> the MLflow quality-vs-speed table -> the closing screen (`python -m finetune showcase`: scores and speed
+per mode, a few examples side by side). Every stage is the project's own command line, run as a subprocess;
+everything is written under --out, one MLflow store included.
 
   python -m launch.demo [--data-root ../shared/data] [--out runs/demo] [--smoke] [--dry-run] [--settings]
 
@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-
-from launch.demo_report import MODE_LABELS, closing_screen, validation_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_CONFIG = "configs/launch/local_cpu.yaml"
@@ -96,17 +94,13 @@ def setting(overrides: Sequence[str], key: str, default: str) -> str:
     return values[-1] if values else default
 
 
-def data_overrides(data_root: Path, data_dir: Path, size: Size) -> list[str]:
-    return [f"data_root={data_root}", f"work_dir={data_dir}", *size.data]
-
-
 def generate_folders(out: Path, size: Size) -> dict[str, Path]:
     return {mode: out / "finetune" / f"{TASK}-janus" / "generate" / f"valid-{mode}" for mode in size.modes}
 
 
 def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = sys.executable) -> list[Step]:
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    data = data_overrides(data_root, data_dir, size)
+    data = [f"data_root={data_root}", f"work_dir={data_dir}", *size.data]
     data_list = quote_list(data)
     launch = [python, "-m", "launch", "--config", LAUNCH_CONFIG, f"run_dir={out / 'launch'}", "--"]
     pretrain_out, finetune_out = out / "pretrain", out / "finetune" / f"{TASK}-janus"
@@ -130,7 +124,7 @@ def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = s
               "deepspeed.precision=fp32", *size.finetune]),
     ]
     for mode, folder in generate.items():
-        steps.append(Step(f"generate: {MODE_LABELS[mode]} on {size.decode_limit} validation examples",
+        steps.append(Step(f"generate: {mode} decoding of {size.decode_limit} validation examples",
                           [python, "-m", "finetune", "generate", "--model", str(finetune_out), "--mode", mode,
                            "--split", "valid", "--limit", str(size.decode_limit), "--out", str(folder),
                            *size.decode]))
@@ -230,9 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for title, seconds in timings:
         say(f"  {seconds:6.0f}s  {title}")
     say("")
-    text = validation_text(FINETUNE_CONFIG, data_overrides(data_root, data_dir, size), "valid")
-    for line in closing_screen(env["MLFLOW_TRACKING_URI"], TASK, text, generate_folders(out, size),
-                               size.decode_limit, size.show):
+    showcase = [sys.executable, "-m", "finetune", "showcase", "--show", str(size.show), "--generation",
+                *map(str, generate_folders(out, size).values())]
+    shown = subprocess.run(showcase, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    if shown.returncode != 0:
+        print(f"[demo] the closing screen failed (exit code {shown.returncode}):\n  {shlex.join(showcase)}",
+              file=sys.stderr, flush=True)
+        return shown.returncode
+    for line in shown.stdout.splitlines():
         say(line)
     say(f"quality against speed, plotted: {out / 'compare' / 'quality_vs_speed.png'} (finetuning loss: "
         f"{out / 'compare' / 'loss_curves.png'})")

@@ -82,7 +82,7 @@ def test_quickstart_smoke(shared_data, tmp_path):
     assert " ar_beam " in table and " nar " in table and " semi_nar " in table and "speedup" in table
 
     # The closing screen: each mode's scores as MLflow holds them, then the first examples side by side.
-    screen = proc.stdout[proc.stdout.index("[demo] the finetuned model on the first 8 gigaword validation"):]
+    screen = proc.stdout[proc.stdout.index("[demo] the finetuned model on the first 8 gigaword valid examples"):]
     by_mode = {r.data.tags["decoding_mode"]: r.data.metrics for r in evals}
     for mode, label in (("ar_beam", "AR beam search"), ("nar", "NAR, one pass"), ("semi_nar", "semi-NAR, blocks")):
         line = next(line for line in screen.splitlines() if line.startswith(f"[demo]   {label}  "))
