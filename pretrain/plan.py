@@ -22,6 +22,7 @@ bench/gpu_check.sh compares the plan with torch.cuda.max_memory_allocated on a r
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -127,10 +128,10 @@ def activation_peak(plan, objective, host_batch: dict, precision: str) -> tuple[
     return peak["Total"] - peak[_MemRefType.PARAM] - peak[_MemRefType.GRAD], parameters
 
 
-def memory_plan(plan) -> MemoryPlan:
-    """The memory plan of a validated pretraining job (pretrain.run.Plan)."""
+def memory_plan(plan, build_objective: Callable[[Any, int], Any]) -> MemoryPlan:
+    """The memory plan of a validated pretraining job (pretrain.run.Plan, whose module passes its
+    build_objective(plan, dp_rank): the objective as training builds it)."""
     from pretrain.core import dry_run
-    from pretrain.run import build_objective
 
     cfg = plan.cfg
     tp, dp, stage = cfg.parallel.tensor_parallel, plan.data_parallel, core.zero_stage(cfg)

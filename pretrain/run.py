@@ -265,5 +265,5 @@ def print_memory_plan(args) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("\n".join(memory_plan(plan).lines()), flush=True)
+    print("\n".join(memory_plan(plan, build_objective).lines()), flush=True)
     return 0

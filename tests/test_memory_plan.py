@@ -9,7 +9,7 @@ import pytest
 
 from pretrain.plan import MiB, memory_plan, state_bytes
 from pretrain.pretrain_config import load
-from pretrain.run import prepare
+from pretrain.run import build_objective, prepare
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "configs" / "pretrain" / "tiny.yaml"
 
@@ -31,7 +31,7 @@ def data_overrides(tiny):
 
 
 def plan_for(data_overrides, world, *overrides):
-    return memory_plan(prepare(load(TINY, [*data_overrides, *overrides]), world))
+    return memory_plan(prepare(load(TINY, [*data_overrides, *overrides]), world), build_objective)
 
 
 @pytest.mark.parametrize("world,tp,zero,precision", [(2, 1, 1, "bf16"), (4, 2, 2, "fp32"), (2, 1, 3, "bf16")])
