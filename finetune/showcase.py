@@ -77,6 +77,8 @@ def screen(folders: Sequence[Path], show: int, uri: str, experiment: str) -> lis
     infos = {}
     for folder in folders:
         info = read_generation(folder)
+        if info["mode"] in infos:
+            raise ConfigError(f"--generation: two folders decoded in mode {info['mode']!r}")
         infos[info["mode"]] = info
     first = next(iter(infos.values()))
     for key in ("task", "difficulty", "split", "examples"):
