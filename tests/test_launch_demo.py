@@ -93,7 +93,7 @@ def test_quickstart_smoke(shared_data, tmp_path):
     sources = (shared_data / "glge" / "gigaword" / "valid.src").read_text().splitlines()
     references = (shared_data / "glge" / "gigaword" / "valid.tgt").read_text().splitlines()
     side = screen[screen.index("side by side"):]
-    assert "#1 source" in side and "#2 source" in side and "#3 source" not in side  # SMOKE.show == 2
+    assert "#1  source" in side and "#2  source" in side and "#3  source" not in side  # SMOKE.show == 2
     assert sources[0].split()[0] in side and references[1] in side.replace("\n[demo]", " ")
     ar_output = (model_dir / "generate" / "valid-ar_beam" / "gigaword.easy.valid").read_text().split("\n")[0]
     assert f"AR beam    {ar_output or '(empty)'}"[:60] in side
