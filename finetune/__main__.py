@@ -5,6 +5,7 @@ python -m finetune generate  --model <finetune output dir> [--mode M] [--split S
 python -m finetune evaluate  --generation <generate output dir> [...]                GLGE metrics + MLflow run
 python -m finetune compare   [--experiment E]                                         quality vs latency table, PNGs
 python -m finetune showcase  --generation <generate output dir> [...] [--show N]       scores + examples side by side
+python -m finetune export    --model <finetune or pretraining output> --out <folder>  a Hugging Face model folder
 
 Training runs on the pretraining engine: start it like pretraining (plainly for one process, torchrun or the
 deepspeed launcher for several).
@@ -14,7 +15,7 @@ import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "showcase")
+SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "showcase", "export")
 
 
 def main(argv: list[str]) -> int:
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> int:
             from finetune.generate import main as run
         elif command == "evaluate":
             from finetune.evaluation import main as run
+        elif command == "export":
+            from finetune.export import main as run
         elif command == "compare":
             from finetune.compare import main as run
         else:

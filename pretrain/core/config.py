@@ -76,6 +76,9 @@ class CheckpointSection:
     # Full (TP-merged, ZeRO-gathered) model weights + model config at the end, <output_dir>/final_model.pt:
     # what finetuning starts from, at any TP size or ZeRO stage (model.sharding.load_full_state_dict).
     export_final: bool = True
+    # ... and beside it <output_dir>/hf, the Hugging Face folder of those weights with the tokenizer, logged as the
+    # run's MLflow model (pretrain/core/hf_export.py): a second copy of the weights, and some seconds.
+    export_hf: bool = True
 
 
 @dataclass
@@ -93,6 +96,9 @@ class TrackingSection:
     uri: str = ""
     experiment: str = "tandem-pretrain"
     run_name: str = ""  # empty: the config name
+    # at the end of a job, how long rank 0 waits for an MLflow server that is away to come back and take the rest
+    # of the run; after that `python -m pretrain.core backfill <output_dir>` sends it (pretrain.core.tracking)
+    finish_wait_s: float = 60.0
 
 
 @dataclass
@@ -230,6 +236,8 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         _fail(cfg, "checkpoint.every_steps" if c.every_steps < 0 else "checkpoint.keep_last", "must be >= 0")
     if e.every_steps < 0 or e.batches < 0:
         _fail(cfg, "eval.every_steps" if e.every_steps < 0 else "eval.batches", "must be >= 0")
+    if not cfg.tracking.finish_wait_s >= 0:
+        _fail(cfg, "tracking.finish_wait_s", f"must be >= 0 seconds, got {cfg.tracking.finish_wait_s}")
 
 
 def offloads_optimizer(ds: dict[str, Any]) -> bool:
