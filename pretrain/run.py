@@ -131,7 +131,14 @@ def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
                                                         f"{n} streams")
     if cfg.tracking.mlflow:
         cfg.tracking.uri = core.resolve_uri(cfg.tracking.uri)  # the store this job writes to, in params and configs
-    return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum)
+    plan = Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum)
+    if cfg.checkpoint.keep_best:  # a metric the held-out evaluation reports
+        available = build_objective(plan, 0).eval_metric_names() if eval_data_cfg is not None else []
+        try:
+            core.check_keep_best(cfg.checkpoint.keep_best, available)
+        except ValueError as err:
+            _fail(cfg, "checkpoint.keep_best", str(err))
+    return plan
 
 
 # --- building (after the process groups exist) -----------------------------------------------------------

@@ -14,6 +14,9 @@ tests/test_import_graph.py).
     objectives  the Objective interface (loss, metrics, num_targets, checkpointed state) and the registry:
                 register (a decorator, used by each recipe's objectives), build, registered
     checkpoint  checkpoints that continue a run exactly: tags, the atomic `latest` pointer, write_atomically
+    best        checkpoint.keep_best (the best checkpoints on a validation metric; its direction table) and early
+                stopping: check_keep_best
+    averaging   what the export holds: the last weights, the best checkpoint's, or a mean of checkpoints
     export      the exported weights (FINAL_WEIGHTS) and the run record they carry
     weights     reading weights back from any of those files: read_weights, check_dims, load_into (InitError)
     tracking    MLflow: resolve_uri (the project's one store), sqlite_path, artifact_root, flatten
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 
+from pretrain.core.best import check_keep_best
 from pretrain.core.checkpoint import write_atomically
 from pretrain.core.config import (EngineConfig, TrackingSection, cli_parser, load_config, parse_args, to_dict, to_yaml,
                                   validate_engine, zero_stage)
@@ -52,5 +56,5 @@ def __getattr__(name: str):
 __all__ = ["EngineConfig", "TrackingSection", "load_config", "validate_engine", "zero_stage", "to_dict", "to_yaml",
            "cli_parser", "parse_args", "cli_main", "started", "config_artifacts", "input_file", "shard_folder",
            "Engine", "is_rank0", "uses_gpu", "Objective", "Metrics", "gather_rows", "register", "build", "registered",
-           "write_atomically", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights", "check_dims", "load_into",
-           "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT"]
+           "write_atomically", "check_keep_best", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights",
+           "check_dims", "load_into", "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT"]
