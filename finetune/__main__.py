@@ -4,16 +4,18 @@ python -m finetune data      --config configs/finetune/<task>.yaml [key=value ..
 python -m finetune generate  --model <finetune output dir> [--mode M] [--split S]    decode a split
 python -m finetune evaluate  --generation <generate output dir> [...]                GLGE metrics + MLflow run
 python -m finetune compare   [--experiment E]                                         quality vs latency table, PNGs
+python -m finetune distill   --teacher <AR finetune output dir> [--split train]       an AR teacher's outputs as
+                                                                                      training targets (resumable)
 
 Training runs on the pretraining engine: start it like pretraining (plainly for one process, torchrun or the
-deepspeed launcher for several).
+deepspeed launcher for several); so does `distill`, each process decoding its share.
 """
 import os
 import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-SUBCOMMANDS = ("data", "generate", "evaluate", "compare")
+SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "distill")
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +31,8 @@ def main(argv: list[str]) -> int:
             from finetune.generate import main as run
         elif command == "evaluate":
             from finetune.evaluation import main as run
+        elif command == "distill":
+            from finetune.distill import main as run
         else:
             from finetune.compare import main as run
         return run(rest)

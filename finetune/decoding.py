@@ -83,6 +83,7 @@ def generate(model, tokenizer, source_ids: list[list[int]], mode: str, options: 
     writing: ms_per_sample = total decode time / examples, samples_per_s its inverse x 1000."""
     if batch_size < 1:
         raise ValueError(f"decode.batch_size={batch_size}: must be >= 1")
+    device = next(model.parameters()).device  # each batch is built on the host and moved once
     order = sorted(range(len(source_ids)), key=lambda i: -len(source_ids[i]))
     outputs: list[list[int]] = [[] for _ in source_ids]
     wall = exit_sum = passes_sum = 0.0
@@ -94,7 +95,7 @@ def generate(model, tokenizer, source_ids: list[list[int]], mode: str, options: 
         for r, i in enumerate(rows):
             src[r, :len(source_ids[i])] = torch.tensor(source_ids[i])
         t0 = time.perf_counter()
-        result = decode(mode, model, src, options)
+        result = decode(mode, model, src.to(device), options)
         wall += time.perf_counter() - t0
         for r, i in enumerate(rows):
             outputs[i] = result.tokens[r]

@@ -25,6 +25,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "--resume"),
     "finetune": ("finetune", "--resume"),
 }
+# A stage's subcommands that run on every rank too (`-- finetune distill --teacher ...`): first in the stage's
+# arguments; they name their inputs with their own options instead of --config, and take the same resume flag.
+SUBCOMMANDS: dict[str, tuple[str, ...]] = {"finetune": ("distill",)}
 
 VALIDATE_TIMEOUT_S = 600.0  # imports torch and the data pipeline: seconds normally, longer on a busy node
 
@@ -107,11 +110,17 @@ def split_stage_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return option(args, "--config"), overrides
 
 
+def subcommand(name: str, args: Sequence[str]) -> list[str]:
+    """[the stage's subcommand] when its arguments start with one, else []."""
+    return list(args[:1]) if args and args[0] in SUBCOMMANDS.get(name, ()) else []
+
+
 def check_stage(name: str, args: Sequence[str]) -> None:
-    """ConfigError unless `name` is a stage the launcher starts and its command line names a config."""
+    """ConfigError unless `name` is a stage the launcher starts and its command line names a config (or starts with
+    one of its SUBCOMMANDS)."""
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; the launcher starts {sorted(STAGES)}")
-    if split_stage_args(args)[0] is None:
+    if split_stage_args(args)[0] is None and not subcommand(name, args):
         raise ConfigError(f"{name}: give the stage's config: `-- {name} --config configs/{name}/<name>.yaml`")
 
 
@@ -120,11 +129,12 @@ def ask(name: str, args: Sequence[str], world_size: int | None, env: Mapping[str
     """Run the stage's --validate-only --json (for `world_size` ranks; None: the stage's default) with environment
     `env`; returns its verdict and its report ({} when it gave none: a crash, a timeout, a bad command line)."""
     module, resume_flag = STAGES[name]
-    given = [a for a in args if a != resume_flag]  # changes nothing the check looks at
+    sub = subcommand(name, args)  # a subcommand comes before the options
+    given = [a for a in args[len(sub):] if a != resume_flag]  # changes nothing the check looks at
     size = ["--world-size", str(world_size)] if world_size is not None else []
-    shown = " ".join(["python", "-m", module, "--validate-only", *size])  # the stage args are the user's
+    shown = " ".join(["python", "-m", module, *sub, "--validate-only", *size])  # the stage args are the user's
     try:
-        proc = subprocess.run([python, "-m", module, "--validate-only", "--json", *size, *given], cwd=cwd,
+        proc = subprocess.run([python, "-m", module, *sub, "--validate-only", "--json", *size, *given], cwd=cwd,
                               env=dict(env), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return Validation(False, False, f"no answer within {timeout_s:g}s", shown), {}
