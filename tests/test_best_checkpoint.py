@@ -174,7 +174,8 @@ def runs(shared_data, tmp_path_factory) -> dict:
 
     data = build_test_data(shared_data)
     root = tmp_path_factory.mktemp("best")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    # one store per run: two jobs creating the same fresh sqlite store at once can race (README: a server for that)
+    uris = {name: f"sqlite:///{root / name}.db" for name in ("best", "early")}
     settings = {
         "best": ["train.steps=6", "optim.lr=1e-3", "schedule.warmup_steps=2", "eval.every_steps=2", "eval.batches=2",
                  "checkpoint.every_steps=2", "checkpoint.keep_last=1", "checkpoint.keep_best=nar/loss",
@@ -188,13 +189,13 @@ def runs(shared_data, tmp_path_factory) -> dict:
     procs = {}
     for name, extra in settings.items():
         cmd = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *finetune_args(data, root / name, uri, extra)[1:]]
+               "--master_port", str(free_port()), *finetune_args(data, root / name, uris[name], extra)[1:]]
         procs[name] = subprocess.Popen([sys.executable, *cmd], cwd=REPO_ROOT, env=ENV, stderr=subprocess.STDOUT,
                                        stdout=open(root / f"{name}.log", "w"))
     for name, proc in procs.items():
         code = proc.wait(timeout=600)
         assert code == 0, f"{name} failed ({code}):\n{(root / f'{name}.log').read_text()[-6000:]}"
-    return {"root": root, "uri": uri}
+    return {"root": root, "uris": uris}
 
 
 def evaluations(output_dir: Path) -> dict[int, float]:
@@ -242,7 +243,7 @@ def test_best_checkpoints_kept_and_averaged_under_zero3(runs):
     assert read_weights(out / "final_model.pt").meta["export"]["steps"] == best
     assert_mean_of(payload["model"], [checkpoint_weights(out, s) for s in best])
     run_id = payload["mlflow_run_id"]
-    params = client(runs["uri"]).get_run(run_id).data.params
+    params = client(runs["uris"]["best"]).get_run(run_id).data.params
     assert (params["export.source"], params["export.steps"], params["export.averaged"]) == \
         ("best", ",".join(map(str, best)), "2")
 
@@ -266,5 +267,5 @@ def test_early_stop_and_average_of_the_last_checkpoints(runs):
     payload = export(out)
     assert payload["export"]["steps"] == [stop, stop - 1, stop - 2] and payload["export"]["source"] == "last"
     assert_mean_of(payload["model"], [checkpoint_weights(out, s) for s in (stop, stop - 1, stop - 2)])
-    params = client(runs["uri"]).get_run(payload["mlflow_run_id"]).data.params
+    params = client(runs["uris"]["early"]).get_run(payload["mlflow_run_id"]).data.params
     assert params["train.stopped_early_at"] == str(stop) and params["export.steps"] == f"{stop},{stop - 1},{stop - 2}"
