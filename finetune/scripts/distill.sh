@@ -56,11 +56,7 @@ done
 [[ -n "$init" ]] || { echo "--init <pretraining checkpoint> is required (or --init scratch)" >&2; exit 2; }
 [[ "$student" == nar || "$student" == janus ]] || { echo "--student must be nar or janus" >&2; exit 2; }
 
-PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python )}"
-export MLFLOW_DISABLE_TELEMETRY=true
-if [[ -z "${DS_ACCELERATOR:-}" ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-  export DS_ACCELERATOR=cpu  # only where torch sees no GPU
-fi
+source "$(dirname "$0")/env.sh"
 config="configs/finetune/${task}.yaml"
 [[ -f "$config" ]] || { echo "no config $config (run from the repository root)" >&2; exit 2; }
 out="${out:-runs/finetune/${task}-${difficulty}-distill}"
