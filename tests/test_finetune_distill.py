@@ -3,8 +3,8 @@
 MLflow in a sqlite store); `python -m finetune distill` under torchrun (2 processes, gloo, DeepSpeed's process
 groups), killed (SIGKILL to the whole job) after its first chunks and run again; then the recipe script
 finetune/scripts/distill.sh, which finds that distilled set complete, decodes with the teacher's beam search, trains
-a NAR student on the set and one on the gold targets under torchrun (2 processes, DeepSpeed), decodes both in NAR,
-semi-NAR and early-exit mode, evaluates and compares.
+a NAR student on the set and one on the gold targets under torchrun (2 processes, DeepSpeed), decodes both in NAR
+and semi-NAR mode (the script's default adds early exit; two modes keep the test shorter), evaluates and compares.
 
 What is asserted:
   * the resumed 2-rank job skipped the chunks finished before the kill, decoded the rest on both ranks, and wrote
@@ -34,13 +34,13 @@ import pytest
 
 from finetune_helpers import ENV, GIGAWORD, REPO_ROOT, as_list_override, build_test_data, run
 
-TEACHER_STEPS = 30
+TEACHER_STEPS = 3  # near its random start: outputs differ between sources (30 steps collapse to one line)
 DISTILL_EXAMPLES = 240
 CHUNK = 10  # 24 chunks: the kill comes after the first ones
 DISTILL_ARGS = ["--split", "train", "--limit", str(DISTILL_EXAMPLES), "--chunk-size", str(CHUNK), "--batch-size", "2",
                 "decode.max_len=20"]
 EXPERIMENT = "distill-test"
-MODES = ("nar", "semi_nar", "early_exit")
+MODES = ("nar", "semi_nar")
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +205,9 @@ def test_recipe_script_trains_students_on_distilled_and_gold_targets_and_compare
     student = ["train.steps=4", "train.record_sample_ids=true"]
     common = [a for a in common_overrides(data, store) if not a.startswith("tracking.")]
     cmd = ["bash", "finetune/scripts/distill.sh", "--task", "gigaword", "--init", "scratch", "--teacher", str(teacher),
-           "--gold", "--nproc", "2", "--limit", "30", "--out", str(recipe), "--experiment", EXPERIMENT,
-           "--tracking-uri", store["uri"], *[a for arg in DISTILL_ARGS for a in ("--distill-arg", arg)],
+           "--gold", "--nproc", "2", "--limit", "30", "--modes", " ".join(MODES), "--out", str(recipe),
+           "--experiment", EXPERIMENT, "--tracking-uri", store["uri"],
+           *[a for arg in DISTILL_ARGS for a in ("--distill-arg", arg)],
            *[a for s in student for a in ("--student-set", s)], *common]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**ENV, "PYTHON": sys.executable}, capture_output=True, text=True,
                           timeout=1500)
@@ -239,5 +240,6 @@ def test_recipe_script_trains_students_on_distilled_and_gold_targets_and_compare
     rows = [line.split() for line in table[2:]]
     assert [(r[3], r[2]) for r in rows] == pairs, table  # each mode's distilled row beside its gold row
     speedups = [r[header.index("speedup")] for r in rows if r[3] != "ar_beam"]
-    assert len(speedups) == 6 and all(s.endswith("x") for s in speedups), table  # against the teacher's beam
+    # against the teacher's beam search
+    assert len(speedups) == 2 * len(MODES) and all(s.endswith("x") for s in speedups), table
     assert (recipe / "compare" / "quality_vs_speed.png").is_file()
