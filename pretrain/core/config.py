@@ -101,6 +101,9 @@ class TrackingSection:
     uri: str = ""
     experiment: str = "tandem-pretrain"
     run_name: str = ""  # empty: the config name
+    # at the end of a job, how long rank 0 waits for an MLflow server that is away to come back and take the rest
+    # of the run; after that `python -m pretrain.core backfill <output_dir>` sends it (pretrain.core.tracking)
+    finish_wait_s: float = 60.0
 
 
 @dataclass
@@ -239,6 +242,8 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
     _validate_keep_best(cfg)
     if e.every_steps < 0 or e.batches < 0:
         _fail(cfg, "eval.every_steps" if e.every_steps < 0 else "eval.batches", "must be >= 0")
+    if not cfg.tracking.finish_wait_s >= 0:
+        _fail(cfg, "tracking.finish_wait_s", f"must be >= 0 seconds, got {cfg.tracking.finish_wait_s}")
 
 
 def _validate_keep_best(cfg: EngineConfig) -> None:
