@@ -6,6 +6,7 @@ python -m finetune evaluate  --generation <generate output dir> [...]           
 python -m finetune compare   [--experiment E]                                         quality vs latency table, PNGs
 python -m finetune distill   --teacher <AR finetune output dir> [--split train]       an AR teacher's outputs as
                                                                                       training targets (resumable)
+python -m finetune export    --model <finetune or pretraining output> --out <folder>  a Hugging Face model folder
 
 Training runs on the pretraining engine: start it like pretraining (plainly for one process, torchrun or the
 deepspeed launcher for several); so does `distill`, each process decoding its share.
@@ -15,7 +16,7 @@ import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "distill")
+SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "distill", "export")
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +34,8 @@ def main(argv: list[str]) -> int:
             from finetune.evaluation import main as run
         elif command == "distill":
             from finetune.distill import main as run
+        elif command == "export":
+            from finetune.export import main as run
         else:
             from finetune.compare import main as run
         return run(rest)

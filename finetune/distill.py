@@ -40,7 +40,7 @@ from configs import ConfigError
 from data_pipeline.artifacts import MANIFEST, fingerprint, read_record, sha256_file
 from data_pipeline.errors import DataError
 from data_pipeline.tasks import write_task_shards
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from finetune.config import FinetuneConfig, fail, from_dict
 from finetune.data import DISTILLED, TaskData, read_split
 from finetune.init_checkpoint import FINETUNE_META, FINETUNED, check_tokenizer, read_init
@@ -139,7 +139,7 @@ def prepare(cfg: FinetuneConfig, world_size: int, args) -> DistillPlan:
     validate_task(cfg)
     td = resolve_task_data(cfg, load_data_config(cfg))
     try:
-        tokenizer = Tokenizer.load(td.tokenizer)
+        tokenizer = load_tokenizer(td.tokenizer)
         check_tokenizer(weights, tokenizer.checksum, str(td.tokenizer))
         sources, _ = read_split(td, args.split)
     except (DataError, core.InitError) as err:
@@ -302,7 +302,7 @@ def _write_set(plan: DistillPlan) -> None:
     settings = {"task": td.task, "split": plan.split, "max_source_len": td.max_source_len,
                 "max_target_len": td.max_target_len, "samples_per_shard": td.samples_per_shard,
                 "distilled_from": str(plan.teacher)}
-    manifest = write_task_shards(plan.sources, hypotheses, plan.out, Tokenizer.load(td.tokenizer), settings=settings,
+    manifest = write_task_shards(plan.sources, hypotheses, plan.out, load_tokenizer(td.tokenizer), settings=settings,
                                  extra={"task": td.task, "split": plan.split, DISTILLED: plan.record()}, force=True,
                                  files={HYPOTHESES: "".join(h + "\n" for h in hypotheses)})
     print(f"[distill] wrote {manifest['num_samples']} distilled pairs in {len(manifest['shards'])} shard(s) to "

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from configs import ConfigError
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from finetune.config import FinetuneConfig, from_dict, load
 from finetune.data import read_split
 from finetune.glge_tasks import get_task, submission_filename
@@ -75,7 +75,7 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
     data_cfg = load_data_config(cfg)
     td = resolve_task_data(cfg, data_cfg)
     try:
-        tokenizer = Tokenizer.load(td.tokenizer)
+        tokenizer = load_tokenizer(td.tokenizer)
     except DataError as err:
         raise ConfigError(f"data.config: {err}") from None
     try:  # finetuned and pretraining exports record their tokenizer; plain state dicts cannot be checked

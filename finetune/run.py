@@ -7,7 +7,9 @@ for the launcher). The resolution generate and evaluate share is finetune.resolv
 groups (pretrain.core.started, shared with pretraining), loads the pretrained weights and hands model + objective +
 task loaders to the engine, whose export writes <output_dir>/final_model.pt (full weights, model config, run
 record); beside it finetune_meta.json records the task, objective, decoding mode, MLflow runs (finetune and
-pretraining), tokenizer and the resolved config: `generate` reads the pair.
+pretraining), tokenizer and the resolved config: `generate` reads the pair. Last, <output_dir>/hf holds the Hugging
+Face export (model, tokenizer, the task's generation settings; pretrain.core.publish_hf), logged as the run's MLflow
+model. `--init` also takes a Hugging Face BART/mBART folder (finetune.init_checkpoint.HfCheckpoint).
 
 `data.distilled` trains on a distilled set (finetune.distill) instead of the gold training targets; validation
 stays gold. The run then carries the tags training_targets=distilled, teacher_run_id (the AR teacher's MLflow run),
@@ -26,11 +28,13 @@ from configs import ConfigError
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.stream import open_shard_dir
+from data_pipeline.tokenizer import load_tokenizer
 from finetune import data
 from finetune import objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus into the core's registry)
 from finetune.config import OBJECTIVES, FinetuneConfig, fail, load
 from finetune.glge_tasks import get_task
-from finetune.init_checkpoint import FINETUNE_META, check_tokenizer, pretrain_run_id, pretrain_step, read_init
+from finetune.init_checkpoint import (FINETUNE_META, HfCheckpoint, check_tokenizer, is_hf_checkpoint, load_weights,
+                                      pretrain_run_id, pretrain_step, read_hf_checkpoint, read_init)
 from finetune.resolve import (build_model_config, decoding_options, load_data_config, resolve_task_data,
                               validate_task)
 from finetune.tracking import log_json_artifact
@@ -49,7 +53,7 @@ class Plan:
     data_cfg: DataConfig
     task: data.TaskData
     model_cfg: ModelConfig
-    init: core.InitWeights | None  # None: `scratch`
+    init: core.InitWeights | HfCheckpoint | None  # None: `scratch`
     max_source_len: int
     decode_mode: str
     decode_options: DecodeOptions
@@ -148,6 +152,20 @@ def read_init_checkpoint(cfg: FinetuneConfig, model_cfg: ModelConfig, field_name
     return weights
 
 
+def read_hf_init(cfg: FinetuneConfig, tokenizer, shards: str) -> HfCheckpoint | None:
+    """--init as a Hugging Face folder: its model config (model.overrides applied), checked against the task
+    shards' tokenizer; None when --init names something else."""
+    if not cfg.init.checkpoint or not is_hf_checkpoint(cfg.init.checkpoint):
+        return None
+    try:
+        init = read_hf_checkpoint(cfg.init.checkpoint, tokenizer, dict(cfg.model.overrides),
+                                  cfg.parallel.tensor_parallel)
+        check_tokenizer(init, tokenizer.checksum, shards)
+    except core.InitError as err:
+        fail(cfg, "init.checkpoint", str(err))
+    return init
+
+
 def output_dir(cfg: FinetuneConfig) -> str:
     """Where the job writes: output_dir, else runs/finetune/<task>-<difficulty>-<objective>."""
     return cfg.output_dir or f"runs/finetune/{cfg.task.name}-{cfg.task.difficulty}-{cfg.objective.name}"
@@ -165,7 +183,9 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
     if valid_tok.checksum != tokenizer.checksum:
         fail(cfg, "task.valid_split", "the validation shards were written with another tokenizer than the "
                                       "training ones")
-    model_cfg = build_model_config(cfg, tokenizer.padded_vocab_size)
+    shards = f"the task shards {td.shard_dir(cfg.task.train_split)}"
+    hf_init = read_hf_init(cfg, tokenizer, shards)  # a Hugging Face checkpoint's config gives the model's shape
+    model_cfg = hf_init.model_cfg if hf_init else build_model_config(cfg, tokenizer.padded_vocab_size)
     max_source_len = cfg.data.max_source_len or model_cfg.max_source_positions
     if max_source_len > model_cfg.max_source_positions:
         fail(cfg, "data.max_source_len", f"{max_source_len} exceeds model.max_source_positions="
@@ -174,8 +194,7 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
         fail(cfg, "data.overrides", f"targets of up to {td.max_target_len} tokens + EOS (data config "
                                     f"tasks.max_target_len) exceed model.max_target_positions="
                                     f"{model_cfg.max_target_positions}")
-    init = read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum,
-                                shards=f"the task shards {td.shard_dir(cfg.task.train_split)}")
+    init = hf_init or read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum, shards=shards)
     decode_mode, decode_options = decoding_options(cfg, model_cfg)
     _check_keep_best(cfg)
     distilled = _open_distilled(cfg, td) if cfg.data.distilled else None
@@ -249,6 +268,8 @@ def describe(plan: Plan) -> str:
     init = SCRATCH if plan.init is None else f"{plan.init.path} (pretrain run {run_tags(plan)['pretrain_run_id']})"
     targets = "gold" if plan.distilled is None else \
         f"distilled {plan.distilled.shard_dir} (teacher run {plan.distilled.tags()['teacher_run_id']})"
+    if isinstance(plan.init, HfCheckpoint):
+        init += " (Hugging Face; the model's shape from its config.json)"
     return (f"finetune {cfg.task.name}-{cfg.task.difficulty} objective {cfg.objective.name} decode "
             f"{plan.decode_mode} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
             f"DP {plan.data_parallel}, ZeRO-{core.zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
@@ -264,7 +285,7 @@ def train(plan: Plan) -> dict[str, float]:
     with core.started(cfg) as mpu:
         model = Seq2SeqModel(plan.model_cfg)
         if plan.init is not None:
-            core.load_into(model, plan.init)
+            load_weights(model, plan.init)
         dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
         objective = build_objective(plan)
         train_loader = data.task_loader(plan.train_dir, cfg.data, dp_rank=dp_rank, dp_size=dp_size,
@@ -288,6 +309,9 @@ def train(plan: Plan) -> dict[str, float]:
                           datasets=datasets)
         if engine.rank0:
             write_meta(plan, engine.tracker.run_id)
+            core.publish_hf(engine, load_tokenizer(plan.task.tokenizer), options=plan.decode_options,
+                            mode=plan.decode_mode, source={"task": cfg.task.name, "difficulty": cfg.task.difficulty,
+                                                           "objective": cfg.objective.name})
         return last
 
 
@@ -341,7 +365,9 @@ def main(argv: Sequence[str]) -> int:
                                                    "compare, distill (python -m finetune <subcommand> --help).",
                              "a YAML file under configs/finetune/")
     parser.add_argument("--init", default="", help="pretraining checkpoint: a pretraining output folder, a DeepSpeed "
-                                                   "checkpoint folder (or one step_* tag in it) or a full state dict "
-                                                   "(.pt, e.g. final_model.pt)")
+                                                   "checkpoint folder (or one step_* tag in it), a full state dict "
+                                                   "(.pt, e.g. final_model.pt) or a Hugging Face BART/mBART folder "
+                                                   "(its tokenizer: data.overrides=[tokenizer.type=hf,"
+                                                   "tokenizer.path=<folder>])")
     return core.cli_main("finetune", core.parse_args(parser, argv), config_from_args, prepare, train, describe,
                          stage_facts)
