@@ -18,6 +18,7 @@ tests/test_import_graph.py).
                 checkpoint_manifest)
     best        checkpoint.keep_best (the best checkpoints on a validation metric; its direction table) and early
                 stopping: check_keep_best
+    directions  whether higher or lower is better, per validation metric (the table keep_best ranks by)
     averaging   what the export holds: the last weights, the best checkpoint's, or a mean of checkpoints
     export      the exported weights (FINAL_WEIGHTS) and the run record they carry
     hf_export   the Hugging Face folder of a run's weights (write_hf_export, HF_EXPORT) and its MLflow model

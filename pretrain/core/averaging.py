@@ -25,7 +25,6 @@ import torch
 from pretrain.core.best import BestCheckpoints
 from pretrain.core.checkpoint import TAG_PATTERN, read_pointer, tag_for
 
-SOURCES = ("last", "best")
 
 
 @dataclass

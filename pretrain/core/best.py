@@ -1,8 +1,8 @@
 """Keep-best bookkeeping: which checkpoints score best on a named validation metric, and when to stop early.
 
 `checkpoint.keep_best` names a metric of the engine's evaluation (`nar/loss`, `gen/rouge1`, ... as logged, with or
-without the `eval/` prefix of MLflow); whether higher or lower is better comes from DIRECTIONS, the one table of
-metric directions. After every evaluation the engine passes the metric to `BestCheckpoints.observe`: a step whose
+without the `eval/` prefix of MLflow); whether higher or lower is better comes from pretrain.core.directions, the
+one table of metric directions. After every evaluation the engine passes the metric to `BestCheckpoints.observe`: a step whose
 value ranks among the `checkpoint.keep_best_count` best so far is saved as a checkpoint and kept: the engine hands
 `tags()` to checkpoint.save, whose pruning (keep_last) never removes them. A checkpoint that drops out of the best
 is pruned like any other. `train.early_stop_patience` = P stops training after P evaluations in a row without a
@@ -20,34 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pretrain.core.checkpoint import tag_for, write_atomically
+from pretrain.core.directions import MAX, MIN, direction, metric_key  # noqa: F401  (MIN: part of the API)
 
 BEST_FILE = "best.json"
-MAX, MIN = "max", "min"
-# Direction per metric name (the part after the last '/'): the task scores of finetune/metrics (higher is better)
-# and the losses. Any other name with a word `loss` or `kl` (`nar/token_loss`, `elmer/loss_exit3`,
-# `janus/kl_ar_content`) is a loss.
-DIRECTIONS: dict[str, str] = {
-    **{name: MAX for name in ("rouge1", "rouge2", "rougeL", "bleu", "bleu1", "bleu2", "bleu4", "meteor", "f1",
-                              "distinct1", "distinct2", "task_score", "accuracy")},
-    **{name: MIN for name in ("loss", "nll", "ppl", "perplexity")},
-}
-LOSS_WORDS = ("loss", "kl")
-
-
-def metric_key(name: str) -> str:
-    """The name as the engine's evaluation returns it (MLflow shows it under `eval/`)."""
-    return name[len("eval/"):] if name.startswith("eval/") else name
-
-
-def direction(name: str) -> str:
-    """MAX or MIN for a metric name; ValueError for a name whose direction is not known."""
-    base = metric_key(name).rsplit("/", 1)[-1]
-    if base in DIRECTIONS:
-        return DIRECTIONS[base]
-    if any(word in LOSS_WORDS for word in base.split("_")):
-        return MIN
-    raise ValueError(f"{name!r}: no known direction for this metric (higher or lower is better?); known: the losses "
-                     f"(names with a word {' or '.join(LOSS_WORDS)}) and {sorted(DIRECTIONS)}")
 
 
 def check_keep_best(name: str, available: Sequence[str]) -> None:

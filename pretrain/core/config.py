@@ -68,6 +68,9 @@ class ParallelSection:
     tensor_parallel: int = 1  # megatron-core TP size; data parallel = world size / tensor_parallel
 
 
+EXPORT_SOURCES = ("last", "best")  # checkpoint.export_from (pretrain.core.averaging)
+
+
 @dataclass
 class CheckpointSection:
     dir: str = ""  # empty: <output_dir>/checkpoints
@@ -81,11 +84,12 @@ class CheckpointSection:
     # ... and beside it <output_dir>/hf, the Hugging Face folder of those weights with the tokenizer, logged as the
     # run's MLflow model (pretrain/core/hf_export.py): a second copy of the weights, and some seconds.
     export_hf: bool = True
-    # A validation metric (as evaluation logs it: nar/loss, gen/rouge1, ...; direction from pretrain.core.best)
+    # A validation metric (as evaluation logs it: nar/loss, gen/rouge1, ...; direction from pretrain.core.directions)
     # ranking checkpoints: a step among the keep_best_count best is saved and never pruned. "": off.
     keep_best: str = ""
     keep_best_count: int = 1
-    export_from: str = "last"  # final_model.pt holds the last weights, or (best) the best checkpoint's
+    # one of EXPORT_SOURCES: final_model.pt holds the last weights, or (best) the best checkpoint's
+    export_from: str = "last"
     average: int = 1  # > 1: the mean of that many: the last weights and the newest checkpoints, or the best ones
 
 
@@ -254,12 +258,12 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
 
 def _validate_keep_best(cfg: EngineConfig) -> None:
     """checkpoint.keep_best / keep_best_count / export_from / average and train.early_stop_patience."""
-    from pretrain.core import averaging, best
+    from pretrain.core.directions import direction
 
     c, e = cfg.checkpoint, cfg.eval
     if c.keep_best:
         try:
-            best.direction(c.keep_best)
+            direction(c.keep_best)
         except ValueError as err:
             _fail(cfg, "checkpoint.keep_best", str(err))
         if not (e.every_steps or e.at_end):
@@ -271,8 +275,8 @@ def _validate_keep_best(cfg: EngineConfig) -> None:
     if cfg.train.early_stop_patience and not (c.keep_best and e.every_steps):
         _fail(cfg, "train.early_stop_patience", "watches the metric checkpoint.keep_best names, at every "
                                                 "eval.every_steps: set both")
-    if c.export_from not in averaging.SOURCES:
-        _fail(cfg, "checkpoint.export_from", f"must be one of {averaging.SOURCES}, got {c.export_from!r}")
+    if c.export_from not in EXPORT_SOURCES:
+        _fail(cfg, "checkpoint.export_from", f"must be one of {EXPORT_SOURCES}, got {c.export_from!r}")
     if c.export_from == "best" and not c.keep_best:
         _fail(cfg, "checkpoint.export_from", "best needs checkpoint.keep_best (the metric that ranks checkpoints)")
     if c.average < 1:
