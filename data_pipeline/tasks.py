@@ -23,6 +23,8 @@ Faulty task text, decided case by case (docs/reliability.md, Finetuning data):
 `tgt.tok`; sample id = index of the pair among those kept, the line index when none is skipped) + manifest.json
 (kind "task", truncation and skip counts). GLGE's literal "[SEP]" segment markers are encoded as the <sep> id.
 Targets are stored without EOS; the collator adds it.
+`write_task_shards` is that writer for any pairs of lines (finetuning's distillation writes the teacher's outputs as
+targets with it).
 """
 from __future__ import annotations
 
@@ -179,10 +181,27 @@ def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tok
     sources, targets = read_task_split(root, task, split, level, holdout_fraction, max_line_chars)
     settings = {"task": task, "split": split, "max_source_len": max_source_len, "max_target_len": max_target_len,
                 "level": level, "holdout_fraction": holdout_fraction, "samples_per_shard": samples_per_shard}
+    try:
+        return write_task_shards(sources, targets, out_dir, tok, settings=settings, force=force,
+                                 extra={"task": task, "split": split})
+    except DataError as exc:
+        raise DataError(f"{root}: task {task} split {split}: {exc}") from None
+
+
+def write_task_shards(sources: Sequence[str], targets: Sequence[str], out_dir: Path, tok: Tokenizer, *,
+                      settings: dict, extra: dict, force: bool = False, files: dict[str, str] | None = None) -> dict:
+    """Source and target lines -> task shards in `out_dir` (sample id = index of the pair among those kept;
+    a pair with an empty side is left out and counted), built in a staging folder and
+    swapped in whole; nothing to do when `out_dir` already holds the same lines, tokenizer and settings.
+    settings: max_source_len, max_target_len and samples_per_shard, plus anything that describes the set (its
+    manifest's `config`); extra: top-level manifest entries (task, split, and for a distilled set its record);
+    files: more text files of the set, written beside the manifest ({name: text})."""
+    max_source_len, max_target_len = settings["max_source_len"], settings["max_target_len"]
+    task, split = extra.get("task"), extra.get("split")
     empty = [i + 1 for i, (src, tgt) in enumerate(zip(sources, targets)) if not src.strip() or not tgt.strip()]
     if empty:  # shards written before such pairs were left out are rebuilt
-        settings["empty_pairs_skipped"] = len(empty)
-    fp = fingerprint({**settings, "tokenizer": tok.checksum, "data": fingerprint([sources, targets])})
+        settings = {**settings, "empty_pairs_skipped": len(empty)}
+    fp = fingerprint({**settings, "tokenizer": tok.checksum, "data": fingerprint([list(sources), list(targets)])})
     if not force and shards_up_to_date(out_dir, fp):
         return json.loads((out_dir / MANIFEST).read_text())
     stats: dict = collections.Counter()
@@ -207,11 +226,12 @@ def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tok
             yield {"src": s[:max_source_len], "tgt": t[:max_target_len]}
 
     staging = staging_for(out_dir)
-    written = write_shards(samples(), staging, ["src", "tgt"], dtype, samples_per_shard, 1 << 30)
+    written = write_shards(samples(), staging, ["src", "tgt"], dtype, settings["samples_per_shard"], 1 << 30)
     if not written.shards:
-        raise DataError(f"{root}: task {task} split {split} is empty")
-    manifest = write_manifest(staging, "task", ["src", "tgt"], dtype, written, tok, dict(stats), settings, fp,
-                              {"task": task, "split": split})
+        raise DataError("no examples to write")
+    for name, text in (files or {}).items():
+        (staging / name).write_text(text, encoding="utf-8")
+    manifest = write_manifest(staging, "task", ["src", "tgt"], dtype, written, tok, dict(stats), settings, fp, extra)
     swap_in(staging, out_dir)
     return manifest
 
@@ -247,4 +267,4 @@ def run_tasks(cfg: DataConfig, force: bool = False) -> dict[str, dict[str, int]]
     return counts
 
 
-__all__ = ["read_task_split", "build_task_shards", "run_tasks", "TaskCollator", "GLGE_TASKS"]
+__all__ = ["read_task_split", "build_task_shards", "write_task_shards", "run_tasks", "TaskCollator", "GLGE_TASKS"]

@@ -5,17 +5,19 @@ python -m finetune generate  --model <finetune output dir> [--mode M] [--split S
 python -m finetune evaluate  --generation <generate output dir> [...]                GLGE metrics + MLflow run
 python -m finetune compare   [--experiment E]                                         quality vs latency table, PNGs
 python -m finetune showcase  --generation <generate output dir> [...] [--show N]       scores + examples side by side
+python -m finetune distill   --teacher <AR finetune output dir> [--split train]       an AR teacher's outputs as
+                                                                                      training targets (resumable)
 python -m finetune export    --model <finetune or pretraining output> --out <folder>  a Hugging Face model folder
 
 Training runs on the pretraining engine: start it like pretraining (plainly for one process, torchrun or the
-deepspeed launcher for several).
+deepspeed launcher for several); so does `distill`, each process decoding its share.
 """
 import os
 import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "showcase", "export")
+SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "showcase", "distill", "export")
 
 
 def main(argv: list[str]) -> int:
@@ -31,6 +33,8 @@ def main(argv: list[str]) -> int:
             from finetune.generate import main as run
         elif command == "evaluate":
             from finetune.evaluation import main as run
+        elif command == "distill":
+            from finetune.distill import main as run
         elif command == "export":
             from finetune.export import main as run
         elif command == "compare":

@@ -2,10 +2,12 @@
 
 Finds the evaluation runs of an experiment with mlflow.search_runs and prints, per task and difficulty, a table
 of quality against latency per decoding mode, the shape of the BANG / ELMER papers' tables: one row per run with
-the objective, decoding mode, the task's metrics, its task score, ms/sample, samples/s and the speedup over AR
-beam search (AR greedy where no beam run exists) of the same finetune run, else of the same objective, else of the
-task. Saves <out>/quality_vs_speed.png (task score against samples/s, one point per run) and <out>/loss_curves.png
-(training loss of every finetune run of the experiment), both with matplotlib's Agg backend.
+the objective, what it trained on (targets: gold, or distilled from an AR teacher by `python -m finetune distill`),
+decoding mode, the task's metrics, its task score, ms/sample, samples/s and the speedup over AR beam search (AR
+greedy where no beam run exists) of the same finetune run, else of the same objective, else of the task. Rows are
+ordered by decoding mode, objective and targets, so a distilled run sits beside its gold twin. Saves
+<out>/quality_vs_speed.png (task score against samples/s, one point per run) and <out>/loss_curves.png (training
+loss of every finetune run of the experiment), both with matplotlib's Agg backend.
 
 The figures and the table also go to MLflow, as one comparison run in the experiment (tag kind=comparison; the
 compared runs' ids in comparison.json): a figure spans many runs, so it belongs to none of them, and each
@@ -26,6 +28,11 @@ from finetune.tracking import log_run, resolve_uri
 
 METRIC_LABELS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "bleu4": "B-4", "meteor": "MTR", "f1": "F1",
                  "bleu1": "B-1", "bleu2": "B-2", "distinct1": "D-1", "distinct2": "D-2", "bleu": "BLEU"}
+
+
+def _tag(value: Any) -> str:
+    """A run's tag as text; "-" where the run has none (pandas gives NaN or None)."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def _num(value: Any) -> float | None:
@@ -52,6 +59,7 @@ def table_rows(runs) -> list[dict[str, Any]]:
     for _, r in runs.iterrows():
         row = {"run_id": r["run_id"], "task": r.get("tags.task"), "difficulty": r.get("tags.difficulty"),
                "split": r.get("tags.split"), "objective": r.get("tags.objective"), "mode": r.get("tags.decoding_mode"),
+               "targets": _tag(r.get("tags.training_targets")),
                "finetune_run_id": r.get("tags.finetune_run_id"), "task_score": _num(r.get("metrics.task_score")),
                "ms_per_sample": _num(r.get("metrics.ms_per_sample")),
                "samples_per_s": _num(r.get("metrics.samples_per_s")),
@@ -88,12 +96,13 @@ def format_tables(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         groups.setdefault((row["task"], row["difficulty"]), []).append(row)
     for (task, difficulty), group in groups.items():
+        group = sorted(group, key=lambda row: (str(row["mode"]), str(row["objective"]), row["targets"]))
         names = list(group[0]["metrics"])
-        header = ["run", "objective", "mode", "split", *[METRIC_LABELS.get(n, n) for n in names], "score",
+        header = ["run", "objective", "targets", "mode", "split", *[METRIC_LABELS.get(n, n) for n in names], "score",
                   "ms/sample", "samples/s", "speedup", "exit layer"]
         lines = [header]
         for row in group:
-            lines.append([row["run_id"][:8], str(row["objective"]), str(row["mode"]), str(row["split"]),
+            lines.append([row["run_id"][:8], str(row["objective"]), row["targets"], str(row["mode"]), str(row["split"]),
                           *[cell(row["metrics"][n], "{:.4f}" if n.startswith("distinct") else "{:.2f}")
                             for n in names],
                           cell(row["task_score"]), cell(row["ms_per_sample"]), cell(row["samples_per_s"], "{:.1f}"),
@@ -145,7 +154,9 @@ def plot_loss_curves(uri: str, finetune_runs, path: Path, metric: str = "train/l
         history = sorted(client.get_metric_history(r["run_id"], metric), key=lambda m: m.step)
         if not history:
             continue
-        label = f"{r.get('tags.task')}-{r.get('tags.difficulty')} {r.get('tags.objective')} ({r['run_id'][:8]})"
+        targets = _tag(r.get("tags.training_targets"))
+        label = (f"{r.get('tags.task')}-{r.get('tags.difficulty')} {r.get('tags.objective')} {targets} "
+                 f"({r['run_id'][:8]})")
         ax.plot([m.step for m in history], [m.value for m in history], label=label)
         drawn += 1
     ax.set_xlabel("step")

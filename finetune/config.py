@@ -33,6 +33,9 @@ class FinetuneDataSection:
     # for GLGE, data_root/tasks.iwslt_root for IWSLT14). Task shards go to <work_dir>/<tasks.out_dir>/<difficulty>/.
     config: str = "configs/data/tiny.yaml"
     overrides: list[str] = field(default_factory=list)  # key=value applied to that config
+    # A distilled set (`python -m finetune distill` of an AR teacher): the training split's targets are the
+    # teacher's outputs; validation stays gold. "": the gold targets.
+    distilled: str = ""
     batch_size: int = 32  # examples per micro-batch (upper bound when max_tokens > 0)
     max_tokens: int = 0  # > 0: token-budget batches (fairseq --max-tokens)
     max_source_len: int = 0  # truncate sources (0: the model's max_source_positions)

@@ -4,19 +4,30 @@ The task text is read by data_pipeline.tasks (official GLGE layout, the sample l
 IWSLT14's {train,valid,test}.{de,en}); shards are written with the *pretraining* tokenizer (the data config's
 tokenizer: tokenizer.out_dir, or for tokenizer.type=hf the Hugging Face folder tokenizer.path names, e.g. the
 checkpoint `--init` starts from) into <work_dir>/<tasks.out_dir>/<difficulty>/<task>/<split>/.
+
+A distilled set (finetune.distill: the training sources with an AR teacher's outputs as targets) is a task shard
+folder whose manifest carries a `distilled` entry (the teacher, its MLflow run, the decoding settings);
+`read_distilled` opens one for `data.distilled`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from data_pipeline.stream import build_task_loader
+from data_pipeline.artifacts import MANIFEST, load_manifest, sha256_file
+from data_pipeline.errors import DataError
+from data_pipeline.stream import build_task_loader, open_shard_dir
 from data_pipeline.tasks import build_task_shards, read_task_split
 from data_pipeline.tokenizer import load_tokenizer
 from finetune.glge_tasks import get_task
 from pretrain import core
 
 SPLIT_NAMES = {"train": "train", "valid": "valid", "dev": "valid", "validation": "valid", "test": "test"}
+DISTILLED = "distilled"  # the manifest entry that makes a task shard folder a distilled set
+# What a finetune run records about its training targets (MLflow tags of the run and of its evaluations,
+# finetune_meta.json): training_targets is "gold" or "distilled"; a distilled run adds the rest.
+TARGET_TAGS = ("training_targets", "teacher_run_id", "distilled_set", "distilled_digest")
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,42 @@ def build_shards(td: TaskData, splits: list[str], force: bool = False) -> dict[s
                                      force=force)
         counts[split] = int(manifest["num_samples"])
     return counts
+
+
+@dataclass(frozen=True)
+class DistilledSet:
+    """A distilled training set: its shard folder, the manifest's `distilled` record and the manifest's sha256 (the
+    manifest lists every shard's sha256, so this digest names the set's content)."""
+
+    shard_dir: Path
+    record: dict[str, Any]
+    digest: str
+    num_samples: int
+
+    def tags(self) -> dict[str, str]:
+        """What a run trained on it records (MLflow tags, finetune_meta.json): the link to the teacher's run."""
+        return dict(zip(TARGET_TAGS, ("distilled", str(self.record.get("teacher_run_id") or "none"),
+                                      str(self.shard_dir), self.digest)))
+
+
+def read_distilled(path: str | Path, td: TaskData, split: str) -> DistilledSet:
+    """Open a distilled set for `split` of td's task: its manifest, shards (sizes) and tokenizer checked against
+    the task's; DataError saying what does not fit."""
+    shard_dir = Path(path).resolve()
+    if not (shard_dir / MANIFEST).is_file():
+        unfinished = " (an unfinished distillation: run it again to resume)" if (shard_dir / "chunks").is_dir() else ""
+        raise DataError(f"{shard_dir}: no distilled set here, {MANIFEST} is missing{unfinished}; `python -m finetune "
+                        "distill --teacher <AR finetune output dir>` writes one")
+    manifest = load_manifest(shard_dir)
+    record = manifest.get(DISTILLED)
+    if not isinstance(record, dict):
+        raise DataError(f"{shard_dir / MANIFEST}: task shards, but not a distilled set (no {DISTILLED!r} entry)")
+    source = (manifest.get("task"), record.get("difficulty"), SPLIT_NAMES.get(manifest.get("split"), ""))
+    if source != (td.task, td.difficulty, SPLIT_NAMES.get(split, split)):
+        raise DataError(f"{shard_dir}: distilled from {' '.join(map(str, source))} (task, difficulty, split), but "
+                        f"this job trains on {td.task} {td.difficulty} {split}")
+    open_shard_dir(shard_dir, "task", td.tokenizer, "size", "error")  # the tokenizer checksum must be the task's
+    return DistilledSet(shard_dir, record, sha256_file(shard_dir / MANIFEST), int(manifest["num_samples"]))
 
 
 def task_loader(shard_dir: Path, section, *, dp_rank: int, dp_size: int, seed: int, max_source_len: int,

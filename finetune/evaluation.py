@@ -23,7 +23,7 @@ from configs import ConfigError
 from data_pipeline.errors import DataError
 from finetune import tracking
 from finetune.config import from_dict, load
-from finetune.data import read_split
+from finetune.data import TARGET_TAGS, read_split
 from finetune.generate import GENERATION_FILE, predictions_name
 from finetune.glge_tasks import GLGE_TASKS, get_task
 from finetune.metrics import evaluate_task_detailed, glge_score
@@ -83,7 +83,8 @@ def evaluate_one(info: dict[str, Any], predictions: Path, cfg, *, use_mlflow: bo
                 "objective": meta.get("objective", "unknown"), "decoding_mode": info["mode"],
                 "finetune_run_id": finetune_run or "none", "pretrain_run_id": meta.get("pretrain_run_id", "none"),
                 "pretrain_checkpoint": meta.get("pretrain_checkpoint", "unknown"),
-                "pretrain_step": meta.get("pretrain_step", "unknown"), "predictions": info["predictions"]}
+                "pretrain_step": meta.get("pretrain_step", "unknown"), "predictions": info["predictions"],
+                **{k: meta[k] for k in TARGET_TAGS if k in meta}}  # gold or distilled training targets
         if tracking.run_exists(uri, finetune_run):
             tags["mlflow.parentRunId"] = finetune_run
         for k, note in evaluation.notes.items():

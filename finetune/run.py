@@ -10,6 +10,10 @@ record); beside it finetune_meta.json records the task, objective, decoding mode
 pretraining), tokenizer and the resolved config: `generate` reads the pair. Last, <output_dir>/hf holds the Hugging
 Face export (model, tokenizer, the task's generation settings; pretrain.core.publish_hf), logged as the run's MLflow
 model. `--init` also takes a Hugging Face BART/mBART folder (finetune.init_checkpoint.HfCheckpoint).
+
+`data.distilled` trains on a distilled set (finetune.distill) instead of the gold training targets; validation
+stays gold. The run then carries the tags training_targets=distilled, teacher_run_id (the AR teacher's MLflow run),
+distilled_set and distilled_digest, in MLflow and in finetune_meta.json; every run says training_targets.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from data_pipeline.tokenizer import load_tokenizer
 from finetune import data
 from finetune import objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus into the core's registry)
 from finetune.config import OBJECTIVES, FinetuneConfig, fail, load
+from finetune.glge_tasks import get_task
 from finetune.init_checkpoint import (FINETUNE_META, HfCheckpoint, check_tokenizer, is_hf_checkpoint, load_weights,
                                       pretrain_run_id, pretrain_step, read_hf_checkpoint, read_init)
 from finetune.resolve import (build_model_config, decoding_options, load_data_config, resolve_task_data,
@@ -54,6 +59,8 @@ class Plan:
     decode_options: DecodeOptions
     tokenizer_checksum: str
     batches_per_epoch: int
+    train_dir: Path  # the training shards: the task's, or data.distilled's
+    distilled: data.DistilledSet | None = None
 
     @property
     def data_parallel(self) -> int:
@@ -83,6 +90,28 @@ def _validate_objective(cfg: FinetuneConfig) -> None:
         core.build(o.name, **kwargs)
     except ValueError as err:  # the constructors name objective.<field>
         fail(cfg, f"objective.{o.name}", str(err))
+
+
+def _check_keep_best(cfg: FinetuneConfig) -> None:
+    """checkpoint.keep_best must name a metric this job's evaluation reports: the objective's held-out losses
+    (eval.batches > 0) or the validation decoding's task metrics (valid_generation.samples > 0, gen/...)."""
+    if not cfg.checkpoint.keep_best:
+        return
+    available = core.build(cfg.objective.name, **objective_kwargs(cfg, 0)).eval_metric_names() \
+        if cfg.eval.batches > 0 else []
+    if cfg.valid_generation.samples > 0:
+        available += [f"gen/{m}" for m in (*get_task(cfg.task.name).metrics, "task_score", "ms_per_sample")]
+    try:
+        core.check_keep_best(cfg.checkpoint.keep_best, available)
+    except ValueError as err:
+        fail(cfg, "checkpoint.keep_best", str(err))
+
+
+def _open_distilled(cfg: FinetuneConfig, td: data.TaskData) -> data.DistilledSet:
+    try:
+        return data.read_distilled(cfg.data.distilled, td, cfg.task.train_split)
+    except DataError as err:
+        fail(cfg, "data.distilled", str(err))
 
 
 def data_command(cfg: FinetuneConfig) -> str:
@@ -167,11 +196,14 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
                                     f"{model_cfg.max_target_positions}")
     init = hf_init or read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum, shards=shards)
     decode_mode, decode_options = decoding_options(cfg, model_cfg)
+    _check_keep_best(cfg)
+    distilled = _open_distilled(cfg, td) if cfg.data.distilled else None
+    train_dir = distilled.shard_dir if distilled is not None else td.shard_dir(cfg.task.train_split)
 
     tp = cfg.parallel.tensor_parallel
     dp = max(world_size // max(tp, 1), 1)
-    loader = data.task_loader(td.shard_dir(cfg.task.train_split), cfg.data, dp_rank=0, dp_size=dp,
-                              seed=cfg.train.seed, max_source_len=max_source_len)
+    loader = data.task_loader(train_dir, cfg.data, dp_rank=0, dp_size=dp, seed=cfg.train.seed,
+                              max_source_len=max_source_len)
     batches_per_epoch = len(loader)
     if cfg.task.epochs > 0:
         cfg.train.steps = max(1, math.ceil(cfg.task.epochs * batches_per_epoch / cfg.train.grad_accum))
@@ -189,7 +221,7 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
     if cfg.checkpoint.resume:  # the checkpoint's layout, objective and batches against this job's
         core.check_resume(cfg, world_size, cfg.objective.name, lambda: loader)
     return Plan(cfg, world_size, data_cfg, td, model_cfg, init, max_source_len, decode_mode, decode_options,
-                tokenizer.checksum, batches_per_epoch)
+                tokenizer.checksum, batches_per_epoch, train_dir, distilled)
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -200,7 +232,8 @@ def run_tags(plan: Plan) -> dict[str, Any]:
             "objective": cfg.objective.name, "decoding_mode": plan.decode_mode,
             "pretrain_run_id": pretrain_run_id(plan.init) if plan.init is not None else "none",
             "pretrain_checkpoint": str(plan.init.path) if plan.init is not None else SCRATCH,
-            "pretrain_step": pretrain_step(plan.init) if plan.init is not None else "unknown"}
+            "pretrain_step": pretrain_step(plan.init) if plan.init is not None else "unknown",
+            **(plan.distilled.tags() if plan.distilled is not None else {"training_targets": "gold"})}
 
 
 def run_params(plan: Plan) -> dict[str, Any]:
@@ -208,7 +241,7 @@ def run_params(plan: Plan) -> dict[str, Any]:
     params["resolved"] = {"model": asdict(plan.model_cfg), "world_size": plan.world_size,
                           "data_parallel": plan.data_parallel, "batches_per_epoch": plan.batches_per_epoch,
                           "max_source_len": plan.max_source_len, "decode": asdict(plan.decode_options),
-                          "train_shards": str(plan.task.shard_dir(plan.cfg.task.train_split)),
+                          "train_shards": str(plan.train_dir),
                           "tokenizer_checksum": plan.tokenizer_checksum}
     return params
 
@@ -222,10 +255,11 @@ def build_objective(plan: Plan) -> core.Objective:
 
 def export_meta(plan: Plan, run_id: str | None) -> dict[str, Any]:
     tags = run_tags(plan)
+    lineage = {k: tags[k] for k in data.TARGET_TAGS if k in tags}
     return {"task": plan.cfg.task.name, "difficulty": plan.cfg.task.difficulty, "objective": plan.cfg.objective.name,
             "decoding_mode": plan.decode_mode, "finetune_run_id": run_id, "tracking_uri": plan.cfg.tracking.uri,
             "experiment": plan.cfg.tracking.experiment, "pretrain_run_id": tags["pretrain_run_id"],
-            "pretrain_checkpoint": tags["pretrain_checkpoint"], "pretrain_step": tags["pretrain_step"],
+            "pretrain_checkpoint": tags["pretrain_checkpoint"], "pretrain_step": tags["pretrain_step"], **lineage,
             "tokenizer": str(plan.task.tokenizer), "tokenizer_checksum": plan.tokenizer_checksum,
             "model_config": asdict(plan.model_cfg), "config": core.to_dict(plan.cfg)}
 
@@ -234,13 +268,15 @@ def describe(plan: Plan) -> str:
     """The `config ok:` line of --validate-only."""
     cfg, m = plan.cfg, plan.model_cfg
     init = SCRATCH if plan.init is None else f"{plan.init.path} (pretrain run {run_tags(plan)['pretrain_run_id']})"
+    targets = "gold" if plan.distilled is None else \
+        f"distilled {plan.distilled.shard_dir} (teacher run {plan.distilled.tags()['teacher_run_id']})"
     if isinstance(plan.init, HfCheckpoint):
         init += " (Hugging Face; the model's shape from its config.json)"
     return (f"finetune {cfg.task.name}-{cfg.task.difficulty} objective {cfg.objective.name} decode "
             f"{plan.decode_mode} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
             f"DP {plan.data_parallel}, ZeRO-{core.zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
-            f"vocab={m.vocab_size}; init {init}; {cfg.train.steps} steps ({plan.batches_per_epoch} batches per "
-            f"epoch); output {cfg.output_dir}; mlflow {cfg.tracking.uri if cfg.tracking.mlflow else 'off'}")
+            f"vocab={m.vocab_size}; init {init}; targets {targets}; {cfg.train.steps} steps ({plan.batches_per_epoch} "
+            f"batches per epoch); output {cfg.output_dir}; mlflow {cfg.tracking.uri if cfg.tracking.mlflow else 'off'}")
 
 
 def train(plan: Plan) -> dict[str, float]:
@@ -254,8 +290,8 @@ def train(plan: Plan) -> dict[str, float]:
             load_weights(model, plan.init)
         dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
         objective = build_objective(plan)
-        train_loader = data.task_loader(plan.task.shard_dir(cfg.task.train_split), cfg.data, dp_rank=dp_rank,
-                                        dp_size=dp_size, seed=cfg.train.seed, max_source_len=plan.max_source_len)
+        train_loader = data.task_loader(plan.train_dir, cfg.data, dp_rank=dp_rank, dp_size=dp_size,
+                                        seed=cfg.train.seed, max_source_len=plan.max_source_len)
         valid_dir = plan.task.shard_dir(cfg.task.valid_split)
         evals = {}
         if cfg.eval.batches > 0:
@@ -306,16 +342,18 @@ def config_from_args(args) -> FinetuneConfig:
 
 def stage_facts(cfg: FinetuneConfig) -> dict[str, list]:
     """What --validate-only --json adds to the engine's facts: the files the job reads (the init checkpoint among
-    them) and the task's training and validation shard folders with their sizes. A task or data config that cannot
-    be resolved names no folder (the verdict says why)."""
+    them) and the training (the task's, or data.distilled) and validation shard folders with their sizes. A task or
+    data config that cannot be resolved names no folder (the verdict says why)."""
     inputs = [core.input_file("data.config", cfg.data.config)]
     if cfg.init.checkpoint and cfg.init.checkpoint != SCRATCH:
         inputs.append(core.input_file("--init", cfg.init.checkpoint))
     shards = []
     try:
         td = resolve_task_data(cfg, load_data_config(cfg))
-        shards = [core.shard_folder("task.train_split", td.shard_dir(cfg.task.train_split), training=True,
-                                    num_workers=cfg.data.num_workers, build=data_command(cfg)),
+        train = ("data.distilled", Path(cfg.data.distilled), "python -m finetune distill --teacher <AR finetune dir>") \
+            if cfg.data.distilled else ("task.train_split", td.shard_dir(cfg.task.train_split), data_command(cfg))
+        shards = [core.shard_folder(train[0], train[1], training=True, num_workers=cfg.data.num_workers,
+                                    build=train[2]),
                   core.shard_folder("task.valid_split", td.shard_dir(cfg.task.valid_split), training=False,
                                     num_workers=0, build=data_command(cfg))]
     except ConfigError:
@@ -326,7 +364,7 @@ def stage_facts(cfg: FinetuneConfig) -> dict[str, list]:
 def main(argv: Sequence[str]) -> int:
     parser = core.cli_parser("python -m finetune", "Finetune a pretrained model on one GLGE task or IWSLT14, on the "
                                                    "training core's engine. Subcommands: data, generate, evaluate, "
-                                                   "compare (python -m finetune <subcommand> --help).",
+                                                   "compare, distill (python -m finetune <subcommand> --help).",
                              "a YAML file under configs/finetune/")
     parser.add_argument("--init", default="", help="pretraining checkpoint: a pretraining output folder, a DeepSpeed "
                                                    "checkpoint folder (or one step_* tag in it), a full state dict "

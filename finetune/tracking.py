@@ -5,7 +5,9 @@ run to its task, difficulty, objective, decoding mode and pretraining run, and e
 
 Tags every finetune and evaluation run carries: kind (finetune | evaluation | glge_summary), task, difficulty,
 objective, decoding_mode, pretrain_run_id, pretrain_checkpoint, pretrain_step; evaluation runs also split and
-finetune_run_id (and mlflow.parentRunId, so the UI nests them under their finetune run).
+finetune_run_id (and mlflow.parentRunId, so the UI nests them under their finetune run). Both also say what the
+model trained on (finetune.data.TARGET_TAGS): training_targets gold or distilled, and for a distilled set the AR
+teacher's run (teacher_run_id), the set's folder and digest.
 """
 from __future__ import annotations
 

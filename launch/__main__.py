@@ -8,6 +8,7 @@ Examples:
   python -m launch --config configs/launch/local_cpu.yaml -- pretrain --config configs/pretrain/tiny.yaml
   python -m launch --config configs/launch/cluster.yaml --dry-run -- pretrain --config configs/pretrain/tiny.yaml
   srun --ntasks-per-node=1 python -m launch --config configs/launch/slurm.yaml -- pretrain --config ...
+  python -m launch --config configs/launch/local_cpu.yaml -- finetune distill --teacher runs/finetune/<AR run>
 """
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "--resume"),
     "finetune": ("finetune", "--resume"),
 }
+# A stage's subcommands that run on every rank too (`-- finetune distill --teacher ...`): first in the stage's
+# arguments; they name their inputs with their own options instead of --config, and take the same resume flag.
+SUBCOMMANDS: dict[str, tuple[str, ...]] = {"finetune": ("distill",)}
 
 VALIDATE_TIMEOUT_S = 600.0  # imports torch and the data pipeline: seconds normally, longer on a busy node
 
@@ -108,11 +111,17 @@ def split_stage_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return option(args, "--config"), overrides
 
 
+def subcommand(name: str, args: Sequence[str]) -> list[str]:
+    """[the stage's subcommand] when its arguments start with one, else []."""
+    return list(args[:1]) if args and args[0] in SUBCOMMANDS.get(name, ()) else []
+
+
 def check_stage(name: str, args: Sequence[str]) -> None:
-    """ConfigError unless `name` is a stage the launcher starts and its command line names a config."""
+    """ConfigError unless `name` is a stage the launcher starts and its command line names a config (or starts with
+    one of its SUBCOMMANDS)."""
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; the launcher starts {sorted(STAGES)}")
-    if split_stage_args(args)[0] is None:
+    if split_stage_args(args)[0] is None and not subcommand(name, args):
         raise ConfigError(f"{name}: give the stage's config: `-- {name} --config configs/{name}/<name>.yaml`")
 
 
@@ -121,11 +130,12 @@ def ask(name: str, args: Sequence[str], world_size: int | None, env: Mapping[str
     """Run the stage's --validate-only --json (for `world_size` ranks; None: the stage's default) with environment
     `env`; returns its verdict and its report ({} when it gave none: a crash, a timeout, a bad command line)."""
     module = STAGES[name][0]
+    sub = subcommand(name, args)  # a subcommand comes before the options
     size = ["--world-size", str(world_size)] if world_size is not None else []
-    shown = " ".join(["python", "-m", module, "--validate-only", *size])  # the stage args are the user's
+    shown = " ".join(["python", "-m", module, *sub, "--validate-only", *size])  # the stage args are the user's
     try:  # with the resume flag, when given, the stage also checks that it can continue its checkpoint
-        proc = subprocess.run([python, "-m", module, "--validate-only", "--json", *size, *args], cwd=cwd,
-                              env=dict(env), capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run([python, "-m", module, *sub, "--validate-only", "--json", *size, *args[len(sub):]],
+                              cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return Validation(False, False, f"no answer within {timeout_s:g}s", shown), {}
     reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -137,6 +137,12 @@ def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
         cfg.tracking.uri = core.resolve_uri(cfg.tracking.uri)  # the store this job writes to, in params and configs
     plan = Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum,
                 str(tokenizer.path))
+    if cfg.checkpoint.keep_best:  # a metric the held-out evaluation reports
+        available = build_objective(plan, 0).eval_metric_names() if eval_data_cfg is not None else []
+        try:
+            core.check_keep_best(cfg.checkpoint.keep_best, available)
+        except ValueError as err:
+            _fail(cfg, "checkpoint.keep_best", str(err))
     if cfg.checkpoint.resume:  # the checkpoint's layout, objective and batches against this job's
         core.check_resume(cfg, world_size, cfg.objective.name,
                           lambda: training_loader(plan, dp_rank=0, dp_size=plan.data_parallel, pin_memory=False))

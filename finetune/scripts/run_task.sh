@@ -33,13 +33,7 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ -z "$init" ]]; then echo "--init <pretraining checkpoint> is required" >&2; exit 2; fi
 
-PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python )}"
-export MLFLOW_DISABLE_TELEMETRY=true
-# DeepSpeed's accelerator: as set by the caller; else the CPU one only where torch sees no GPU (a GPU node must
-# never train on its CPU because of this script).
-if [[ -z "${DS_ACCELERATOR:-}" ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-  export DS_ACCELERATOR=cpu
-fi
+source "$(dirname "$0")/env.sh"
 config="configs/finetune/${task}.yaml"
 [[ -f "$config" ]] || { echo "no config $config (run from the repository root)" >&2; exit 2; }
 

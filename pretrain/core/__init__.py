@@ -16,6 +16,10 @@ tests/test_import_graph.py).
     checkpoint  checkpoints that continue a run exactly: tags, the atomic `latest` pointer, write_atomically;
                 check_resume (--validate-only --resume: can this job continue the checkpoint? see
                 checkpoint_manifest)
+    best        checkpoint.keep_best (the best checkpoints on a validation metric; its direction table) and early
+                stopping: check_keep_best
+    directions  whether higher or lower is better, per validation metric (the table keep_best ranks by)
+    averaging   what the export holds: the last weights, the best checkpoint's, or a mean of checkpoints
     export      the exported weights (FINAL_WEIGHTS) and the run record they carry
     hf_export   the Hugging Face folder of a run's weights (write_hf_export, HF_EXPORT) and its MLflow model
                 (log_hf_model); publish_hf: both, after a run's final export
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import importlib
 
+from pretrain.core.best import check_keep_best
 from pretrain.core.checkpoint import check_resume, write_atomically
 from pretrain.core.config import (EngineConfig, TrackingSection, cli_parser, load_config, parse_args, to_dict, to_yaml,
                                   validate_engine, zero_stage)
@@ -63,7 +68,8 @@ def __getattr__(name: str):
 __all__ = ["EngineConfig", "TrackingSection", "load_config", "validate_engine", "zero_stage", "to_dict", "to_yaml",
            "cli_parser", "parse_args", "cli_main", "started", "config_artifacts", "input_file", "shard_folder",
            "Engine", "is_rank0", "uses_gpu", "Objective", "Metrics", "gather_rows", "register", "build", "registered",
-           "write_atomically", "check_resume", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights",
+           "write_atomically", "check_resume", "check_keep_best", "FINAL_WEIGHTS", "InitError", "InitWeights",
+           "read_weights",
            "check_dims", "load_into", "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT",
            "source_tags", "ensure_experiment", "client_for", "HF_EXPORT", "write_hf_export", "log_hf_model",
            "publish_hf"]

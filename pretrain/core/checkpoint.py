@@ -30,7 +30,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -145,9 +145,10 @@ def _writing(tag_dir: Path, named: str | None, rank: int) -> Iterator[None]:
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-         keep_last: int = 0, facts: dict[str, Any] | None = None) -> str:
+         keep_last: int = 0, facts: dict[str, Any] | None = None, protected: Collection[str] = ()) -> str:
     """Collective: every rank calls it. client_state is shared (saved by DeepSpeed); rank_state is per rank;
-    facts: JSON-able entries for the manifest (the objective's name, the resolved config)."""
+    facts: JSON-able entries for the manifest (the objective's name, the resolved config); protected: tags pruning
+    must keep (the best checkpoints, pretrain.core.best)."""
     from model import parallel
     from pretrain.core import distributed
 
@@ -181,15 +182,16 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_s
             manifest.pause_if_asked(tag_dir, [manifest.MANIFEST])
             write_atomically(pointer, tag)
         if keep_last > 0:
-            _prune(ckpt_dir, keep=keep_last, current=tag)
+            _prune(ckpt_dir, keep=keep_last, current=tag, protected=protected)
     distributed.barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
-    """Remove complete checkpoints older than the newest `keep`; never the one `latest` names."""
+def _prune(ckpt_dir: Path, keep: int, current: str, protected: Collection[str] = ()) -> None:
+    """Remove complete checkpoints older than the newest `keep`; never the one `latest` names, nor a protected one
+    (which does not count towards `keep`)."""
     tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-    older = [t for t in tags if t < current]
+    older = [t for t in tags if t < current and t not in protected]
     for tag in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 

@@ -32,6 +32,8 @@ class TrainSection:
     activation_checkpointing: bool = False  # recompute each encoder/decoder layer in backward
     record_sample_ids: bool = False  # write <output_dir>/samples/rank_N.jsonl: which samples each step saw
     progress_bar: bool = True
+    # > 0: stop after this many evaluations in a row without a new best of checkpoint.keep_best (fairseq --patience)
+    early_stop_patience: int = 0
 
 
 @dataclass
@@ -66,6 +68,9 @@ class ParallelSection:
     tensor_parallel: int = 1  # megatron-core TP size; data parallel = world size / tensor_parallel
 
 
+EXPORT_SOURCES = ("last", "best")  # checkpoint.export_from (pretrain.core.averaging)
+
+
 @dataclass
 class CheckpointSection:
     dir: str = ""  # empty: <output_dir>/checkpoints
@@ -79,6 +84,13 @@ class CheckpointSection:
     # ... and beside it <output_dir>/hf, the Hugging Face folder of those weights with the tokenizer, logged as the
     # run's MLflow model (pretrain/core/hf_export.py): a second copy of the weights, and some seconds.
     export_hf: bool = True
+    # A validation metric (as evaluation logs it: nar/loss, gen/rouge1, ...; direction from pretrain.core.directions)
+    # ranking checkpoints: a step among the keep_best_count best is saved and never pruned. "": off.
+    keep_best: str = ""
+    keep_best_count: int = 1
+    # one of EXPORT_SOURCES: final_model.pt holds the last weights, or (best) the best checkpoint's
+    export_from: str = "last"
+    average: int = 1  # > 1: the mean of that many: the last weights and the newest checkpoints, or the best ones
 
 
 @dataclass
@@ -237,10 +249,48 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
                                        "parallelism")
     if c.every_steps < 0 or c.keep_last < 0:
         _fail(cfg, "checkpoint.every_steps" if c.every_steps < 0 else "checkpoint.keep_last", "must be >= 0")
+    _validate_keep_best(cfg)
     if e.every_steps < 0 or e.batches < 0:
         _fail(cfg, "eval.every_steps" if e.every_steps < 0 else "eval.batches", "must be >= 0")
     if not cfg.tracking.finish_wait_s >= 0:
         _fail(cfg, "tracking.finish_wait_s", f"must be >= 0 seconds, got {cfg.tracking.finish_wait_s}")
+
+
+def _validate_keep_best(cfg: EngineConfig) -> None:
+    """checkpoint.keep_best / keep_best_count / export_from / average and train.early_stop_patience."""
+    from pretrain.core.directions import direction
+
+    c, e = cfg.checkpoint, cfg.eval
+    if c.keep_best:
+        try:
+            direction(c.keep_best)
+        except ValueError as err:
+            _fail(cfg, "checkpoint.keep_best", str(err))
+        if not (e.every_steps or e.at_end):
+            _fail(cfg, "checkpoint.keep_best", "needs evaluations to rank checkpoints: set eval.every_steps")
+    if c.keep_best_count < 1:
+        _fail(cfg, "checkpoint.keep_best_count", f"must be >= 1, got {c.keep_best_count}")
+    if cfg.train.early_stop_patience < 0:
+        _fail(cfg, "train.early_stop_patience", f"must be >= 0, got {cfg.train.early_stop_patience}")
+    if cfg.train.early_stop_patience and not (c.keep_best and e.every_steps):
+        _fail(cfg, "train.early_stop_patience", "watches the metric checkpoint.keep_best names, at every "
+                                                "eval.every_steps: set both")
+    if c.export_from not in EXPORT_SOURCES:
+        _fail(cfg, "checkpoint.export_from", f"must be one of {EXPORT_SOURCES}, got {c.export_from!r}")
+    if c.export_from == "best" and not c.keep_best:
+        _fail(cfg, "checkpoint.export_from", "best needs checkpoint.keep_best (the metric that ranks checkpoints)")
+    if c.average < 1:
+        _fail(cfg, "checkpoint.average", f"must be >= 1, got {c.average}")
+    if c.average > 1 and c.export_from == "best" and c.average > c.keep_best_count:
+        _fail(cfg, "checkpoint.average", f"={c.average} averages the best checkpoints, but only "
+                                         f"checkpoint.keep_best_count={c.keep_best_count} are kept")
+    if c.average > 1 and c.export_from == "last":
+        if not c.every_steps:
+            _fail(cfg, "checkpoint.average", f"={c.average} averages the last checkpoints, but checkpoint.every_steps "
+                                             "is 0 (only the end of the run is saved)")
+        if c.keep_last and c.keep_last < c.average:
+            _fail(cfg, "checkpoint.average", f"={c.average} averages the last checkpoints, but "
+                                             f"checkpoint.keep_last={c.keep_last} keeps fewer")
 
 
 def offloads_optimizer(ds: dict[str, Any]) -> bool:

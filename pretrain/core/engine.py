@@ -10,6 +10,10 @@ tokenizer checksum): checkpoints and the exported weights record them with the M
 model config, so a later job can name where its weights came from and refuse a tokenizer they were not trained
 with.
 
+Evaluation can rank checkpoints (checkpoint.keep_best: the best are saved and never pruned, pretrain.core.best), stop
+training early (train.early_stop_patience) and choose what the final export holds: the last weights, the best
+checkpoint's, or a mean of checkpoints (checkpoint.export_from / average, pretrain.core.averaging).
+
 On SIGTERM / SIGINT (pretrain.core.job arms the handlers) training stops where it is and rank 0 closes its MLflow run
 as KILLED; any other failure closes it as FAILED.
 
@@ -40,7 +44,7 @@ import torch
 from torch import nn
 
 from model import parallel
-from pretrain.core import activation_checkpointing, checkpoint, distributed, job, step
+from pretrain.core import activation_checkpointing, averaging, best, checkpoint, distributed, job, step
 from pretrain.core.config import (EngineConfig, deepspeed_dict, offloads_optimizer, read_deepspeed_json,
                                   resolve_precision, to_dict, to_yaml)
 from pretrain.core.export import FINAL_WEIGHTS, export_payload, model_config_dict
@@ -142,6 +146,8 @@ class Engine:
         self._epoch_iter: Iterator | None = None
         self._lr = math.nan
         self._sample_log = None
+        self.best = best.from_config(cfg)  # checkpoint.keep_best's ranking (None: off)
+        self._saved_step = -1
 
     # --- data -------------------------------------------------------------------------------------------
 
@@ -165,13 +171,18 @@ class Engine:
                 "experiment": self.cfg.tracking.experiment, "model_config": model_config_dict(self.module.model)}
 
     def save(self) -> str:
+        tag = checkpoint.tag_for(self.step)
+        if self._saved_step == self.step:  # keep_best saved this step already
+            return tag
         client = {**self.record(), "step": self.step, "samples_seen": self.samples_seen,
-                  "tokens_seen": self.tokens_seen}
+                  "tokens_seen": self.tokens_seen, "best": self.best.state_dict() if self.best else None}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
                       "objective": self.objective.state_dict(), "step": self.step}
         tag = checkpoint.save(self.ds, self.cfg.checkpoint_dir(), self.step, client, rank_state,
                               keep_last=self.cfg.checkpoint.keep_last,
-                              facts={"objective": self.objective.name, "config": to_dict(self.cfg)})
+                              facts={"objective": self.objective.name, "config": to_dict(self.cfg)},
+                              protected=self.best.tags() if self.best else ())
+        self._saved_step = self.step
         self.log_line(f"saved checkpoint {self.cfg.checkpoint_dir() / tag}")
         return tag
 
@@ -197,6 +208,8 @@ class Engine:
         self.samples_seen = int(client.get("samples_seen", 0))
         self.tokens_seen = int(client.get("tokens_seen", 0))
         self.run_id = client.get("mlflow_run_id")
+        if self.best is not None and client.get("best") and not self.best.load_state_dict(client["best"]):
+            self.log_line(f"the checkpoint ranked {client['best']['metric']}, not {self.best.metric}: ranking afresh")
         self.train_loader.load_state_dict(rank_state["loader"])
         self._epoch_iter = None
         self.objective.load_state_dict(rank_state["objective"])
@@ -207,7 +220,9 @@ class Engine:
     def export_weights(self, path: Path) -> None:
         """Collective. Rank 0 writes export_payload: the full state dict (TP shards merged, ZeRO-3 partitions
         gathered), the model config, the step and the run record. Weights are in the training dtype of the module
-        (fp32, or bf16 under bf16 training)."""
+        (fp32, or bf16 under bf16 training). checkpoint.export_from / average may export the best checkpoint or a
+        mean of checkpoints instead (pretrain.core.averaging); the record's `export` and the MLflow params
+        `export.*` name the step(s) the weights come from."""
         import deepspeed
 
         from model import sharding
@@ -218,11 +233,15 @@ class Engine:
         with gather:
             full = sharding.full_state_dict(model)
         if self.rank0:
+            source = averaging.choose(self.cfg.checkpoint, self.best, self.cfg.checkpoint_dir(), self.step)
+            full = averaging.export_state(source, full, self.cfg.checkpoint_dir(), model)
             record = {k: v for k, v in self.record().items() if k != "model_config"}
+            record["export"] = source.record()
             tmp = path.with_name(path.name + ".tmp")
-            torch.save(export_payload(full, model_config_dict(model), self.step, record), tmp)
+            torch.save(export_payload(full, model_config_dict(model), source.step, record), tmp)
             os.replace(tmp, path)
-            self.log_line(f"exported model weights to {path}")
+            self.tracker.log_params(source.params())
+            self.log_line(f"exported model weights to {path}: {source.describe()}")
         distributed.barrier()
 
     # --- tracking ---------------------------------------------------------------------------------------
@@ -314,6 +333,7 @@ class Engine:
             window_start, window_steps = time.perf_counter(), 0
             bar = self._progress_bar()
             self.ds.train()
+            evaluated: dict[str, float] | None = None  # the evaluation of an early stop, at this step
             while self.step < cfg.train.steps:
                 self.train_step(window)
                 window_steps += 1
@@ -322,14 +342,21 @@ class Engine:
                     window = self._new_window()
                     window_start, window_steps = time.perf_counter(), 0
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.train.steps:
-                    self.evaluate()
+                    means = self.evaluate()
+                    if self.keep_best(means):
+                        evaluated = means
+                        if window_steps:  # the steps since the last log line
+                            last = self._log_window(window, time.perf_counter() - window_start, window_steps, bar)
+                        break
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
                         and self.step < cfg.train.steps:
                     self.save()
                 if bar is not None:
                     bar.update(1)
             if cfg.eval.at_end:
-                last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                means = evaluated if evaluated is not None else self.evaluate()
+                last.update({f"eval/{k}": v for k, v in means.items()})
+                self.keep_best(means)
             if cfg.checkpoint.save_at_end:
                 self.save()
             if cfg.checkpoint.export_final:
@@ -349,6 +376,26 @@ class Engine:
                     self._sample_log = None
                 self.tracker.finish(status)
         return last
+
+    def keep_best(self, means: dict[str, float]) -> bool:
+        """Collective, after an evaluation: rank checkpoint.keep_best's metric (rank 0's value on every rank), save
+        and keep this step's checkpoint when it ranks among the best (pretrain.core.best). True: stop early
+        (train.early_stop_patience evaluations without a new best)."""
+        if self.best is None:
+            return False
+        value = torch.tensor([self.best.value(means)], dtype=torch.float64, device=self.device)
+        if torch.distributed.is_initialized():  # the ranks must agree on saving (a collective) and on stopping
+            torch.distributed.broadcast(value, src=0)
+        if self.best.observe(self.step, float(value)):
+            self.save()
+        if self.rank0:
+            self.best.write(self.cfg.checkpoint_dir())
+        if not self.best.should_stop() or self.step >= self.cfg.train.steps:
+            return False
+        self.log_line(f"early stop at step {self.step}: {self.best.since_best} evaluations without a new best "
+                      f"(train.early_stop_patience={self.best.patience}); {self.best.describe()}")
+        self.tracker.log_params({"train": {"stopped_early_at": self.step}})
+        return True
 
     def _progress_bar(self):
         """tqdm on rank 0 when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise."""

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 FINAL_WEIGHTS = "final_model.pt"  # the export at the end of a run, in output_dir
-# Engine.record and Engine.save's progress, plus the meta the recipes pass (tokenizer_checksum; finetuning's lineage)
+# Engine.record and Engine.save's progress, plus the meta the recipes pass (tokenizer_checksum; finetuning's lineage),
+# and an export's `export` (the step(s) its weights come from: pretrain.core.averaging.ExportSource.record)
 RECORD_KEYS = ("job", "step", "samples_seen", "tokens_seen", "mlflow_run_id", "tracking_uri", "experiment",
-               "model_config", "tokenizer_checksum", "pretrain_run_id", "pretrain_step")
+               "model_config", "tokenizer_checksum", "pretrain_run_id", "pretrain_step", "export")
 
 
 def model_config_dict(model: nn.Module) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ One job's lines form a segment, opened by its `start` line (a resumed job append
      "tags": {...}, "params": {flattened, as strings}}                     -> the run is created or reopened
     {"event": "artifact", "segment", "path", "folder"}                     -> log_artifact
     {"event": "datasets", "segment", "datasets": [{name, digest, source, context, schema, profile}]} -> log_inputs
+    {"event": "params", "segment", "params": {flattened, as strings}}   -> log_params (what a job learns on the way:
+                                                                           the export's steps, an early stop)
     {"kind": "train" | "eval" | "data", "step": n, "time": t, name: value, ...} -> metrics "<kind>/<name>" at step n
     {"event": "finish", "segment", "status", "time"}                       -> set_terminated(status)
         (+ "mlflow_outages", "mlflow_outage_s" when MLflow was away during the job -> tags tandem.mlflow_outage*)
@@ -209,6 +211,8 @@ class Sync:
                 self._do("log_artifact", self._artifact, record)
             elif event == "datasets":
                 self._do("log_inputs", self._datasets, record)
+            elif event == "params":
+                self._do("log_params", self._params, record)
             elif event == "finish":
                 self._do("finish", self._finish, record)
             self._advance(lines[i:i + 1])
@@ -303,6 +307,13 @@ class Sync:
         else:
             self.note({"event": "mlflow_refused", "segment": self.segment, "during": "log_artifact",
                        "error": f"{record['path']} no longer exists", "time": time.time()})
+
+    def _params(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in record["params"].items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.mlflow().log_batch(self.run_id, params=items[i:i + PARAMS_PER_BATCH])
 
     def _datasets(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag

@@ -227,6 +227,12 @@ class Tracker:
             self._record({"kind": kind, "step": step, "time": time.time(),
                           **{k: float(v) for k, v in metrics.items() if v is not None}})
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params known only during the job (flattened like start's: the export's steps, an early stop)."""
+        if self.active:
+            self._record({"event": "params", "segment": self.segment,
+                          "params": {k: str(v)[:PARAM_VALUE_LIMIT] for k, v in flatten(params).items()}})
+
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         """A file for the run's artifacts (sent when MLflow takes it: the file must stay until then)."""
         if self.active:

@@ -4,8 +4,8 @@ Accepted paths:
   * a run's output folder or its `checkpoints/` folder: the DeepSpeed checkpoint `latest` names (it carries the
     MLflow run id); without checkpoints, the folder's final_model.pt;
   * one DeepSpeed tag folder (`step_00000300/`): `mp_rank_XX_model_states.pt` per tensor-parallel rank (ZeRO 0-2;
-    shards are concatenated along each parameter's partition dimension) or, for ZeRO-3, the fp32 partitions
-    rebuilt with DeepSpeed's zero_to_fp32;
+    shards are concatenated along each parameter's partition dimension) or, for ZeRO-3 (`zero_pp_rank_<dp>_mp_rank_00_
+    model_states.pt` per data-parallel rank), the fp32 partitions rebuilt with DeepSpeed's zero_to_fp32;
   * a file: the engine's full-weights export (final_model.pt: {"model": state dict, "config": model config,
     "step", and the run record: job, mlflow_run_id, tokenizer_checksum, ...}), a plain full (TP=1) state dict
     (`{name: tensor}` or `{"state_dict"|"module": {...}}`), or one mp_rank file.
@@ -33,7 +33,9 @@ import torch
 from pretrain.core.checkpoint import POINTER
 from pretrain.core.export import FINAL_WEIGHTS, RECORD_KEYS
 
-MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")  # DeepSpeed's file of one tensor-parallel rank
+# DeepSpeed's model-states file of one tensor-parallel rank (ZeRO-3 writes one per data-parallel rank as well:
+# zero_pp_rank_<dp>_mp_rank_<tp>_...; data-parallel rank 0's carries the client state)
+MP_FILE = re.compile(r"^(?:zero_pp_rank_0_)?mp_rank_(\d+)_model_states\.pt$")
 _PREFIXES = ("module.", "model.")  # DeepSpeed wraps pretrain.core.engine.ObjectiveModule, which holds `model`
 
 
@@ -102,7 +104,7 @@ def _load(path: Path) -> Any:
 def _find_tag_dir(path: Path) -> Path | None:
     """A DeepSpeed tag folder for `path` (itself, `latest` in it, or in its checkpoints/ subfolder)."""
     for folder in (path, path / "checkpoints"):
-        if any(MP_FILE.match(p.name) for p in folder.glob("mp_rank_*_model_states.pt")):
+        if any(MP_FILE.match(p.name) for p in folder.glob("*mp_rank_*_model_states.pt")):
             return folder
         pointer = folder / POINTER
         if pointer.is_file():
