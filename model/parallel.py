@@ -37,6 +37,11 @@ def tp_group():
     return parallel_state.get_tensor_model_parallel_group() if is_initialized() else None
 
 
+def tp_src_rank() -> int:
+    """The global rank of this tensor-parallel group's first member (0 before initialization)."""
+    return parallel_state.get_tensor_model_parallel_src_rank() if is_initialized() else 0
+
+
 def dp_size() -> int:
     return parallel_state.get_data_parallel_world_size() if is_initialized() else 1
 

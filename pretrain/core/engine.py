@@ -28,7 +28,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from configs import progress
 from model import parallel
 from model.config import SPECIAL
 from pretrain.core import activation_checkpointing, checkpoint, distributed, job
@@ -231,8 +231,8 @@ class Engine:
     # --- tracking ---------------------------------------------------------------------------------------
 
     def log_line(self, text: str) -> None:
-        if self.rank0:
-            print(f"[{self.kind}] {text}", flush=True)
+        if self.rank0:  # through the bar: a plain print would land on the bar's line (evaluation, checkpoints)
+            progress.write(f"[{self.kind}] {text}")
 
     def start_tracking(self, params: dict[str, Any], artifacts: list[tuple[Path, str]], run_name: str) -> None:
         """Write the resolved configs into output_dir and open the MLflow run (rank 0). artifacts: (file, folder
@@ -352,12 +352,10 @@ class Engine:
         return last
 
     def _progress_bar(self):
-        """tqdm on rank 0 when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise."""
-        if not (self.rank0 and self.cfg.train.progress_bar and sys.stderr.isatty()):
+        """A bar on rank 0 when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise (_log_window)."""
+        if not (self.rank0 and self.cfg.train.progress_bar and progress.on_terminal()):
             return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.kind)
+        return progress.bar(self.cfg.train.steps, initial=self.step, unit="step", desc=self.kind)
 
     def _log_window(self, window: MetricSums, seconds: float, steps: int, bar) -> dict[str, float]:
         means, extra = window.reduce()
