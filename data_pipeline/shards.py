@@ -26,7 +26,6 @@ import collections
 import json
 import logging
 import multiprocessing as mp
-import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +33,15 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
+from configs import progress
 from data_pipeline.artifacts import (FORMAT, LENGTHS, MANIFEST, check_shards, extract_stats, fingerprint,
                                      load_lengths, load_manifest, sha256_file, shards_up_to_date, staging_for,
                                      swap_in)
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.documents import doc_files, read_docs
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import META_FILE, MODEL_FILE, PAD_ID, Tokenizer
+from data_pipeline.tokenizer import MODEL_FILE, PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +97,7 @@ def write_shards(samples: Iterable[dict[str, np.ndarray]], out_dir: Path, fields
 def write_manifest(out_dir: Path, kind: str, fields: Sequence[str], dtype: str, written: WrittenShards,
                    tokenizer: Tokenizer, stats: dict, config: dict, fingerprint: str, extra: dict | None = None) -> dict:
     np.save(out_dir / LENGTHS, written.lengths)
-    # A copy of the tokenizer travels with the shards (the folder can be moved); the checksum ties them together.
-    shutil.copyfile(tokenizer.path, out_dir / MODEL_FILE)
-    if tokenizer.path.with_name(META_FILE).is_file():
-        shutil.copyfile(tokenizer.path.with_name(META_FILE), out_dir / META_FILE)
+    tokenizer.copy_to(out_dir)  # it travels with the shards (the folder can be moved); the checksum ties them
     manifest = {
         "format": FORMAT, "kind": kind, "fields": list(fields), "token_dtype": dtype,
         "num_samples": int(len(written.lengths)), "num_tokens": int(written.lengths.sum()),
@@ -197,7 +193,7 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
             yield from _drain(map(_tokenize_file, tasks))
 
     def _drain(results: Iterable) -> Iterator[dict[str, np.ndarray]]:
-        for file_samples, file_stats in tqdm(results, total=len(tasks), desc="shard", unit="file", disable=None):
+        for file_samples, file_stats in progress.iterate(results, total=len(tasks), desc="shard", unit="file"):
             stats.update(file_stats)
             for ids in file_samples:
                 yield {"tok": ids.astype(dtype)}  # the shuffle buffer holds the written dtype, not int64

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from configs import progress
 from data_pipeline.artifacts import MANIFEST, fingerprint, shards_up_to_date, staging_for, swap_in
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.corruption import pad_stack
@@ -149,7 +150,8 @@ def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tok
     dtype = token_dtype(tok.padded_vocab_size)
 
     def samples():
-        for src, tgt in zip(sources, targets):
+        pairs = zip(sources, targets)
+        for src, tgt in progress.iterate(pairs, desc=f"tasks {task}/{split}", unit="pair", total=len(sources)):
             s = np.asarray(tok.encode_with_sep(src), dtype=np.int64)
             t = np.asarray(tok.encode(tgt), dtype=np.int64)
             if len(s) > max_source_len:

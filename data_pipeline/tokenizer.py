@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from configs import progress
 from data_pipeline.artifacts import extract_stats, fingerprint, read_record, sha256_file, staging_for, swap_in
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.documents import cut_paragraph, doc_files, iter_all_docs
@@ -63,6 +64,15 @@ class Tokenizer:
         if meta.is_file():
             multiple = int(json.loads(meta.read_text()).get("pad_to_multiple", 128))
         return cls(model, multiple)
+
+    def copy_to(self, folder: Path) -> Path:
+        """Copy the model and its metadata file into `folder`, so what was made with this tokenizer (shards, a
+        finetuned model) carries it when moved; returns the folder (Tokenizer.load reads it)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, folder / MODEL_FILE)
+        if self.path.with_name(META_FILE).is_file():
+            shutil.copyfile(self.path.with_name(META_FILE), folder / META_FILE)
+        return folder
 
     @property
     def vocab_size(self) -> int:
@@ -117,12 +127,14 @@ class Tokenizer:
 def _training_sample(cfg: DataConfig, docs_dir: Path, out_file: Path) -> dict:
     """Write a deterministic sample of about `tokenizer.sample_chars` characters, one sentence-sized line each
     (sentencepiece skips lines longer than max_sentence_length)."""
-    total = extract_stats(docs_dir).get("totals", {}).get("chars", 0)
+    totals = extract_stats(docs_dir).get("totals", {})
+    total = totals.get("chars", 0)
     rate = 1.0 if total <= 0 else min(1.0, cfg.tokenizer.sample_chars / total)
     rng = random.Random(cfg.tokenizer.seed)
     counts: collections.Counter = collections.Counter()
     with open(out_file, "w", encoding="utf-8") as out:
-        for doc in iter_all_docs(doc_files(docs_dir), counts):
+        docs = iter_all_docs(doc_files(docs_dir), counts)
+        for doc in progress.iterate(docs, desc="tokenizer sample", unit="doc", total=totals.get("docs")):
             for para in doc["text"].split("\n"):
                 if rng.random() >= rate:
                     continue
@@ -151,6 +163,8 @@ def train_tokenizer(cfg: DataConfig, force: bool = False) -> Path:
         counts = _training_sample(cfg, docs_dir, sample)
         if counts.get("sample_lines", 0) == 0:
             raise DataError(f"{docs_dir}: no text to train the tokenizer on")
+        log.info("tokenizer: training sentencepiece (%s, %d pieces) on %d sample lines", t.model_type,
+                 t.vocab_size, counts["sample_lines"])
         spm.set_random_generator_seed(t.seed)
         try:
             spm.SentencePieceTrainer.train(
