@@ -18,14 +18,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from configs import ConfigError
+from configs import ConfigError, config_path
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.stream import open_shard_dir
+from data_pipeline.tokenizer import Tokenizer
 from finetune import data
 from finetune import objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus into the core's registry)
 from finetune.config import OBJECTIVES, FinetuneConfig, fail, load
-from finetune.init_checkpoint import FINETUNE_META, check_tokenizer, pretrain_run_id, pretrain_step, read_init
+from finetune.init_checkpoint import (FINETUNE_META, TOKENIZER_COPY, check_tokenizer, pretrain_run_id, pretrain_step,
+                                      read_init)
 from finetune.resolve import (build_model_config, decoding_options, load_data_config, resolve_task_data,
                               validate_task)
 from finetune.tracking import log_json_artifact
@@ -205,7 +207,7 @@ def export_meta(plan: Plan, run_id: str | None) -> dict[str, Any]:
             "decoding_mode": plan.decode_mode, "finetune_run_id": run_id, "tracking_uri": plan.cfg.tracking.uri,
             "experiment": plan.cfg.tracking.experiment, "pretrain_run_id": tags["pretrain_run_id"],
             "pretrain_checkpoint": tags["pretrain_checkpoint"], "pretrain_step": tags["pretrain_step"],
-            "tokenizer": str(plan.task.tokenizer), "tokenizer_checksum": plan.tokenizer_checksum,
+            "tokenizer": TOKENIZER_COPY, "tokenizer_checksum": plan.tokenizer_checksum,
             "model_config": asdict(plan.model_cfg), "config": core.to_dict(plan.cfg)}
 
 
@@ -254,10 +256,11 @@ def train(plan: Plan) -> dict[str, float]:
 
 
 def write_meta(plan: Plan, run_id: str | None) -> None:
-    """finetune_meta.json and finetune.yaml beside the exported weights (what `generate` reads); the meta also
-    goes to the MLflow run."""
+    """finetune_meta.json, finetune.yaml and a copy of the tokenizer beside the exported weights (what `generate`
+    reads); the meta also goes to the MLflow run."""
     cfg, out = plan.cfg, Path(plan.cfg.output_dir)
     meta = export_meta(plan, run_id)
+    Tokenizer.load(plan.task.tokenizer).copy_to(out / TOKENIZER_COPY)  # the folder holds what `generate` needs
     core.write_atomically(out / "finetune.yaml", core.to_yaml(cfg))
     core.write_atomically(out / FINETUNE_META, json.dumps(meta, indent=1, default=str))  # last: generate needs both
     if run_id is not None:
@@ -280,7 +283,7 @@ def stage_facts(cfg: FinetuneConfig) -> dict[str, list]:
     """What --validate-only --json adds to the engine's facts: the files the job reads (the init checkpoint among
     them) and the task's training and validation shard folders with their sizes. A task or data config that cannot
     be resolved names no folder (the verdict says why)."""
-    inputs = [core.input_file("data.config", cfg.data.config)]
+    inputs = [core.input_file("data.config", config_path(cfg.data.config))]
     if cfg.init.checkpoint and cfg.init.checkpoint != SCRATCH:
         inputs.append(core.input_file("--init", cfg.init.checkpoint))
     shards = []
