@@ -15,7 +15,8 @@ elsewhere, ...).
 Decoding runs in one process at tensor-parallel size 1, whatever the training used: final_model.pt holds the full
 weights (the engine merges TP shards and gathers ZeRO-3 partitions when it exports), and a DeepSpeed checkpoint
 written at TP=N is merged on load. tests/test_finetune_distributed.py checks that a TP=2 finetune decodes exactly
-as the TP=1 run of the same job. Decoding a model too large for one device is not supported.
+as the TP=1 run of the same job. Decoding a model too large for one device is not supported. The model decodes on
+the GPU when there is one (cuda:0), else on the CPU.
 
 `--check --config C --split S` only checks that split S of the config's task can be read (the per-task scripts run
 it before training, so a missing test split fails in seconds).
@@ -97,7 +98,7 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
         core.load_into(model, weights)
     except core.InitError as err:
         raise ConfigError(f"--model: {err}") from None
-    model.eval()
+    model.to(decoding_device()).eval()
     if finetuned:
         meta = {k: v for k, v in weights.meta.items() if k not in ("model_config",)}
     else:  # a model that was not finetuned (the starting point of a finetuning run)
@@ -109,6 +110,12 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
     meta["config"] = core.to_dict(cfg)
     meta["task"], meta["difficulty"] = cfg.task.name, cfg.task.difficulty
     return model, cfg, meta, tokenizer, td
+
+
+def decoding_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_out_dir(model_path: str, cfg: FinetuneConfig, meta: dict, split: str, mode: str) -> Path:

@@ -4,8 +4,11 @@
 with probability nar_ratio, else AR; methods.md §1.5) and `janus` (AR + NAR views with symmetric-KL auxiliary
 terms, §3.2). Objectives that draw random numbers keep their own checkpointed generator, seeded alike on every rank
 (finetune.run.build_objective): TP peers see the same batch, and under ZeRO-3 bang_mixed's per-step AR/NAR choice
-must be the same on every data-parallel rank. Evaluation draws from a fixed-seed copy, never from the training
-generator, so evaluating does not change training and every evaluation sees the same masks.
+must be the same on every data-parallel rank. Masks are drawn on the host, before the batch moves to the device
+(`prepare`, pretrain.core.Objective), and travel with it: batch["nar_masked"] [B, T] bool (nar with
+masking="uniform", janus) and, for nar with exits="random", batch["nar_exit_uniform"], what its exit layers are
+drawn from. Evaluation draws from a fixed-seed copy, never from the training generator, so
+evaluating does not change training and every evaluation sees the same masks.
 
 Split invariance: the engine rescales each micro-batch loss by its share of the step's targets, which gives the
 gradient of the global batch however it is split over ranks and micro-steps, provided the loss is a mean over the
@@ -68,7 +71,13 @@ def token_weighted_length_loss(length_logits: torch.Tensor, tgt: torch.Tensor, n
     per_example = F.cross_entropy(length_logits.float(), length_targets(tgt, n_classes), reduction="none")
     n_targets = (tgt != SPECIAL.pad).sum(-1).to(per_example.dtype)
     loss = (per_example * n_targets).sum() / n_targets.sum().clamp(min=1)
-    return loss, (per_example.detach().sum(), per_example.new_tensor(float(per_example.numel())))
+    return loss, (per_example.detach().sum(), per_example.numel())  # the count is known on the host
+
+
+def exit_layers(uniform: torch.Tensor, scored: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """LPLM exit layers [B, T] from uniforms in [0, 1): uniform in 1..n_layers where scored, n_layers elsewhere."""
+    drawn = (uniform * n_layers).long().clamp(max=n_layers - 1) + 1
+    return torch.where(scored, drawn, torch.full_like(drawn, n_layers))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -83,15 +92,28 @@ class SeededObjective(Objective):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def eval_metrics(self, model, batch) -> Metrics:
-        """The training metrics with draws from a generator reset to the seed: each evaluation draws the same
-        masks, and the training generator (checkpointed, shared by all ranks) is left where it was."""
+    def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What this objective draws for a batch (host tensors, from self.generator); none by default."""
+        return {}
+
+    def prepare(self, batch: dict[str, Any], evaluate: bool = False) -> dict[str, Any]:
+        """The batch with this objective's draws. evaluate=True draws from a generator reset to the seed: each
+        evaluation draws the same masks, and the training generator (checkpointed, shared by all ranks) is left
+        where it was."""
+        if batch.get("drawn_by") == self.name:
+            return batch
+        if not evaluate:
+            return {**batch, **self.draws(batch), "drawn_by": self.name}
         training_state = self.generator.get_state()
         self.generator.manual_seed(self.seed)
         try:
-            return self.loss(model, batch)[1]
+            return {**batch, **self.draws(batch), "drawn_by": self.name}
         finally:
             self.generator.set_state(training_state)
+
+    def eval_metrics(self, model, batch) -> Metrics:
+        """The training metrics on the batch's evaluation draws."""
+        return self.loss(model, self.prepare(batch, evaluate=True))[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -102,12 +124,6 @@ class SeededObjective(Objective):
 
     def uniform(self, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator)
-
-    def device_generator(self, device: torch.device) -> torch.Generator:
-        """A generator on `device`, seeded by one draw of this objective's (checkpointed) generator: draws made
-        with it happen on the device (nothing is copied there) and repeat on resume and on every rank."""
-        seed = int(torch.randint(2**62, (1,), generator=self.generator))  # a CPU value: no device sync
-        return torch.Generator(device=device).manual_seed(seed)
 
 
 def ar_hidden(model, batch, stream: str) -> torch.Tensor:
@@ -166,24 +182,37 @@ class NarObjective(SeededObjective):
         return ["nar/loss", "nar/token_loss", "nar/length_loss"] + extra
 
     def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor | None:
+        """CMLM masks [B, T] on tgt's device, drawn on the host (None for masking="all")."""
         if self.masking == "all":
             return None
-        real = tgt != SPECIAL.pad
+        real = tgt.cpu() != SPECIAL.pad
         n_real = real.sum(-1, keepdim=True)
         n_mask = (self.uniform(tgt.shape[0], 1) * n_real).long().clamp(min=1)
         scores = self.uniform(*tgt.shape).masked_fill(~real, 2.0)  # pads sort last
         rank = scores.argsort(-1).argsort(-1)
-        return (rank < n_mask) & real
+        return ((rank < n_mask) & real).to(tgt.device)
+
+    def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """CMLM masks (masking="uniform") and, for exits="random", one uniform per target that the loss turns
+        into an exit layer (the objective does not know the model's depth before it sees the model)."""
+        tgt = batch["tgt_tokens"]
+        masked = self.draw_masked(tgt)
+        drawn = {} if masked is None else {"nar_masked": masked}
+        if self.exits == "random":
+            drawn["nar_exit_uniform"] = self.uniform(*tgt.shape).to(tgt.device)
+        return drawn
 
     def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        batch = self.prepare(batch)  # a no-op for the engine's batches, prepared on the host
         tgt = batch["tgt_tokens"]
         real = tgt != SPECIAL.pad
-        masked = self.draw_masked(tgt)
+        masked = batch.get("nar_masked")
         streams = build_streams(self.mode, tgt_tokens=tgt, tgt_positions=batch["tgt_positions"], tgt_mask=real,
                                 masked=masked)
         enc = model.encode(batch["src_tokens"])
         scored = real if masked is None else masked
-        token_loss, token_entry, exit_metrics = self.token_term(model, enc, streams, tgt, scored)
+        token_loss, token_entry, exit_metrics = self.token_term(model, enc, streams, tgt, scored,
+                                                                batch.get("nar_exit_uniform"))
         length_loss, length_entry = token_weighted_length_loss(model.length_logits(enc), tgt,
                                                                model.cfg.n_length_classes)
         loss = token_loss + self.length_weight * length_loss
@@ -192,19 +221,19 @@ class NarObjective(SeededObjective):
                       "nar/length_loss": length_entry, **exit_metrics}  # length: logged per example
 
     def draw_exits(self, scored: torch.Tensor, n_layers: int) -> torch.Tensor:
-        """LPLM exit layers [B, T] on scored's device: uniform in 1..n_layers where scored, n_layers elsewhere."""
-        draw = torch.randint(1, n_layers + 1, scored.shape, device=scored.device,
-                             generator=self.device_generator(scored.device))
-        return torch.where(scored, draw, torch.full_like(draw, n_layers))
+        """LPLM exit layers [B, T] on scored's device: uniform in 1..n_layers where scored, n_layers elsewhere
+        (the draw a prepared batch carries: this objective's next uniforms, from its checkpointed generator)."""
+        return exit_layers(self.uniform(*scored.shape).to(scored.device), scored, n_layers)
 
-    def token_term(self, model, enc, streams, tgt: torch.Tensor, scored: torch.Tensor):
+    def token_term(self, model, enc, streams, tgt: torch.Tensor, scored: torch.Tensor,
+                   uniform: torch.Tensor | None = None):
         """The token term at the trained exits (see the class), its metric entry and the exit metrics. Every layer
         runs whatever the exits: no host sync, and the same layers on every rank."""
         ls = self.label_smoothing
         if self.exits == "last":
             return (*masked_mean(model.token_loss(model.decode(enc, streams).hidden, tgt, ls), scored), {})
         if self.exits == "random":
-            exits = self.draw_exits(scored, len(model.decoder_layers))
+            exits = exit_layers(uniform, scored, len(model.decoder_layers))
             hidden = model.decode(enc, streams, exit_layers=exits, stop_when_all_exited=False).hidden
             return (*masked_mean(model.token_loss(hidden, tgt, ls), scored), {})
         states = model.decode(enc, streams, keep_layer_states=True).layer_states
@@ -280,18 +309,40 @@ class JanusObjective(SeededObjective):
                 "janus/kl_ar_content", "janus/kl_ar_query", "janus/kl_content_query"]
 
     def draw_masked(self, tgt: torch.Tensor) -> torch.Tensor:
-        """Span masking per example until mask_ratio of the maskable targets (all real but the last) is covered."""
-        B, T = tgt.shape
-        n_real = (tgt != SPECIAL.pad).sum(-1)
+        """Span masks [B, T] on tgt's device, drawn on the host for all examples at once. Per example: spans of
+        max(1, Poisson(span_lambda)) targets starting uniformly in the maskable prefix (every real target but the
+        last: the final eos is never masked, unless it is the only target), one after another, overlaps allowed,
+        until mask_ratio of the maskable targets is covered (the last span may overshoot). Spans are drawn in
+        rounds of a few per example; each example keeps the shortest run of its spans that reaches its goal, which
+        is that sequential process exactly (tests/test_finetune_objectives.py compares the statistics)."""
+        real = tgt.cpu() != SPECIAL.pad
+        B, T = real.shape
+        maskable = (real.sum(-1) - 1).clamp(min=1)  # [B]
+        goal = (maskable.double() * self.mask_ratio).round().clamp(min=1)  # round half to even, like round()
+        positions = torch.arange(T)
         masked = torch.zeros(B, T, dtype=torch.bool)
-        for b in range(B):
-            maskable = max(int(n_real[b]) - 1, 1)  # never the final eos (unless it is the only token)
-            goal = max(1, round(self.mask_ratio * maskable))
-            while int(masked[b, :maskable].sum()) < goal:
-                span = max(1, int(torch.poisson(torch.tensor([self.span_lambda]), generator=self.generator)))
-                start = int(torch.randint(0, maskable, (1,), generator=self.generator))
-                masked[b, start:min(start + span, maskable)] = True
+        pending = torch.ones(B, dtype=torch.bool)
+        spans_per_round = int(goal.max() / max(self.span_lambda, 1.0)) + 4  # more rounds if overlaps need them
+        while bool(pending.any()):
+            lengths = torch.poisson(torch.full((B, spans_per_round), float(self.span_lambda)),
+                                    generator=self.generator).long().clamp(min=1)
+            starts = (torch.rand(B, spans_per_round, dtype=torch.float64, generator=self.generator)
+                      * maskable[:, None]).long()
+            ends = torch.minimum(starts + lengths, maskable[:, None])
+            spans = (positions >= starts[..., None]) & (positions < ends[..., None])  # [B, spans, T]
+            covered = (spans | masked[:, None]).long().cumsum(dim=1) > 0  # covered after each span, in order
+            reached = covered.sum(-1) >= goal[:, None]  # [B, spans]
+            first = reached.long().argmax(1)  # the first span that reaches the goal (0 when none does)
+            done = reached.any(1)
+            take = torch.where(done, first, torch.full_like(first, spans_per_round - 1))
+            new = covered[torch.arange(B), take]
+            masked = torch.where(pending[:, None], new, masked)
+            pending &= ~done
         return masked.to(tgt.device)
+
+    def draws(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tgt = batch["tgt_tokens"]
+        return {"nar_masked": self.draw_masked(tgt) & (tgt != SPECIAL.pad)}
 
     def forward_views(self, model, batch, masked):
         """Decoder states [B, T, D] of the AR query, content and NAR query views, and the length logits."""
@@ -304,9 +355,10 @@ class JanusObjective(SeededObjective):
         return views, model.length_logits(enc)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, Metrics]:
+        batch = self.prepare(batch)  # a no-op for the engine's batches, prepared on the host
         tgt = batch["tgt_tokens"]
         real = tgt != SPECIAL.pad
-        masked = self.draw_masked(tgt) & real
+        masked = batch["nar_masked"]  # drawn on the host (prepare)
         views, length_logits = self.forward_views(model, batch, masked)
         B, T = tgt.shape
         rows, valid = gather_rows(real, batch.get("n_tokens", B * T))

@@ -7,9 +7,20 @@ the main stream's view of the predicting streams, the cross-group tiles of the j
 2.13 CPU: compiled FlexAttention runs forward only (no backward on CPU), compiles per shape in ~5-20 s, and
 matches SDPA to ~5e-7 in fp32; eager FlexAttention ignores the block structure and materialises all scores.
 
+Which kernel a call runs (`resolve_backend`): "auto" is FlexAttention on CUDA and SDPA elsewhere. FlexAttention
+has no dropout (it has no hook on the probabilities after the softmax, and dropping scores before it would
+renormalise, which is not dropout), so a call with attention dropout (training with attention_dropout > 0, the
+base config) runs SDPA with the dense mask, which the model then builds on the device, and no BlockMask at all.
+
 A BlockMask comes from a dense mask (`block_mask_from_dense`, any mask, cached on the mask tensor) or from the
 streams' rule written as a mask_mod (`stream_block_mask`, equal to model/streams.py's build_streams mask,
-padding included, and cached per shape and mode when the batch has no padding and no per-batch rule).
+padding included, and cached per shape and mode for shape-only modes without padding). On CUDA both the
+BlockMask construction and FlexAttention are compiled with dynamic shapes, and the streams' length T enters every
+mask_mod as a device tensor, not a Python constant: a new length (length bucketing makes many) reuses the
+compiled code instead of compiling again (one compilation for five lengths, measured with a counting backend in
+tests/test_attention.py; with T a Python int, each length compiled anew until the recompile limit, after which
+torch silently ran the unfused eager path; now hitting the limit raises). Under a FakeTensorMode (a dry run,
+a memory plan) nothing is compiled and nothing is cached.
 """
 from __future__ import annotations
 
@@ -23,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from model.config import check_mode
-from model.streams import stream_names, structure_mask
+from model.streams import bang_rule, shape_rule, stream_names, structure_mask, under_fake_mode
 
 BACKENDS = ("sdpa", "flex")
 # FlexAttention's tile. With T a multiple of it, stream boundaries fall on tile boundaries and whole
@@ -44,18 +55,38 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def resolve_backend(backend: str, device: torch.device | str, dropout_p: float = 0.0) -> str:
+    """The kernel a call runs: `backend` ("auto", "sdpa" or "flex") on `device`, and SDPA whenever dropout_p > 0
+    (FlexAttention has no dropout). The model asks this both to build the mask and to attend, so it never builds
+    a mask form the kernel does not use."""
+    backend = default_backend(device) if backend == "auto" else check_backend(backend)
+    if backend == "flex" and dropout_p > 0:
+        return "sdpa"
+    return backend
+
+
 # --- the kernel call ---------------------------------------------------------------------------------------
 
-# Each (shape, mask_mod code, captured constants) compiles once; dynamo's default limit of 8 variants per
-# function would silently drop later calls to the unfused eager path.
+# Each mask_mod (a mode, padded or not, a dense mask) is one compiled variant; dynamo's default limit of 8 variants
+# per function would drop later calls to the unfused eager path silently. Past this limit a call raises instead.
 RECOMPILE_LIMIT = 64
+
+
+def flex_compile_options(device_type: str) -> dict:
+    """torch.compile options of FlexAttention and of BlockMask construction. CUDA: dynamic shapes, so that a new
+    length is no new compilation. CPU: dynamic=False, because dynamic shapes generated C++ that failed to build
+    in torch 2.13 (CPU FlexAttention serves no-grad checks only)."""
+    return {"dynamic": device_type != "cpu"}
 
 
 @functools.cache
 def _compiled_flex(device_type: str):
-    # CPU: dynamic=False, because automatic dynamic shapes (after a second shape) generated C++ that failed to
-    # build in torch 2.13. CUDA: torch's default (automatic dynamic shapes), not measured here.
-    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+    return torch.compile(flex_attention, **flex_compile_options(device_type))
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask, **flex_compile_options("cuda"))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask, *,
@@ -64,7 +95,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     mask: bool [B or 1, Lq, Lk], True = visible (every row must see something: SDPA gives NaN on an empty row,
     Flex gives 0), or a BlockMask from this module. FlexAttention has no dropout, so dropout_p > 0 runs dense
-    SDPA whatever the backend. compiled=False runs FlexAttention eagerly (unfused; for checks only).
+    SDPA whatever the backend (callers that resolve_backend first hand it the dense mask). compiled=False runs
+    FlexAttention eagerly (unfused; for checks only), as does a FakeTensorMode.
     """
     check_backend(backend)
     if backend == "sdpa" or dropout_p > 0:
@@ -78,11 +110,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             f"attention backend 'flex' has no backward on CPU in torch {torch.__version__}: "
             "use backend='sdpa' to train on CPU, or run under torch.no_grad()")
     block_mask = mask if isinstance(mask, BlockMask) else block_mask_from_dense(mask)
-    if not compiled:
+    if not compiled or under_fake_mode():
         return flex_attention(q, k, v, block_mask=block_mask)
     import torch._dynamo as dynamo  # only the compiled path needs dynamo
 
-    with dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+    with dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
         return _compiled_flex(q.device.type)(q, k, v, block_mask=block_mask)
 
 
@@ -116,8 +148,12 @@ _to_dense = _IdentityCache()
 
 def _build_block_mask(mask_mod: MaskMod, B: int | None, Lq: int, Lk: int, device: torch.device,
                       sparse_block: int) -> BlockMask:
-    # Heads share the mask (H=None). create_block_mask evaluates mask_mod densely once per call; callers cache.
-    return create_block_mask(mask_mod, B, None, Lq, Lk, device=device, BLOCK_SIZE=sparse_block)
+    # Heads share the mask (H=None). create_block_mask evaluates mask_mod densely once per call (compiled on CUDA,
+    # so that the [B, Lq, Lk] evaluation is fused and not materialised); callers cache.
+    build = create_block_mask
+    if torch.device(device).type == "cuda" and not under_fake_mode():
+        build = _compiled_create_block_mask()
+    return build(mask_mod, B, None, Lq, Lk, device=device, BLOCK_SIZE=sparse_block)
 
 
 def block_mask_from_dense(mask: torch.Tensor, sparse_block: int = SPARSE_BLOCK) -> BlockMask:
@@ -172,30 +208,13 @@ def block_kinds(block_mask: BlockMask) -> torch.Tensor:
 
 
 # --- the streams' rule as a mask_mod -----------------------------------------------------------------------
-# Index q (row) and kv (column) of the [K*T, K*T] layout split into stream (q // T) and position (q % T).
-# Each rule below is model/streams.py's rule for that mode, written per (row, column) pair.
-
-def _bang_rule(sq, iq, sk, jk):
-    """Main rows causal; predicting stream s = sq-1 at i sees main 0..max(i-s, 0), stream m < s at i-s+m
-    (the diagonal of earlier streams) and itself."""
-    main_limit = torch.where(sq == 0, iq, torch.clamp(iq - sq + 1, min=0))
-    main = (sk == 0) & (jk <= main_limit)
-    diagonal = (sk >= 1) & (sk < sq) & (jk == iq - sq + sk)
-    itself = (sk == sq) & (jk == iq)
-    return main | diagonal | itself
-
-
-def _semi_nar_rule(sq, iq, sk, jk, k: int):
-    """Main rows causal; slot i of block b sees main 0..b*k and the slots of its block up to itself."""
-    start = (iq // k) * k
-    main_row = (sq == 0) & (sk == 0) & (jk <= iq)
-    slot_row = (sq == 1) & (((sk == 0) & (jk <= start)) | ((sk == 1) & (jk >= start) & (jk <= iq)))
-    return main_row | slot_row
-
+# Index q (row) and kv (column) of the [K*T, K*T] layout split into stream (q // T) and position (q % T). The
+# shape-only modes use model/streams.py's shape_rule; janus's rule, per (row, column), is written here (its dense
+# form is model/streams.py's janus_mask; tests/test_attention.py checks they agree).
 
 def _janus_rule(sq, iq, sk, jk, m_row, m_col):
     """Streams (main, ar_query, content, revealed, nar_query); m_row / m_col: is target iq / jk NAR-masked."""
-    ar_group = (sq < 2) & (sk < 2) & _bang_rule(sq, iq, sk, jk)
+    ar_group = (sq < 2) & (sk < 2) & bang_rule(sq, iq, sk, jk)
     content = (sq == 2) & (sk == 2)
     revealed = (sq == 3) & (
         (m_row & (((sk == 2) & (~m_col | (jk > iq))) | ((sk == 3) & m_col & (jk <= iq))))
@@ -206,25 +225,20 @@ def _janus_rule(sq, iq, sk, jk, m_row, m_col):
     return ar_group | content | revealed | query
 
 
-def _shape_rule(mode: str, T: int, n_predict: int, block_size: int):
-    """(sq, iq, sk, jk) -> visible, for the modes whose rule depends only on shapes."""
-    if mode in ("ar", "nar_causal"):
-        return lambda sq, iq, sk, jk: jk <= iq
-    if mode == "nar_bidir":
-        return lambda sq, iq, sk, jk: jk >= 0
-    if mode == "semi_nar":
-        return lambda sq, iq, sk, jk: _semi_nar_rule(sq, iq, sk, jk, block_size)
-    return _bang_rule  # bang_ar, bang: the number of streams is implied by the layout
-
-
 def stream_mask_mod(mode: str, T: int, *, n_predict: int = 1, block_size: int = 1,
-                    tgt_mask: torch.Tensor | None = None, masked: torch.Tensor | None = None) -> MaskMod:
+                    tgt_mask: torch.Tensor | None = None, masked: torch.Tensor | None = None,
+                    device: torch.device | str | None = None) -> MaskMod:
     """The visibility rule of build_streams(mode, ...) as a FlexAttention mask_mod over [K*T, K*T].
 
     tgt_mask [B, T]: real targets (keys at padded positions are hidden; a row left with nothing visible sees
-    itself, as in build_streams). masked [B, T]: the NAR-masked targets (janus only; required there).
+    itself, as in build_streams). masked [B, T]: the NAR-masked targets (janus only; required there). T enters
+    as a tensor on the device (that of tgt_mask / masked, else `device`, else cpu), so compiled code does not
+    specialise on it.
     """
     check_mode(mode)
+    ref = tgt_mask if tgt_mask is not None else masked
+    device = ref.device if ref is not None else torch.device(device or "cpu")
+    length = torch.full((), T, dtype=torch.int64, device=device)
     if mode == "janus":
         if masked is None:
             raise ValueError("mode 'janus' needs masked= (the NAR-masked targets)")
@@ -233,21 +247,22 @@ def stream_mask_mod(mode: str, T: int, *, n_predict: int = 1, block_size: int = 
         def rule(b, sq, iq, sk, jk):
             return _janus_rule(sq, iq, sk, jk, nar[b, iq], nar[b, jk])
     else:
-        shape_rule = _shape_rule(mode, T, n_predict, block_size)
+        shaped = shape_rule(mode, block_size)
 
         def rule(b, sq, iq, sk, jk):
-            return shape_rule(sq, iq, sk, jk)
+            return shaped(sq, iq, sk, jk)
 
     if tgt_mask is None:
         def mask_mod(b, h, q_idx, kv_idx):
-            return rule(b, q_idx // T, q_idx % T, kv_idx // T, kv_idx % T)
+            return rule(b, q_idx // length, q_idx % length, kv_idx // length, kv_idx % length)
         return mask_mod
 
     valid = tgt_mask.bool()
     empty = _empty_rows(mode, T, n_predict, block_size, valid)
 
     def padded_mask_mod(b, h, q_idx, kv_idx):
-        seen = rule(b, q_idx // T, q_idx % T, kv_idx // T, kv_idx % T) & valid[b, kv_idx % T]
+        seen = rule(b, q_idx // length, q_idx % length, kv_idx // length, kv_idx % length) & \
+            valid[b, kv_idx % length]
         return seen | ((q_idx == kv_idx) & empty[b, q_idx])
 
     return padded_mask_mod
@@ -257,7 +272,7 @@ def _empty_rows(mode: str, T: int, n_predict: int, block_size: int, valid: torch
     """[B, K*T] rows that see no valid key, without building the [B, K*T, K*T] mask."""
     K = len(stream_names(mode, n_predict))
     if mode != "janus":
-        structure = structure_mask(mode, T, n_predict, block_size).to(valid.device)
+        structure = structure_mask(mode, T, n_predict, block_size, device=valid.device)
         seen = valid.repeat(1, K).float() @ structure.float().T  # [B, K*T] count of visible valid keys
         return seen == 0
     # janus (see _janus_rule): main and ar_query rows at i see the valid main keys 0..i; content rows see all
@@ -270,15 +285,17 @@ def _empty_rows(mode: str, T: int, n_predict: int, block_size: int, valid: torch
 def stream_block_mask(mode: str, T: int, *, n_predict: int = 1, block_size: int = 1,
                       tgt_mask: torch.Tensor | None = None, masked: torch.Tensor | None = None,
                       device: torch.device | str = "cpu", sparse_block: int = SPARSE_BLOCK) -> BlockMask:
-    """The BlockMask of build_streams(mode, ...). Without padding and for shape-only modes it is built once per
-    (mode, T, n_predict, block_size, device) and broadcast over the batch; otherwise once per call (per batch)."""
+    """The BlockMask of build_streams(mode, ...). For shape-only modes without tgt_mask it is built once per
+    (mode, T, n_predict, block_size, device) and broadcast over the batch; otherwise once per call (per batch).
+    Whether a given tgt_mask pads anything is not asked: that would read device values on the host."""
     check_mode(mode)
-    if tgt_mask is not None and bool(tgt_mask.all()):
-        tgt_mask = None
     L = len(stream_names(mode, n_predict)) * T
     if mode != "janus" and tgt_mask is None:
         n_predict = n_predict if mode == "bang" else 1
         block_size = block_size if mode == "semi_nar" else 1
+        if under_fake_mode():
+            return _shape_block_mask.__wrapped__(mode, T, n_predict, block_size, str(torch.device(device)),
+                                                 sparse_block)
         return _shape_block_mask(mode, T, n_predict, block_size, str(torch.device(device)), sparse_block)
     mask_mod = stream_mask_mod(mode, T, n_predict=n_predict, block_size=block_size, tgt_mask=tgt_mask,
                                masked=masked)
@@ -290,5 +307,5 @@ def stream_block_mask(mode: str, T: int, *, n_predict: int = 1, block_size: int 
 def _shape_block_mask(mode: str, T: int, n_predict: int, block_size: int, device: str,
                       sparse_block: int) -> BlockMask:
     L = len(stream_names(mode, n_predict)) * T
-    mask_mod = stream_mask_mod(mode, T, n_predict=n_predict, block_size=block_size)
+    mask_mod = stream_mask_mod(mode, T, n_predict=n_predict, block_size=block_size, device=device)
     return _build_block_mask(mask_mod, None, L, L, torch.device(device), sparse_block)

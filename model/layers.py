@@ -14,7 +14,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from model import parallel
-from model.attention import attend, default_backend
+from model.attention import attend, resolve_backend
 from model.config import ModelConfig
 
 
@@ -99,9 +99,8 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         p = self.dropout if self.training else 0.0
-        backend = default_backend(q.device) if self.backend == "auto" else self.backend
-        if past is not None:
-            backend = "sdpa"  # a few new rows against the cache: no tiles worth skipping
+        # A few new rows against the cache: no tiles worth skipping, SDPA.
+        backend = "sdpa" if past is not None else resolve_backend(self.backend, q.device, p)
         if p > 0 and parallel.tp_size() > 1:
             with parallel.rng_tracker().fork():  # heads differ per TP rank, so must their dropout
                 ctx = attend(q, k, v, mask, dropout_p=p, backend=backend)

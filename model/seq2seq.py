@@ -16,7 +16,7 @@ from torch import nn
 
 from model import parallel
 from model.config import SPECIAL, ModelConfig
-from model.attention import default_backend, stream_block_mask
+from model.attention import resolve_backend, stream_block_mask
 from model.layers import DecoderLayer, EncoderLayer, KVCache, normal_init
 from model.streams import DecoderStreams
 
@@ -82,9 +82,9 @@ class Seq2SeqModel(nn.Module):
     # --- decoder -----------------------------------------------------------------------------------------
 
     def embed_decoder(self, ids: torch.Tensor, is_slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if positions.max() > self.cfg.max_target_positions:
-            raise ValueError(f"target position {int(positions.max())} exceeds model.max_target_positions="
-                             f"{self.cfg.max_target_positions}")
+        # Position ids are not checked here (that would read device values on the host every forward): the data
+        # side bounds them (pretrain.run / finetune.run validate lengths against max_target_positions, the
+        # training step checks each host batch: pretrain.core.step.MicroBatch) and decoding caps its lengths.
         tok = self.embed_tokens(ids)
         tok = torch.where(is_slot[..., None], self.slot_embed.to(tok.dtype), tok)
         x = tok + self.embed_target_positions(positions)
@@ -92,21 +92,23 @@ class Seq2SeqModel(nn.Module):
 
     def decode(self, enc: Encoded, streams: DecoderStreams, exit_layers: torch.Tensor | None = None,
                exit_rule: ExitRule | None = None, keep_layer_states: bool = False,
-               stop_when_all_exited: bool = True) -> DecoderOutput:
+               stop_when_all_exited: bool = True, depth: int | None = None) -> DecoderOutput:
         """Run the decoder over all streams.
 
         exit_layers [B, K*T] (ELMER LPLM): row t exits at layer exit_layers[t] (1-based); its state there is the
         output, and a detached copy is what later layers see, so the copies carry no gradient. exit_rule decides
-        exits on the fly instead (entropy early exit). Computation stops once every row has exited, unless
-        stop_when_all_exited=False (training): then every layer runs, with no host sync to check, and every
-        data-parallel rank runs the same layers (ZeRO-3 gathers parameters layer by layer).
+        exits on the fly instead (entropy early exit). Computation stops once every row has exited, which reads
+        one flag per layer on the host, unless stop_when_all_exited=False (training): then every layer runs, with
+        no host read, and every data-parallel rank runs the same layers (ZeRO-3 gathers parameters layer by
+        layer). depth: run only that many layers (a count the host knows; rows still in at layer `depth` exit
+        there), e.g. ELMER's evaluation at a fixed exit layer, without reading anything back.
         """
         x = self.embed_decoder(streams.ids, streams.is_slot, streams.positions)
         cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
         self_mask = self.self_attention_mask(streams, x.device)
         if exit_layers is not None:
             exit_rule = lambda layer, _h: exit_layers == layer  # noqa: E731
-        n_layers = len(self.decoder_layers)
+        n_layers = len(self.decoder_layers) if depth is None else depth
         states = [] if keep_layer_states else None
         if exit_rule is None:
             for layer in self.decoder_layers:
@@ -119,7 +121,7 @@ class Seq2SeqModel(nn.Module):
         frozen = torch.zeros_like(x)
         exited = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         exit_at = torch.full(x.shape[:2], n_layers, dtype=torch.long, device=x.device)
-        for number, layer in enumerate(self.decoder_layers, start=1):
+        for number, layer in enumerate(self.decoder_layers[:n_layers], start=1):
             x, _ = layer(x, self_mask, enc.states, cross_mask)
             normed = self.decoder_final_norm(x)
             now = ~exited & (exit_rule(number, normed) if number < n_layers else torch.ones_like(exited))
@@ -135,9 +137,10 @@ class Seq2SeqModel(nn.Module):
         return DecoderOutput(out, exit_at, states)
 
     def self_attention_mask(self, streams: DecoderStreams, device: torch.device):
-        """The dense rule for SDPA, or the same rule block-sparse for FlexAttention (skips fully masked tiles)."""
-        backend = self.cfg.attention_backend
-        if (default_backend(device) if backend == "auto" else backend) != "flex":
+        """The dense rule for SDPA, or the same rule block-sparse for FlexAttention (skips fully masked tiles):
+        only the form the layers' kernel uses is built (model/attention.py resolve_backend, as the layers ask)."""
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        if resolve_backend(self.cfg.attention_backend, device, dropout) != "flex":
             return streams.attn_mask
         return stream_block_mask(streams.mode, streams.length, n_predict=streams.n_predict,
                                  block_size=streams.block_size, tgt_mask=streams.tgt_mask, masked=streams.masked,

@@ -2,12 +2,18 @@
 
 A stream row is either a *token* row (token embedding) or a *slot* row (the learned mask vector); both add the
 position embedding of the token they stand for. Masks are boolean, True where a row may attend to a column,
-laid out over the concatenation [stream 0 (T) ; stream 1 (T) ; ...]. Shape-only masks are built once and cached.
+laid out over the concatenation [stream 0 (T) ; stream 1 (T) ; ...].
+
+The rule of the modes whose mask depends only on shapes is written once, per (row, column) pair (`shape_rule`):
+`structure_mask` evaluates it over the grid of rows and columns on the batch's device (a few elementwise kernels,
+no host-to-device copy; host masks are cached), and model/attention.py hands the same rule to FlexAttention. A
+batch's dense mask (padding applied) is built only when a kernel asks for it (`DecoderStreams.attn_mask`).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -22,12 +28,27 @@ class DecoderStreams:
     ids: torch.Tensor  # [B, K*T] token ids of token rows (ignored on slot rows)
     is_slot: torch.Tensor  # [B, K*T] bool
     positions: torch.Tensor  # [B, K*T] position ids
-    attn_mask: torch.Tensor  # [B, K*T, K*T] bool, True = visible
-    # What the rule was built from, so a structured kernel (model/attention.py) can rebuild it block-sparse.
+    tgt_mask: torch.Tensor  # [B, T] bool, the real targets
+    # What the rule is built from, so that each kernel builds the form it needs (dense here, block-sparse in
+    # model/attention.py) and nothing else.
     n_predict: int = 1
     block_size: int = 1
-    tgt_mask: torch.Tensor | None = None
     masked: torch.Tensor | None = None
+
+    @functools.cached_property
+    def attn_mask(self) -> torch.Tensor:
+        """[B, K*T, K*T] bool, True = visible: the mode's rule, padded keys hidden, and a row left with nothing
+        visible (a padded row) seeing itself (softmax over nothing gives NaN). Built on first use, on the batch's
+        device."""
+        dev = self.ids.device
+        if self.mode == "janus":
+            structure = janus_mask(self.masked.bool() & self.tgt_mask)
+        else:
+            structure = structure_mask(self.mode, self.length, self.n_predict, self.block_size, device=dev)[None]
+        key_valid = self.tgt_mask.repeat(1, len(self.names))
+        attn_mask = structure & key_valid[:, None, :]
+        empty = ~attn_mask.any(-1)  # on the device: no host sync to decide whether any row is empty
+        return attn_mask | (torch.eye(attn_mask.shape[-1], dtype=torch.bool, device=dev)[None] & empty[..., None])
 
     def index(self, name: str) -> int:
         if name not in self.names:
@@ -52,61 +73,73 @@ def stream_names(mode: str, n_predict: int = 1) -> tuple[str, ...]:
     }[check_mode(mode)]
 
 
-# --- shape-only masks ------------------------------------------------------------------------------------
+# --- the rule of the shape-only modes, per (row, column) ------------------------------------------------------
+# Row q and column k of the [K*T, K*T] layout split into stream (q // T) and position (q % T): sq, iq, sk, jk.
+# The functions take tensors of indices and broadcast, so they serve a dense grid and a FlexAttention mask_mod.
 
-def _causal(T: int) -> torch.Tensor:
-    return torch.ones(T, T, dtype=torch.bool).tril()
+def bang_rule(sq, iq, sk, jk):
+    """Main rows causal; predicting stream s = sq-1 at i sees main 0..max(i-s, 0), stream m < s at i-s+m
+    (the diagonal of earlier streams) and itself. So y_i is learned with s preceding tokens masked."""
+    main_limit = torch.where(sq == 0, iq, torch.clamp(iq - sq + 1, min=0))
+    main = (sk == 0) & (jk <= main_limit)
+    diagonal = (sk >= 1) & (sk < sq) & (jk == iq - sq + sk)
+    itself = (sk == sq) & (jk == iq)
+    return main | diagonal | itself
 
 
-@functools.lru_cache(maxsize=64)
-def structure_mask(mode: str, T: int, n_predict: int = 1, block_size: int = 1) -> torch.Tensor:
-    """The [K*T, K*T] visibility rule of a mode whose rule depends only on shapes (all but janus)."""
+def _semi_nar_rule(sq, iq, sk, jk, k: int):
+    """Block-parallel views: main rows causal; slot i of block b sees the gold prefix up to the block start
+    (main 0..b*k, i.e. y_<b*k) and the slots of its block up to itself. k=1 is bang_ar; k>=T is causal NAR."""
+    start = (iq // k) * k
+    main_row = (sq == 0) & (sk == 0) & (jk <= iq)
+    slot_row = (sq == 1) & (((sk == 0) & (jk <= start)) | ((sk == 1) & (jk >= start) & (jk <= iq)))
+    return main_row | slot_row
+
+
+def shape_rule(mode: str, block_size: int = 1) -> Callable:
+    """(sq, iq, sk, jk) -> visible, for the modes whose rule depends only on shapes (all but janus)."""
     check_mode(mode)
     if mode == "janus":
         raise ValueError("the janus mask depends on which targets are masked: use janus_mask()")
-    if mode == "ar":
-        return _causal(T)
+    if mode in ("ar", "nar_causal"):
+        return lambda sq, iq, sk, jk: jk <= iq
     if mode == "nar_bidir":
-        return torch.ones(T, T, dtype=torch.bool)
-    if mode == "nar_causal":
-        return _causal(T)
+        return lambda sq, iq, sk, jk: jk >= 0
     if mode == "semi_nar":
-        return _semi_nar_mask(T, block_size)
-    return _bang_mask(T, 1 if mode == "bang_ar" else n_predict)
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size}: must be at least 1")
+        return lambda sq, iq, sk, jk: _semi_nar_rule(sq, iq, sk, jk, block_size)
+    return bang_rule  # bang_ar, bang: the number of streams is implied by the layout
 
 
-def _bang_mask(T: int, n: int) -> torch.Tensor:
-    """Main stream causal; predicting stream s at i sees main 0..max(i-s, 0), the diagonal states of earlier
-    streams (stream m at i-s+m, m < s) and itself. So y_i is learned with s preceding tokens masked."""
-    K = n + 1
-    mask = torch.zeros(K * T, K * T, dtype=torch.bool)
-    mask[:T, :T] = _causal(T)
-    i = torch.arange(T)
-    for s in range(n):
-        rows = (s + 1) * T + i
-        main_visible = torch.arange(T)[None, :] <= (i - s).clamp(min=0)[:, None]
-        mask[rows[:, None], torch.arange(T)[None, :]] = main_visible
-        for m in range(s):
-            j = i - s + m
-            ok = j >= 0
-            mask[rows[ok], (m + 1) * T + j[ok]] = True
-        mask[rows, rows] = True
-    return mask
+def structure_mask(mode: str, T: int, n_predict: int = 1, block_size: int = 1,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The [K*T, K*T] visibility rule of a shape-only mode (all but janus), built on `device`. Host masks are
+    cached per shape; device masks are built each time (a few elementwise kernels, no copy)."""
+    device = torch.device(device)
+    if device.type == "cpu" and not under_fake_mode():
+        return _host_structure_mask(mode, T, n_predict, block_size)
+    return _evaluate_structure(mode, T, n_predict, block_size, device)
 
 
-def _semi_nar_mask(T: int, k: int) -> torch.Tensor:
-    """Block-parallel views: slot i in block b sees the gold prefix up to the block start (main 0..b*k, i.e.
-    y_<b*k) and the slots of its block up to itself. k=1 is bang_ar; k>=T is causal NAR after BOS."""
-    if k < 1:
-        raise ValueError(f"block_size={k}: must be at least 1")
-    mask = torch.zeros(2 * T, 2 * T, dtype=torch.bool)
-    mask[:T, :T] = _causal(T)
-    i = torch.arange(T)
-    start = (i // k) * k
-    cols = torch.arange(T)[None, :]
-    mask[T:, :T] = cols <= start[:, None]
-    mask[T:, T:] = (cols >= start[:, None]) & (cols <= i[:, None])
-    return mask
+def _evaluate_structure(mode: str, T: int, n_predict: int, block_size: int, device: torch.device) -> torch.Tensor:
+    rule = shape_rule(mode, block_size)
+    L = len(stream_names(mode, n_predict)) * T
+    idx = torch.arange(L, device=device)
+    q, k = idx[:, None], idx[None, :]
+    return rule(q // T, q % T, k // T, k % T).expand(L, L).contiguous()  # nar_bidir's rule reads columns only
+
+
+@functools.lru_cache(maxsize=64)
+def _host_structure_mask(mode: str, T: int, n_predict: int, block_size: int) -> torch.Tensor:
+    return _evaluate_structure(mode, T, n_predict, block_size, torch.device("cpu"))
+
+
+def under_fake_mode() -> bool:
+    """A FakeTensorMode is active (a dry run, a memory plan): its tensors must not enter a process-wide cache."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
 
 
 def janus_mask(masked: torch.Tensor) -> torch.Tensor:
@@ -118,7 +151,7 @@ def janus_mask(masked: torch.Tensor) -> torch.Tensor:
     B, T = masked.shape
     dev = masked.device
     mask = torch.zeros(B, 5 * T, 5 * T, dtype=torch.bool, device=dev)
-    mask[:, :2 * T, :2 * T] = _bang_mask(T, 1).to(dev)
+    mask[:, :2 * T, :2 * T] = structure_mask("bang_ar", T, device=dev)
     M = masked[:, None, :]  # column j is masked
     U = ~M
     i = torch.arange(T, device=dev)[:, None]
@@ -201,14 +234,6 @@ def build_streams(
     ids = torch.cat([r[0] for r in rows], dim=1)
     is_slot = torch.cat([r[1] for r in rows], dim=1)
     positions = torch.cat([r[2] for r in rows], dim=1)
-    if mode == "janus":
-        structure = janus_mask(masked.bool() & tgt_mask)
-    else:
-        structure = structure_mask(mode, T, n_predict, block_size).to(dev)[None]
-    key_valid = tgt_mask.repeat(1, len(names))
-    attn_mask = structure & key_valid[:, None, :]
-    # A row with nothing visible (a padded row) would give NaN in softmax; let it see itself.
-    empty = ~attn_mask.any(-1)
-    if empty.any():
-        attn_mask = attn_mask | (torch.eye(attn_mask.shape[-1], dtype=torch.bool, device=dev)[None] & empty[..., None])
-    return DecoderStreams(mode, names, T, ids, is_slot, positions, attn_mask, n_predict, block_size, tgt_mask, masked)
+    if mode == "semi_nar":
+        shape_rule(mode, block_size)  # refuses a bad block size now, not when a kernel builds the mask
+    return DecoderStreams(mode, names, T, ids, is_slot, positions, tgt_mask, n_predict, block_size, masked)

@@ -229,3 +229,60 @@ def test_backend_choice():
     q, k, v = qkv(4, seed=0)
     with pytest.raises(ValueError, match="attention backend 'xformers' is unknown"):
         attend(q, k, v, torch.ones(1, 4, 4, dtype=torch.bool), backend="xformers")
+
+
+def test_dropout_takes_sdpa_and_only_the_dense_mask_is_built():
+    """FlexAttention has no dropout: a training forward with attention dropout resolves to SDPA, so the model
+    hands its layers the dense mask and builds no BlockMask; without dropout (eval) flex gets only a BlockMask."""
+    from model.attention import resolve_backend
+    from model.config import ModelConfig
+    from model.seq2seq import Seq2SeqModel
+
+    assert resolve_backend("auto", "cuda", 0.0) == "flex" and resolve_backend("auto", "cuda", 0.1) == "sdpa"
+    assert resolve_backend("flex", "cpu", 0.0) == "flex" and resolve_backend("auto", "cpu", 0.0) == "sdpa"
+    model = Seq2SeqModel(ModelConfig.preset("tiny", attention_backend="flex", attention_dropout=0.1))
+    streams, _, _ = make_streams("bang", {"n_predict": 2}, 20, pad=True)
+    mask = model.train().self_attention_mask(streams, torch.device("cpu"))
+    assert isinstance(mask, torch.Tensor) and mask is streams.attn_mask
+    fresh, _, _ = make_streams("bang", {"n_predict": 2}, 20, pad=True)
+    assert isinstance(model.eval().self_attention_mask(fresh, torch.device("cpu")), BlockMask)
+    assert "attn_mask" not in vars(fresh)  # the flex forward never built the dense mask
+
+
+def test_a_new_length_compiles_nothing_new():
+    """The stream length enters every mask_mod as a tensor, and CUDA compiles with dynamic shapes
+    (flex_compile_options): after the second length (the mask_mod's per-batch tensors turn dynamic there), later
+    lengths compile nothing. Counted with a backend that records compilations (runs on CPU; dynamo's guards are
+    the same on CUDA). With T a Python int in the mask_mod, every length compiled anew."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from model.attention import flex_compile_options, stream_mask_mod
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    options = flex_compile_options("cuda")
+    flex = torch.compile(flex_attention, backend=counting, **options)
+    build = torch.compile(create_block_mask, backend=counting, **options)
+    after_two = None
+    for i, T in enumerate((16, 24, 40, 56, 72)):
+        if i == 2:
+            after_two = len(graphs)
+        L = 3 * T
+        tgt_mask = torch.ones(B, T, dtype=torch.bool)
+        tgt_mask[1, T // 2:] = False
+        mask_mod = stream_mask_mod("bang", T, n_predict=2, tgt_mask=tgt_mask)
+        bm = build(mask_mod, B, None, L, L, device="cpu", BLOCK_SIZE=TILE)
+        reference = create_block_mask(mask_mod, B, None, L, L, device="cpu", BLOCK_SIZE=TILE)
+        assert torch.equal(bm.kv_num_blocks, reference.kv_num_blocks)
+        assert torch.equal(bm.kv_indices, reference.kv_indices)
+        q, k, v = qkv(L, seed=T)
+        with torch.no_grad():
+            out = flex(q, k, v, block_mask=bm)
+        streams = build_streams("bang", prev_tokens=torch.ones(B, T, dtype=torch.long), tgt_mask=tgt_mask,
+                                n_predict=2)
+        assert (out - attend(q, k, v, streams.attn_mask)).abs().max().item() <= TOL
+    assert after_two <= 3 and len(graphs) == after_two, (after_two, len(graphs))

@@ -48,6 +48,7 @@ def test_cpu_mode_runs_the_parts_and_writes_the_summary(tiny, tmp_path):
     assert "max_memory_allocated_bytes=0" in pretrain  # read at the process's exit (0: no GPU here)
     assert by_part["decode"].startswith("ok (")
     modes = {line.split()[0] for line in lines if line.split() and line.split()[-1] in ("-", "2.00")}
-    assert modes == {"ar_beam4", "ar_greedy", "nar", "semi_nar_k4", "mask_predict_10", "early_exit"}
+    # early_exit@2: the fixed-exit row for each decoder layer the CPU mode's tiny model has below its last
+    assert modes == {"ar_beam4", "ar_greedy", "nar", "semi_nar_k4", "mask_predict_10", "early_exit", "early_exit@2"}
     assert by_part["plan"].startswith(("ok (", "skipped: not available"))
     assert (summary.parent / "gpu_check_logs" / "pretrain.log").is_file()

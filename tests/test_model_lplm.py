@@ -138,16 +138,24 @@ def count_layer_calls(model, **kw) -> tuple[list[int], object]:
     return calls, out
 
 
-def test_computation_stops_once_all_tokens_have_exited():
+def test_computation_stops_once_all_tokens_have_exited_unless_told_or_given_a_depth():
+    """By default the decoder stops once every row has exited (a flag read per layer on the host). Training
+    (stop_when_all_exited=False) runs every layer and reads nothing; `depth` runs a host-known number of layers
+    without reading either, rows still in at `depth` exiting there."""
     model = make_model("post")
     exits = torch.tensor([[1, 2, 1, 2, 2, 1], [2, 1, 1, 1, 2, 2]])
     calls, out = count_layer_calls(model, exit_layers=exits)
     assert calls == [1, 1, 0, 0]
     assert torch.equal(out.exit_layer, exits)
+    calls, full = count_layer_calls(model, exit_layers=exits, stop_when_all_exited=False)
+    assert calls == [1, 1, 1, 1] and torch.equal(full.exit_layer, exits)
+    assert torch.equal(full.hidden, out.hidden)  # the same rows, the same states: later layers were idle
+    calls, shallow = count_layer_calls(model, exit_layers=exits, stop_when_all_exited=False, depth=2)
+    assert calls == [1, 1, 0, 0] and torch.equal(shallow.hidden, out.hidden)
     calls, out = count_layer_calls(model, exit_layers=torch.ones(B, T, dtype=torch.long))
     assert calls == [1, 0, 0, 0]
-    calls, _ = count_layer_calls(model, exit_layers=torch.full((B, T), 3))
-    assert calls == [1, 1, 1, 0]
+    calls, out = count_layer_calls(model, exit_layers=torch.full((B, T), 3), stop_when_all_exited=False, depth=1)
+    assert calls == [1, 0, 0, 0] and bool((out.exit_layer == 1).all())  # still in at depth 1: exits there
     calls, _ = count_layer_calls(model)
     assert calls == [1, 1, 1, 1]
     # The on-the-fly rule (entropy early exit) stops the same way.

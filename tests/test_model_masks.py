@@ -221,13 +221,15 @@ def test_stream_layout_positions_and_slots():
         s.index("predict2")
 
 
-def test_mask_cache_returns_the_same_object():
+def test_host_masks_are_cached_device_masks_built_there_and_streams_build_theirs_on_demand():
     a = structure_mask("bang", 5, 2, 1)
     assert structure_mask("bang", 5, 2, 1) is a
     assert structure_mask("semi_nar", 5, 1, 2) is structure_mask("semi_nar", 5, 1, 2)
     assert structure_mask("bang", 6, 2, 1) is not a and structure_mask("bang", 6, 2, 1).shape == (18, 18)
-    hits = structure_mask.cache_info().hits
-    build_streams("bang", prev_tokens=torch.ones(2, 5, dtype=torch.long), n_predict=2)
-    assert structure_mask.cache_info().hits == hits + 1  # build_streams takes its structure from the cache
+    on_meta = structure_mask("bang", 5, 2, 1, device="meta")  # built there from the rule, not copied
+    assert on_meta.device.type == "meta" and on_meta.shape == a.shape and on_meta is not a
+    streams = build_streams("bang", prev_tokens=torch.ones(2, 5, dtype=torch.long), n_predict=2)
+    assert "attn_mask" not in vars(streams)  # a FlexAttention forward never asks for the dense mask
+    assert torch.equal(streams.attn_mask[0], a) and "attn_mask" in vars(streams)
     with pytest.raises(ValueError, match="janus"):
         structure_mask("janus", 4)

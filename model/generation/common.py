@@ -1,5 +1,9 @@
 """What every decoding mode shares: the wrapper that makes a function a mode, log-probabilities with the
-never-output tokens banned, the AR length and n-gram constraints, and beam/length-beam expansion."""
+never-output tokens banned, the AR length and n-gram constraints, and beam/length-beam expansion.
+
+Device discipline (checked by tests/test_fake_cuda.py): a mode's per-step work stays on the model's device; a loop
+reads at most one stop flag per step on the host, and the result is read back at the end in one or two
+transfers. Host-side choices (lengths, step counts) come from the options, not from device values."""
 from __future__ import annotations
 
 import functools
@@ -48,7 +52,8 @@ def log_probs(model: Seq2SeqModel, hidden: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary log-probabilities in fp32 (gathered across TP ranks, so every rank picks the same
     tokens), with pad, bos and mask made impossible."""
     logp = F.log_softmax(model.logits(hidden).float(), dim=-1)
-    logp[..., list(NEVER_OUTPUT)] = NEG_INF
+    for token in NEVER_OUTPUT:  # one id at a time: a list index would be copied to the device every step
+        logp[..., token] = NEG_INF
     return logp
 
 

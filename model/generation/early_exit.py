@@ -40,10 +40,14 @@ def early_exit(model: Seq2SeqModel, src_tokens: torch.Tensor, options: DecodeOpt
     streams = build_streams("nar_bidir", tgt_mask=real)
     rule = (entropy_exit_rule(model, options.exit_entropy, real) if options.exit_layer is None
             else fixed_exit_rule(options.exit_layer))
-    out = model.decode(expand_encoded(enc, n_candidates), streams, exit_rule=rule)
+    fixed = options.exit_layer is not None  # k layers, known on the host: no flag to read per layer
+    out = model.decode(expand_encoded(enc, n_candidates), streams, exit_rule=rule, stop_when_all_exited=not fixed,
+                       depth=options.exit_layer)
     token_logp, tokens = log_probs(model, out.hidden).max(-1)
     ids, scores = pick_best(tokens, token_logp, real, n_candidates)
-    exit_layer = out.exit_layer[real].float()
-    figures = {"decoder_passes": 1, "mean_exit_layer": float(exit_layer.mean()),
-               "layers_run": int(out.exit_layer.max()), "mean_slots": float(real.sum()) / real.shape[0]}
+    n_real = real.sum()
+    mean_exit, layers_run, n_real = torch.stack([(out.exit_layer * real).sum() / n_real,
+                                                 out.exit_layer.max().float(), n_real.float()]).tolist()  # one read
+    figures = {"decoder_passes": 1, "mean_exit_layer": mean_exit, "layers_run": int(layers_run),
+               "mean_slots": n_real / real.shape[0]}
     return DecodeResult([finish_nar(row, options.postprocess) for row in ids], figures, scores)

@@ -30,7 +30,7 @@ def candidate_lengths(model: Seq2SeqModel, enc: Encoded, src_tokens: torch.Tenso
         return (src_tokens != SPECIAL.pad).sum(1, keepdim=True).clamp(1, cap)
     logits = model.length_logits(enc).float()
     classes = torch.arange(logits.shape[1], device=logits.device)
-    logits[:, (classes < 1) | (classes > cap)] = NEG_INF
+    logits = logits.masked_fill(((classes < 1) | (classes > cap))[None], NEG_INF)
     n_valid = min(logits.shape[1] - 1, cap)
     if options.length_beam > n_valid:
         raise ValueError(f"decode.length_beam={options.length_beam}: only {n_valid} lengths are possible "
@@ -48,7 +48,8 @@ def length_beam(best: torch.Tensor, beam: int, cap: int) -> torch.Tensor:
 
 
 def real_slots(lengths: torch.Tensor) -> torch.Tensor:
-    """[R, T_max] bool: slot t of row r is real when t < lengths[r]."""
+    """[R, T_max] bool: slot t of row r is real when t < lengths[r]. Sizing the slots reads T_max on the host:
+    the one read a NAR pass makes before it runs."""
     T = int(lengths.max())
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
@@ -59,7 +60,6 @@ def pick_best(tokens: torch.Tensor, token_logp: torch.Tensor, real: torch.Tensor
     mean = (token_logp * real).sum(1) / real.sum(1)
     B = tokens.shape[0] // n_candidates
     best = mean.view(B, n_candidates).argmax(1)
-    rows = (torch.arange(B, device=tokens.device) * n_candidates + best).tolist()
-    lengths = real.sum(1).tolist()
-    ids = tokens.tolist()
-    return [ids[r][:lengths[r]] for r in rows], mean[rows].tolist()
+    rows = torch.arange(B, device=tokens.device) * n_candidates + best
+    chosen = torch.cat([real.sum(1)[rows, None], tokens[rows]], dim=1).tolist()  # [length, ids...] per example
+    return [row[1:1 + row[0]] for row in chosen], mean[rows].tolist()

@@ -42,11 +42,11 @@ def mask_predict(model: Seq2SeqModel, src_tokens: torch.Tensor, options: DecodeO
         tokens = torch.where(masked, new_tokens, tokens)
         token_logp = torch.where(masked, new_logp, token_logp)
         n_mask = (eligible.float() * (1.0 - (it + 1) / T)).long()  # per row
-        if it == T - 1 or int(n_mask.max()) == 0:  # nothing left to re-mask: more passes change nothing
+        if it == T - 1 or not bool(n_mask.any()):  # nothing left to re-mask (the pass's one host read)
             break
         masked = least_confident(token_logp, eligible, n_mask)
     ids, scores = pick_best(tokens, token_logp, real, n_candidates)
-    figures = {"decoder_passes": passes, "mean_slots": float(real.sum()) / real.shape[0]}
+    figures = {"decoder_passes": passes, "mean_slots": real.sum().item() / real.shape[0]}
     return DecodeResult([finish_nar(row, options.postprocess) for row in ids], figures, scores)
 
 

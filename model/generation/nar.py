@@ -21,5 +21,5 @@ def nar(model: Seq2SeqModel, src_tokens: torch.Tensor, options: DecodeOptions) -
     hidden = model.decode(expand_encoded(enc, n_candidates), streams).hidden
     token_logp, tokens = log_probs(model, hidden).max(-1)
     ids, scores = pick_best(tokens, token_logp, real, n_candidates)
-    figures = {"decoder_passes": 1, "mean_slots": float(real.sum()) / real.shape[0]}
+    figures = {"decoder_passes": 1, "mean_slots": real.sum().item() / real.shape[0]}
     return DecodeResult([finish_nar(row, options.postprocess) for row in ids], figures, scores)

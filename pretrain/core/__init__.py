@@ -18,7 +18,9 @@ tests/test_import_graph.py).
     weights     reading weights back from any of those files: read_weights, check_dims, load_into (InitError)
     tracking    MLflow: resolve_uri (the project's one store), sqlite_path, artifact_root, flatten
     distributed process groups (through `started`), is_rank0, uses_gpu
-    schedule, metrics, activation_checkpointing: the engine's own parts, not part of the API
+    schedule, metrics, activation_checkpointing, step (the step's logic, apart from DeepSpeed): the engine's own
+                parts, not part of the API
+    dry_run     the fake-CUDA dry run (tests/test_fake_cuda.py): the step on fake cuda tensors, no GPU needed
 
 Importing this package is cheap: `Engine` and `is_rank0` (megatron-core and DeepSpeed behind them) are imported on
 first use, so `--validate-only`, `generate` and `evaluate` never load them.

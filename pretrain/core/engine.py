@@ -15,7 +15,8 @@ A step reads `grad_accum` micro-batches on every data-parallel rank. Each micro-
 own targets; it is rescaled by (its targets / the step's targets over all ranks) x dp x accum before
 DeepSpeed's backward (which divides by accum and averages over dp), so the gradient is the mean over every
 target of the global batch however that batch is split. That is why ZeRO stages, DP sizes and a single
-process agree on the same global batch.
+process agree on the same global batch. The step's logic lives in pretrain/core/step.py (host preparation, device
+micro-steps without a host sync); this class gives it DeepSpeed's forward, backward and optimizer step.
 
 ZeRO-3 gathers parameters module by module with collectives, so in every micro-step all data-parallel ranks
 must run the same modules in the same order: the same objective (checked, from batch["objective"]) and no
@@ -24,7 +25,6 @@ data-dependent early stop (ELMER's exits always include the last layer). ZeRO-1/
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -38,8 +38,7 @@ from torch import nn
 
 from configs import progress
 from model import parallel
-from model.config import SPECIAL
-from pretrain.core import activation_checkpointing, checkpoint, distributed, job
+from pretrain.core import activation_checkpointing, checkpoint, distributed, job, step
 from pretrain.core.config import (EngineConfig, deepspeed_dict, offloads_optimizer, read_deepspeed_json,
                                   resolve_precision, to_dict, to_yaml)
 from pretrain.core.export import FINAL_WEIGHTS, export_payload, model_config_dict
@@ -65,15 +64,6 @@ class ObjectiveModule(nn.Module):
         if evaluate:
             return self.objective.eval_metrics(self.model, batch)
         return self.objective.loss(self.model, batch)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def real_tokens(batch: dict[str, Any]) -> int:
-    """Non-pad source and target tokens: what the model actually processed."""
-    return int((batch["src_tokens"] != SPECIAL.pad).sum() + (batch["tgt_tokens"] != SPECIAL.pad).sum())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -254,33 +244,32 @@ class Engine:
     # --- the loop ---------------------------------------------------------------------------------------
 
     def train_step(self, stats: MetricSums) -> None:
-        """One optimizer update over grad_accum micro-batches; adds its figures to `stats`."""
+        """One optimizer update over grad_accum micro-batches; adds its figures to `stats` (on the device)."""
         accum = self.cfg.train.grad_accum
         self._lr = float(self.ds.get_lr()[0])  # the rate this update uses
         self.objective.start_step(self.step + 1)
-        batches = [self._next_batch() for _ in range(accum)]
+        model_cfg = self.module.model.cfg
+        micro = [step.MicroBatch.prepare(self._next_batch(), self.objective, model_cfg) for _ in range(accum)]
         if self.zero_stage == 3 and self.dp_size > 1:
-            self._check_same_objective(batches)
-        counts = [self.objective.num_targets(b) for b in batches]
-        step_targets = distributed.all_reduce_sum(torch.tensor([float(sum(counts))], dtype=torch.float64),
-                                                  group=parallel.dp_group()).item()
-        scale = self.dp_size * accum / max(step_targets, 1.0)
-        for batch, n in zip(batches, counts):
-            if self._sample_log is not None:
-                self._sample_log.write(json.dumps({"step": self.step + 1, "ids": batch["sample_ids"].tolist()}) + "\n")
-            loss, metrics = self.ds(to_device(batch, self.device))
-            self.ds.backward(loss * (n * scale))
-            self.ds.step()
-            stats.add(metrics)
-            stats.add({"loss": (loss.detach().double() * n, torch.tensor(float(n)))})
-            stats.add_extra("tokens", float(real_tokens(batch)))
-            stats.add_extra("samples", float(batch["sample_ids"].numel()))
+            self._check_same_objective([m.batch for m in micro])
+        if self._sample_log is not None:
+            for m in micro:
+                ids = m.batch["sample_ids"].tolist()  # a host tensor
+                self._sample_log.write(json.dumps({"step": self.step + 1, "ids": ids}) + "\n")
+        step.train_step(micro, forward=self.ds, backward=self.ds.backward, optimizer_step=self.ds.step,
+                        to_device=self._to_device, device=self.device, stats=stats, dp_size=self.dp_size,
+                        dp_group=parallel.dp_group())
         self.step += 1
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return step.to_device(batch, self.device)
 
     def _check_same_objective(self, batches: list[dict[str, Any]]) -> None:
         """ZeRO-3 gathers parameters module by module, collectively: every data-parallel rank must run the same
-        modules in the same order, so a micro-step must train the same objective on every rank."""
-        codes = torch.tensor([zlib.crc32(str(b.get("objective", "")).encode()) for b in batches], dtype=torch.int64)
+        modules in the same order, so a micro-step must train the same objective on every rank. One host read per
+        step (ZeRO-3 with DP > 1 only): a mismatch must stop the step before its first gather."""
+        codes = torch.tensor([zlib.crc32(str(b.get("objective", "")).encode()) for b in batches],
+                             dtype=torch.int64).to(self.device)  # nccl takes device tensors
         low, high = codes.clone(), codes.clone()
         torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=parallel.dp_group())
         torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=parallel.dp_group())
@@ -299,7 +288,7 @@ class Engine:
         if cfg.checkpoint.resume:
             self.resume()
         names = ["loss"] + self.objective.metric_names()
-        window = MetricSums(names, extra=("tokens", "samples"))
+        window = MetricSums(names, extra=("tokens", "samples"), device=self.device)
         bar = None
         status = "FAILED"
         last: dict[str, float] = {}
@@ -320,7 +309,7 @@ class Engine:
                 window_steps += 1
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     last = self._log_window(window, time.perf_counter() - window_start, window_steps, bar)
-                    window = MetricSums(names, extra=("tokens", "samples"))
+                    window = MetricSums(names, extra=("tokens", "samples"), device=self.device)
                     window_start, window_steps = time.perf_counter(), 0
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.train.steps:
                     self.evaluate()
@@ -392,17 +381,12 @@ class Engine:
         plus `extra_eval`. Training RNG states are restored afterwards, so evaluating never changes training."""
         rng = checkpoint.rng_state()
         self.ds.eval()
-        sums = MetricSums(self.objective.eval_metric_names())
         try:
-            for name, make_loader in self.eval_loaders.items():
-                batches = list(itertools.islice(iter(make_loader()), self.cfg.eval.batches))
-                # Every rank must run the same number of forwards (ZeRO-3 gathers are collective).
-                n = torch.tensor([len(batches)], dtype=torch.int64)
-                if torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
-                for batch in batches[:int(n)]:
-                    sums.add(self.ds(to_device(batch, self.device), evaluate=True))
-            means, _ = sums.reduce()
+            batches = step.eval_batches(self.objective, self.eval_loaders, self.cfg.eval.batches,
+                                        self.module.model.cfg)
+            means = step.evaluate(batches, self.objective.eval_metric_names(),
+                                  forward=lambda batch: self.ds(batch, evaluate=True), to_device=self._to_device,
+                                  device=self.device)
             if self.extra_eval is not None:
                 means.update(self.extra_eval(self.module.model))
         finally:

@@ -5,7 +5,13 @@ non-pad targets (`num_targets`); the engine rescales it so that a step's gradien
 of the global batch, however the batch is split over data-parallel ranks and accumulation micro-steps.
 
 Metrics are {name: (sum, count)}: summing both over micro-steps and ranks and dividing once gives exact means.
-Every name an objective can return is listed by `metric_names()`, so all ranks reduce the same vector.
+Every name an objective can return is listed by `metric_names()`, so all ranks reduce the same vector. Their
+entries stay on the device (tensors; a count may be a plain number): the engine sums them there and reads them
+on the host once per log window.
+
+Random draws (ELMER's exit layers, NAR and JANUS masks) are made on the host, before the batch moves to the
+device (`prepare`), from the objective's own CPU generator, which is checkpointed: a resumed run draws the same,
+the step reads nothing back from the device to draw, and what was drawn travels with the batch.
 """
 from __future__ import annotations
 
@@ -48,6 +54,13 @@ class Objective:
         """Called by the engine once per optimizer step (`step`, 1-based), before that step's grad_accum
         micro-batches: a choice made here holds for the whole step (bang_mixed's AR/NAR draw), so one process
         accumulating micro-batches trains like data-parallel ranks each taking one. No-op by default."""
+
+    def prepare(self, batch: dict[str, Any], evaluate: bool = False) -> dict[str, Any]:
+        """Host side, on the batch before it moves to the device: the batch with this objective's random draws
+        added (a new dict; the input is left alone). evaluate=True draws from a fixed-seed copy of the generator,
+        so every evaluation sees the same draws and training's generator is untouched. The engine prepares every
+        batch (pretrain.step.MicroBatch); loss() prepares a batch that was not. Default: nothing to draw."""
+        return batch
 
     def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, Metrics]:
         """Training loss (mean over `num_targets(batch)`) and metrics."""

@@ -26,6 +26,9 @@ class MixObjective(Objective):
         for part in self.parts.values():
             part.start_step(step)
 
+    def prepare(self, batch: dict[str, Any], evaluate: bool = False) -> dict[str, Any]:
+        return self._part(batch).prepare(batch, evaluate)
+
     def loss(self, model, batch: dict[str, Any]):
         return self._part(batch).loss(model, batch)
 
