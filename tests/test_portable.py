@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import configparser
 import json
 import shlex
 import shutil
@@ -24,22 +25,55 @@ from finetune_helpers import ENV, GIGAWORD, as_list_override, build_test_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("tandem-data", "tandem-pretrain", "tandem-finetune", "tandem-launch")
+PACKAGES = ("configs", "model", "data_pipeline", "pretrain", "finetune", "launch")  # setup.cfg's packages
 
 
 def run_in(folder: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=folder, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def test_console_scripts_are_installed_and_run_from_anywhere(tmp_path):
-    bin_dir = Path(sys.executable).parent
-    missing = [name for name in SCRIPTS if not (bin_dir / name).is_file()]
-    assert not missing, f"{missing} not in {bin_dir}: install the project with `make venv` (pip install -e .)"
-    for name, words in (("tandem-data", "prepare"), ("tandem-launch", "--dry-run")):
-        proc = run_in(tmp_path, [str(bin_dir / name), "--help"], timeout=120)
-        assert proc.returncode == 0 and "usage:" in proc.stdout and words in proc.stdout, proc.stderr[-2000:]
-    proc = run_in(tmp_path, [str(bin_dir / "tandem-data"), "inspect", "--config", "configs/data/tiny.yaml",
-                             "--shard-dir", str(tmp_path / "none")], timeout=120)
-    assert proc.returncode == 2 and "manifest not found" in proc.stderr  # the config was found from tmp_path
+def console_scripts() -> dict[str, str]:
+    """setup.cfg's console scripts: {command: "package.module:function"}."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg")
+    lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(tuple(part.strip() for part in line.split("=")) for line in lines)
+
+
+def test_console_scripts_of_an_installed_copy_run_from_anywhere(tmp_path):
+    """pip installs the project (not editable, no dependencies, nothing downloaded) into a folder of its own; its
+    scripts run from another folder with only that copy on the path, and find the configs the copy carries."""
+    assert set(console_scripts()) == set(SCRIPTS)
+    source, installed, cwd = tmp_path / "source", tmp_path / "installed", tmp_path / "cwd"
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copyfile(REPO_ROOT / name, source / name)
+    for package in PACKAGES:
+        shutil.copytree(REPO_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = run_in(tmp_path, [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--no-index", "--target", str(installed), str(source)], timeout=300)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    assert sorted(path.name for path in (installed / "bin").iterdir()) == sorted(SCRIPTS)
+    cwd.mkdir()
+    env = dict(ENV, PYTHONPATH=str(installed))  # the installed copy, not the repository
+
+    def script(name: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(installed / "bin" / name), *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    for name, word in (("tandem-data", "prepare"), ("tandem-launch", "--dry-run")):
+        shown = script(name, "--help")
+        assert shown.returncode == 0 and "usage:" in shown.stdout and word in shown.stdout, shown.stderr[-2000:]
+    # configs/data/tiny.yaml read from the copy's package data; its work_dir, relative to the copy, has no shards
+    inspected = script("tandem-data", "inspect", "--config", "configs/data/tiny.yaml")
+    assert inspected.returncode == 2, inspected.stderr[-2000:]
+    assert f"{installed / 'runs' / 'data' / 'tiny' / 'shards' / 'manifest.json'}: manifest not found" \
+        in inspected.stderr
+    # pretraining's config, and the data and DeepSpeed configs it names, all found; the shards are what it lacks
+    validated = script("tandem-pretrain", "--validate-only", "--config", "configs/pretrain/tiny.yaml",
+                       "tracking.mlflow=false", f"output_dir={tmp_path / 'out'}")
+    assert validated.returncode == 2, validated.stdout[-2000:] + validated.stderr[-2000:]
+    assert "data.config: no shards at" in validated.stderr and "file not found" not in validated.stderr
 
 
 def test_heldout_hint_is_the_command_that_builds_them(shared_data, tmp_path):
