@@ -7,7 +7,9 @@ and at least every EVERY_SECONDS, with the same figures, as the engine's trainin
 
     [shard] 3/10 file (30%), 1.52 file/s, eta 5s
 
-stdout stays for results (`--validate-only --json`, `inspect`), so progress never goes there.
+stdout stays for results (`--validate-only --json`, `inspect`), so progress never goes there. TANDEM_PROGRESS=off
+in the environment switches every display off (a scheduler's log that wants the results only); the training bar
+also follows train.progress_bar.
 
     with progress.bar(len(batches), desc="generate", unit="ex") as bar:
         for batch in batches:
@@ -24,11 +26,13 @@ plain print would land on the bar's line. It lives in the config leaf because ev
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from typing import IO, Any, Iterable, Iterator
 
 EVERY_SECONDS = 30.0  # the longest silence of the plain-line display while work goes on
+SWITCH = "TANDEM_PROGRESS"  # environment variable: "off" (or 0, false, no) shows no progress at all
 _silenced = 0  # > 0 inside `silenced()`
 
 
@@ -38,13 +42,17 @@ def on_terminal(stream: IO | None = None) -> bool:
     return bool(isatty and isatty())
 
 
+def switched_off() -> bool:
+    return os.environ.get(SWITCH, "").strip().lower() in ("off", "0", "false", "no")
+
+
 def bar(total: int | None = None, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True,
         file: IO | None = None):
     """A progress display for `total` units (None: unknown): a tqdm bar on a terminal, Lines otherwise, Silent when
-    not enabled (e.g. on ranks other than 0). All three take update(n), set_postfix(**figures), close() and work
+    not enabled (e.g. on ranks other than 0), inside `silenced()` or when switched off (TANDEM_PROGRESS=off). All three take update(n), set_postfix(**figures), close() and work
     as context managers."""
     file = sys.stderr if file is None else file
-    if not enabled or _silenced:
+    if not enabled or _silenced or switched_off():
         return Silent()
     if on_terminal(file):
         from tqdm import tqdm

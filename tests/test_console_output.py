@@ -5,6 +5,7 @@
   * on a terminal the bar is drawn on stderr, and a log line written through the bar (the engine's `log_line`,
     which carries the evaluation lines during training) wipes it first instead of landing on the bar's line:
     checked on a real pseudo-terminal, in a child process that draws a bar and logs through Engine.log_line;
+  * TANDEM_PROGRESS=off in the environment switches every display off;
   * megatron-core's "Transformer Engine and Apex are not installed" warnings are gone from a process that
     imports the model and the training core, and other warnings still show.
 """
@@ -72,14 +73,23 @@ def test_iterate_counts_items_and_silenced_shows_nothing(capsys):
     assert isinstance(progress.bar(10, desc="x", enabled=False), progress.Silent)
 
 
-def child(log_line: str) -> str:
-    """A program that draws a bar of 8 steps and logs a line after step 4 with `log_line`."""
+def test_tandem_progress_off_switches_every_display_off(monkeypatch, capsys):
+    for value, shown in (("off", 0), ("0", 0), ("FALSE", 0), ("on", 3), ("", 3)):
+        monkeypatch.setenv(progress.SWITCH, value)
+        assert list(progress.iterate(range(3), desc="extract", unit="file")) == [0, 1, 2]
+        assert len(capsys.readouterr().err.splitlines()) == shown, value
+
+
+def child(log_line: str, setup: str = "pass") -> str:
+    """A program that runs `setup` (imports: what they print comes before the bar), then draws a bar of 8 steps and
+    logs a line after step 4 with `log_line`."""
     return textwrap.dedent(f"""
         import time
         from types import SimpleNamespace
 
         from configs import progress
 
+        {setup}
         with progress.bar(8, desc="pretrain", unit="step") as bar:
             for step in range(1, 9):
                 time.sleep(0.02)
@@ -90,8 +100,8 @@ def child(log_line: str) -> str:
 
 
 # The engine's own log_line (evaluation and checkpoint lines during training), called as rank 0 of a pretraining run.
-ENGINE_LOG = ("from pretrain.core.engine import Engine; "
-              "Engine.log_line(SimpleNamespace(rank0=True, kind='pretrain'), 'eval at step 4: loss 1.2345')")
+ENGINE = "from pretrain.core.engine import Engine"
+ENGINE_LOG = "Engine.log_line(SimpleNamespace(rank0=True, kind='pretrain'), 'eval at step 4: loss 1.2345')"
 
 
 def run_on_terminal(code: str, stdout_too: bool) -> tuple[str, str]:
@@ -130,7 +140,7 @@ def test_bar_on_stderr_and_log_lines_through_it():
     assert piped == "[pretrain] eval at step 4: loss 1.2345\n"  # stdout holds the log line and nothing of the bar
     assert "8/8" in terminal and "step/s" in terminal and "eval at step" not in terminal
 
-    terminal, _ = run_on_terminal(child(ENGINE_LOG), True)  # one terminal, as in an interactive shell
+    terminal, _ = run_on_terminal(child(ENGINE_LOG, setup=ENGINE), True)  # one terminal, as in an interactive shell
     lines = terminal.split("\n")
     logged = [line for line in lines if "eval at step 4" in line]
     assert len(logged) == 1 and visible(logged[0]) == "[pretrain] eval at step 4: loss 1.2345", logged

@@ -340,9 +340,13 @@ class Engine:
                 self.tracker.finish(status)
         return last
 
+    def _shows_progress(self) -> bool:
+        """Rank 0 shows the run's progress unless train.progress_bar=false or TANDEM_PROGRESS=off."""
+        return self.rank0 and self.cfg.train.progress_bar and not progress.switched_off()
+
     def _progress_bar(self):
-        """A bar on rank 0 when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise (_log_window)."""
-        if not (self.rank0 and self.cfg.train.progress_bar and progress.on_terminal()):
+        """A bar when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise (_log_window)."""
+        if not (self._shows_progress() and progress.on_terminal()):
             return None
         return progress.bar(self.cfg.train.steps, initial=self.step, unit="step", desc=self.kind)
 
@@ -366,7 +370,7 @@ class Engine:
         if bar is not None:
             bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             refresh=False)
-        elif self.rank0 and self.cfg.train.progress_bar:  # no terminal: plain lines with the same figures
+        elif self._shows_progress():  # no terminal: plain lines with the same figures
             eta = (self.cfg.train.steps - self.step) * metrics["step_time_s"]
             self.log_line(f"step {self.step}/{self.cfg.train.steps} loss {metrics.get('loss', math.nan):.4f} "
                           f"lr {lr:.3g} grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f} "
