@@ -18,10 +18,9 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from configs import load_typed, merge_typed
+from configs import REPO_ROOT, load_typed, merge_typed  # REPO_ROOT: the base of data_root and work_dir
 from data_pipeline.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE_KINDS = ("wikipedia", "books", "wikitext")
 
 
