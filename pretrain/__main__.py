@@ -1,5 +1,6 @@
 """python -m pretrain --config configs/pretrain/<name>.yaml [--resume] [key=value ...]
 python -m pretrain --validate-only [--world-size N] --config ... [key=value ...]   check only: `config ok: ...`
+python -m pretrain --plan [--world-size N] --config ... [key=value ...]            the peak GPU memory per rank, planned
 
 Exit codes: 0 done; 2 a bad config (`error: ...` names the field or file); 128 + signal number when stopped by
 SIGTERM / SIGINT (the MLflow run is then KILLED).

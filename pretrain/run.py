@@ -10,6 +10,7 @@ finetuning.
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -253,5 +254,24 @@ def main(argv: Sequence[str]) -> int:
     parser = core.cli_parser("python -m pretrain", "Pretrain the seq2seq model (BANG, ELMER or their mix) with "
                                                    "DeepSpeed and tensor parallelism.",
                              "a YAML file under configs/pretrain/")
-    return core.cli_main("pretrain", core.parse_args(parser, argv), config_from_args, prepare, train, describe,
-                         stage_facts)
+    parser.add_argument("--plan", action="store_true",
+                        help="print the planned peak GPU memory per rank and its parts (weights, gradients, "
+                             "optimizer, activations) for --world-size processes, from a fake dry run of one "
+                             "micro-step at this config (pretrain/plan.py); nothing is allocated, no GPU needed")
+    args = core.parse_args(parser, argv)
+    if args.plan:
+        return print_memory_plan(args)
+    return core.cli_main("pretrain", args, config_from_args, prepare, train, describe, stage_facts)
+
+
+def print_memory_plan(args) -> int:
+    from pretrain.core.config import launch_world_size
+    from pretrain.plan import memory_plan
+
+    try:
+        plan = prepare(config_from_args(args), args.world_size or launch_world_size())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(memory_plan(plan, build_objective).lines()), flush=True)
+    return 0

@@ -11,20 +11,24 @@ import functools
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
 from model import parallel
 
 
 def _snapshot() -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in parallel.rng_tracker().get_states().items()}
+    # Generator states are host byte tensors: copied outside any tensor mode (a fake dry run's included).
+    with _disable_current_modes():
+        return {k: v.clone() for k, v in parallel.rng_tracker().get_states().items()}
 
 
 @contextlib.contextmanager
 def _tracker_states(states: dict[str, torch.Tensor]):
     tracker = parallel.rng_tracker()
     current = _snapshot()
-    tracker.set_states({k: v.clone() for k, v in states.items()})
+    with _disable_current_modes():
+        tracker.set_states({k: v.clone() for k, v in states.items()})
     try:
         yield
     finally:

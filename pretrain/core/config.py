@@ -299,7 +299,8 @@ def cli_parser(prog: str, description: str, config_help: str):
                         help="check the whole job for --world-size processes without starting any (no process "
                              "group, no output); print `config ok: ...` and exit 0, or `error: ...` and exit 2")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="with --validate-only: the number of processes to check for (default: $WORLD_SIZE or 1)")
+                        help="with --validate-only or --plan: the number of processes to check for (default: $WORLD_SIZE "
+                             "or 1)")
     parser.add_argument("--json", action="store_true",
                         help="with --validate-only: print one JSON object instead, the stage's facts for the launcher "
                              "(folders, checkpoint pointer, parallel layout, MLflow store, shards) and the verdict; "
@@ -315,9 +316,9 @@ def parse_args(parser, argv: Sequence[str]):
     if args.json and not args.validate_only:
         parser.error("--json goes with --validate-only")
     if args.world_size is not None:
-        if not args.validate_only:
-            parser.error("--world-size goes with --validate-only (a training job takes its world size from the "
-                         "launcher)")
+        if not (args.validate_only or getattr(args, "plan", False)):
+            parser.error("--world-size goes with --validate-only or --plan (a training job takes its world size "
+                         "from the launcher)")
         if args.world_size < 1:
             parser.error(f"--world-size must be >= 1, got {args.world_size}")
     return args
