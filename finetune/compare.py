@@ -6,10 +6,15 @@ the objective, decoding mode, the task's metrics, its task score, ms/sample, sam
 beam search (AR greedy where no beam run exists) of the same finetune run, else of the same objective, else of the
 task. Saves <out>/quality_vs_speed.png (task score against samples/s, one point per run) and <out>/loss_curves.png
 (training loss of every finetune run of the experiment), both with matplotlib's Agg backend.
+
+The figures and the table also go to MLflow, as one comparison run in the experiment (tag kind=comparison; the
+compared runs' ids in comparison.json): a figure spans many runs, so it belongs to none of them, and each
+comparison stays as it was when it was made (a later one, with more runs, is a new run). `--no-log` skips it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import Any, Sequence
 
 from finetune.config import DEFAULT_EXPERIMENT
 from finetune.glge_tasks import get_task
-from finetune.tracking import resolve_uri
+from finetune.tracking import log_run, resolve_uri
 
 METRIC_LABELS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "bleu4": "B-4", "meteor": "MTR", "f1": "F1",
                  "bleu1": "B-1", "bleu2": "B-2", "distinct1": "D-1", "distinct2": "D-2", "bleu": "BLEU"}
@@ -155,16 +160,29 @@ def plot_loss_curves(uri: str, finetune_runs, path: Path, metric: str = "train/l
     return drawn
 
 
-def compare(uri: str, experiment: str, out_dir: Path, task: str = "") -> list[dict[str, Any]]:
+def compare(uri: str, experiment: str, out_dir: Path, task: str = "", log: bool = True) -> list[dict[str, Any]]:
     runs = find_runs(uri, experiment, "evaluation", task)
     rows = table_rows(runs)
+    table = format_tables(rows)
     print(f"[compare] {len(rows)} evaluation run(s) in experiment {experiment!r} at {uri}")
-    print(format_tables(rows), flush=True)
+    print(table, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_quality_vs_speed(rows, out_dir / "quality_vs_speed.png")
-    curves = plot_loss_curves(uri, find_runs(uri, experiment, "finetune", task), out_dir / "loss_curves.png")
+    finetune_runs = find_runs(uri, experiment, "finetune", task)
+    curves = plot_loss_curves(uri, finetune_runs, out_dir / "loss_curves.png")
     print(f"[compare] wrote {out_dir / 'quality_vs_speed.png'} and {out_dir / 'loss_curves.png'} ({curves} loss "
           "curve(s))", flush=True)
+    if log:
+        (out_dir / "comparison.txt").write_text(table)
+        (out_dir / "comparison.json").write_text(json.dumps(
+            {"evaluation_runs": [r["run_id"] for r in rows], "finetune_runs": list(finetune_runs["run_id"])
+             if len(finetune_runs) else [], "rows": rows}, indent=1, default=str))
+        files = ("quality_vs_speed.png", "loss_curves.png", "comparison.txt", "comparison.json")
+        run_id = log_run(uri, experiment, f"compare {task or 'all tasks'}",
+                         tags={"kind": "comparison", "task": task or "all"}, params={"task": task or "all"},
+                         metrics={"evaluation_runs": len(rows), "loss_curves": curves},
+                         artifacts=[(out_dir / name, None) for name in files])
+        print(f"[compare] logged the figures and the table to MLflow run {run_id} (kind=comparison)", flush=True)
     return rows
 
 
@@ -176,9 +194,10 @@ def main(argv: Sequence[str]) -> int:
                         help="default: $MLFLOW_TRACKING_URI or runs/mlflow.db (the store shared with pretraining)")
     parser.add_argument("--task", default="", help="only this task's runs")
     parser.add_argument("--out", default="runs/finetune/compare", help="folder for the PNGs")
+    parser.add_argument("--no-log", action="store_true", help="do not record the comparison as an MLflow run")
     args = parser.parse_args(list(argv))
     try:
-        compare(resolve_uri(args.tracking_uri), args.experiment, Path(args.out), args.task)
+        compare(resolve_uri(args.tracking_uri), args.experiment, Path(args.out), args.task, log=not args.no_log)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

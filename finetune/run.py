@@ -249,7 +249,9 @@ def train(plan: Plan) -> dict[str, float]:
                              meta={"tokenizer_checksum": plan.tokenizer_checksum,
                                    "pretrain_run_id": tags["pretrain_run_id"], "pretrain_step": tags["pretrain_step"]})
         run_name = cfg.tracking.run_name or f"{cfg.task.name}-{cfg.task.difficulty} {cfg.objective.name}"
-        last = engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg), run_name=run_name)
+        datasets = [(plan.task.shard_dir(cfg.task.train_split), "training"), (valid_dir, "validation")]
+        last = engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg), run_name=run_name,
+                          datasets=datasets)
         if engine.rank0:
             write_meta(plan, engine.tracker.run_id)
         return last

@@ -29,22 +29,7 @@ def resolve_uri(configured: str) -> str:
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(mlflow_client, name: str, artifact_root: Path | None = None) -> str:
-    experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return mlflow_client.create_experiment(name, artifact_location=location)
-
-
-def default_artifact_root(uri: str) -> Path | None:
-    """For a sqlite store, artifacts beside the database (not in ./mlruns of whatever folder we run from)."""
-    return core.artifact_root(uri)
+    return core.client_for(uri)
 
 
 def log_json_artifact(uri: str, run_id: str, data: dict[str, Any], name: str, folder: str | None = None) -> None:
@@ -74,7 +59,7 @@ def log_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any], para
     from mlflow.entities import Metric, Param, RunTag
 
     c = client(uri)
-    exp_id = experiment_id(c, experiment, default_artifact_root(uri))
+    exp_id = core.ensure_experiment(c, experiment, uri)
     run = c.create_run(exp_id, run_name=run_name)
     run_id = run.info.run_id
     now = int(time.time() * 1000)
@@ -82,7 +67,7 @@ def log_run(uri: str, experiment: str, run_name: str, tags: dict[str, Any], para
     for i in range(0, len(flat), 100):
         c.log_batch(run_id, params=flat[i:i + 100])
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
-                tags=[RunTag(k, str(v)) for k, v in tags.items()])
+                tags=[RunTag(k, str(v)) for k, v in {**core.source_tags(), **tags}.items()])
     for path, folder in artifacts:
         if Path(path).is_file():
             c.log_artifact(run_id, str(path), folder)

@@ -15,7 +15,8 @@ MemTracker follows every storage the step creates. The plan prints the peak GPU 
 (pretrain.core.config.deepspeed_dict sets what these rules assume: bf16 with ZeRO accumulates gradients in
 fp32.) The batch is the longest the loader can make: loader.batch_size samples of shard.seq_len tokens (+ EOS),
 fewer when loader.max_tokens caps it, corrupted by each active objective; the activation peak is the largest over
-the objectives. Not counted: the CUDA context and the caching allocator's rounding and fragmentation (a few
+the objectives. Attention runs as SDPA in the plan (FlexAttention cannot differentiate over fake tensors); it
+keeps the same activations and adds the dense mask FlexAttention replaces with block masks. Not counted: the CUDA context and the caching allocator's rounding and fragmentation (a few
 hundred MiB on a real GPU), communication buckets, and DeepSpeed's temporary flat copies at the optimizer step.
 bench/gpu_check.sh compares the plan with torch.cuda.max_memory_allocated on a real GPU.
 """
@@ -112,7 +113,9 @@ def activation_peak(plan, objective, host_batch: dict, precision: str) -> tuple[
     micro = MicroBatch.prepare(host_batch, objective, plan.model_cfg)
     _, device = dry_run.pass_devices()  # the device where backward runs on this build
     with dry_run.FakeDevice(device) as fd:
-        model = fd.build(lambda: ObjectiveModule(Seq2SeqModel(plan.model_cfg), objective))
+        # SDPA: FlexAttention's backward cannot run over fake tensors (dry_run._flex_without_compile)
+        model_cfg = dataclasses.replace(plan.model_cfg, attention_backend="sdpa")
+        model = fd.build(lambda: ObjectiveModule(Seq2SeqModel(model_cfg), objective))
         if precision == "bf16":
             with fd.mode:
                 _cast_parameters(model, torch.bfloat16)

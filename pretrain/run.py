@@ -197,6 +197,14 @@ def run_params(plan: Plan) -> dict[str, Any]:
     return params
 
 
+def run_datasets(plan: Plan) -> list[tuple[Path, str]]:
+    """The shard folders the job reads, for the MLflow run's datasets: training, and held-out when evaluated."""
+    datasets = [(_shard_dir(plan.data_cfg), "training")]
+    if plan.eval_data_cfg is not None:
+        datasets.append((_shard_dir(plan.eval_data_cfg), "validation"))
+    return datasets
+
+
 def describe(plan: Plan) -> str:
     """The `config ok:` line of --validate-only."""
     cfg, m = plan.cfg, plan.model_cfg
@@ -221,7 +229,7 @@ def train(plan: Plan) -> dict[str, float]:
                              eval_loaders=eval_loaders, kind="pretrain",
                              meta={"tokenizer_checksum": plan.tokenizer_checksum})
         return engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg),
-                          run_name=cfg.tracking.run_name or cfg.name)
+                          run_name=cfg.tracking.run_name or cfg.name, datasets=run_datasets(plan))
 
 
 def config_from_args(args) -> PretrainConfig:

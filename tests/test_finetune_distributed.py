@@ -156,7 +156,7 @@ def test_tp2_final_model_decodes_like_tp1(janus_runs, data, tmp_path):
 
     from finetune.generate import run_generate
 
-    full = {name: torch.load(janus_runs[name] / "final_model.pt", weights_only=False) for name in ("tp1", "tp2")}
+    full = {name: torch.load(janus_runs[name] / "final_model.pt", weights_only=True) for name in ("tp1", "tp2")}
     assert full["tp2"]["model"].keys() == full["tp1"]["model"].keys()
     assert full["tp2"]["model"]["embed_tokens.weight"].shape == (1024, 64)  # whole vocabulary, not a shard
     tensors = {k: v for k, v in full["tp1"]["model"].items() if isinstance(v, torch.Tensor)}  # not _extra_state

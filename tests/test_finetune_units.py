@@ -259,6 +259,85 @@ def test_engine_export_records_the_run_and_the_tokenizer(tmp_path):
     assert pretrain_run_id(read_init(finetuned)) == "run-pre"
 
 
+def test_exported_weights_load_with_weights_only(tmp_path):
+    """export_payload keeps only plain values (tensors, dicts, lists, strings, numbers, None), so torch.load with
+    weights_only=True reads the export and nothing in it can run code: paths become strings, numpy values Python
+    ones, a non-tensor `_extra_state` (Transformer Engine's byte buffer) is left out, anything else is refused
+    naming its key. read_weights refuses a pickle holding other objects, naming the file."""
+    import datetime
+    import io
+
+    import numpy as np
+
+    from pretrain.core.export import export_payload, model_config_dict
+    from pretrain.core.weights import read_weights
+
+    source = tiny()
+    state = {**source.state_dict(), "encoder_layers.0.ffn.block.fc_in._extra_state": io.BytesIO(b"te")}
+    record = {"job": "finetune", "tokenizer": Path("/data/tok.model"), "pretrain_step": np.int64(300),
+              "mlflow_run_id": None, "lr": np.float32(0.5)}
+    path = tmp_path / "final_model.pt"
+    torch.save(export_payload(state, model_config_dict(source), np.int64(7), record), path)
+    saved = torch.load(path, weights_only=True)
+    assert (saved["tokenizer"], saved["pretrain_step"], saved["lr"], saved["step"]) == ("/data/tok.model", 300, 0.5, 7)
+    assert "encoder_layers.0.ffn.block.fc_in._extra_state" not in saved["model"]
+    for name, value in source.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(saved["model"][name], value), name
+    reloaded = tiny()
+    load_into(reloaded, read_weights(path))  # the left-out extra state comes from the model
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.parameters(), source.parameters()))
+
+    class Opaque:
+        pass
+
+    with pytest.raises(TypeError, match=r"record\.origin: a Opaque cannot go into the exported weights"):
+        export_payload(source.state_dict(), None, 1, {"origin": Opaque()})
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": source.state_dict(), "saved_on": datetime.date(2025, 1, 1)}, pickled)
+    with pytest.raises(InitError, match=r"pickled\.pt: holds objects other than tensors and plain values, which "
+                                        r"torch\.load\(weights_only=True\) refuses \(Unsupported global: .*date"):
+        read_weights(pickled)
+
+
+def test_compare_logs_its_figures_to_a_comparison_run(tmp_path):
+    """`compare` records its PNGs, table and the runs it compared as one run of kind `comparison` in the experiment
+    (a training experiment, not MLflow 3's GenAI kind), and reads only evaluation and finetune runs, so a comparison
+    run never shows up in a later table."""
+    from mlflow.entities import Metric
+
+    from finetune.compare import compare
+    from finetune.tracking import client, log_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    finetune_run = log_run(uri, "cmp", "ft", {"kind": "finetune", "task": "gigaword", "difficulty": "easy",
+                                              "objective": "ar"}, {}, {}, [])
+    c.log_batch(finetune_run, metrics=[Metric("train/loss", 5.0 - s, 1000 + s, s) for s in range(1, 4)])
+    evaluations = [log_run(uri, "cmp", f"ev {mode}", {"kind": "evaluation", "task": "gigaword", "difficulty": "easy",
+                                                      "objective": "ar", "decoding_mode": mode, "split": "valid",
+                                                      "finetune_run_id": finetune_run},
+                           {}, {"rouge1": r1, "rouge2": 10.0, "rougeL": 20.0, "task_score": r1 / 3 + 10,
+                                "ms_per_sample": ms, "samples_per_s": 1000 / ms}, [])
+                   for mode, r1, ms in (("ar_beam", 30.0, 40.0), ("ar_greedy", 28.0, 10.0))]
+    for attempt in (1, 2):
+        rows = compare(uri, "cmp", tmp_path / "out")
+        assert [r["run_id"] for r in rows] == evaluations  # comparison runs are never compared
+    experiment = c.get_experiment_by_name("cmp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = c.search_runs([experiment.experiment_id], "tags.kind = 'comparison'")
+    assert len(runs) == 2 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"quality_vs_speed.png", "loss_curves.png",
+                                                                  "comparison.txt", "comparison.json"}
+    assert (run.data.metrics["evaluation_runs"], run.data.metrics["loss_curves"]) == (2, 1)
+    compared = json.loads(Path(c.download_artifacts(run.info.run_id, "comparison.json", str(tmp_path))).read_text())
+    assert (compared["evaluation_runs"], compared["finetune_runs"]) == (evaluations, [finetune_run])
+    png = Path(c.download_artifacts(run.info.run_id, "quality_vs_speed.png", str(tmp_path / "dl")))
+    assert png.read_bytes() == (tmp_path / "out" / "quality_vs_speed.png").read_bytes()
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+
+
 def test_finetuned_weights_keep_their_pretraining_lineage():
     """Weights finetuned again name the pretraining run and step they descend from, not their own finetuning step."""
     from finetune.init_checkpoint import FINETUNED, pretrain_run_id, pretrain_step

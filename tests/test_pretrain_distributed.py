@@ -227,6 +227,9 @@ def test_sigterm_closes_the_mlflow_run_as_killed_and_resume_reopens_it(pretrain_
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-4000:]
     (again,) = client.search_runs([client.get_experiment_by_name("tandem-pretrain").experiment_id])
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    # MLflow params cannot change: the first value stays, the resumed job's changed one is logged beside it
+    assert (again.data.params["train.steps"], again.data.params["resume.1.train.steps"],
+            again.data.params["resume.1.at_step"]) == ("500", str(stopped_at + 2), str(stopped_at))
     assert (again.data.tags["tandem.launch_id"], again.data.tags["tandem.restart"]) == ("launch-7", "1")
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert set(range(1, stopped_at + 3)) <= steps
@@ -268,7 +271,7 @@ def test_final_weights_are_exported_tp_merged(tp2_zero2_run, pretrain_shards):
 
     from mlflow.tracking import MlflowClient
 
-    saved = torch.load(tp2_zero2_run / "final_model.pt", weights_only=False)
+    saved = torch.load(tp2_zero2_run / "final_model.pt", weights_only=True)  # plain values only: no pickled code
     assert saved["step"] == 14 and saved["model"]["embed_tokens.weight"].shape == (4096, 64)
     # The run record: finetuning links its run to this one and checks the tokenizer against its task shards.
     store = f"sqlite:///{tp2_zero2_run / 'mlflow.db'}"
@@ -314,7 +317,14 @@ def test_mlflow_run_holds_params_metrics_artifacts(tp2_zero2_run):
     assert params["resolved.data_parallel"] == "1"
     tags = run.data.tags
     assert (tags["world_size"], tags["tensor_parallel"], tags["zero_stage"]) == ("2", "2", "2")
-    assert len(tags["git_commit"]) in (40, len("unknown"))
+    assert len(tags["mlflow.source.git.commit"]) in (40, len("unknown"))  # MLflow's own source tags
+    assert (tags["mlflow.source.type"], tags["mlflow.source.name"]) == ("LOCAL", "pretrain/__main__.py")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow 3's GenAI view
+    inputs = {d.dataset.name: (json.loads(d.dataset.source)["uri"], d.tags[0].value, d.dataset.digest)
+              for d in run.inputs.dataset_inputs}
+    assert {name: (uri, context) for name, (uri, context, _) in inputs.items()} == {
+        "pretrain/shards": (str(TEST_DATA / "shards"), "training"),
+        "heldout/shards": (str(TEST_DATA / "heldout" / "shards"), "validation")}
     for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_seen",
                  "train/bang/loss_s0", "train/bang/loss_s1", "train/elmer/loss", "eval/bang/nar_loss",
                  "eval/elmer/ar_loss"):

@@ -16,7 +16,10 @@ tests/test_import_graph.py).
     checkpoint  checkpoints that continue a run exactly: tags, the atomic `latest` pointer, write_atomically
     export      the exported weights (FINAL_WEIGHTS) and the run record they carry
     weights     reading weights back from any of those files: read_weights, check_dims, load_into (InitError)
-    tracking    MLflow: resolve_uri (the project's one store), sqlite_path, artifact_root, flatten
+    tracking    MLflow: resolve_uri (the project's one store), sqlite_path, artifact_root, flatten, source_tags
+                (MLflow's standard source tags), ensure_experiment (a classic training experiment), client_for;
+                the engine's Tracker writes metrics.jsonl and a thread copies it to MLflow (mlflow_sync, also
+                `python -m pretrain.core backfill <output_dir>` for a run that ended while MLflow was away)
     distributed process groups (through `started`), is_rank0, uses_gpu
     schedule, metrics, activation_checkpointing, step (the step's logic, apart from DeepSpeed): the engine's own
                 parts, not part of the API
@@ -36,7 +39,8 @@ from pretrain.core.export import FINAL_WEIGHTS
 from pretrain.core.facts import input_file, shard_folder
 from pretrain.core.job import cli_main, config_artifacts, started
 from pretrain.core.objectives import Metrics, Objective, build, gather_rows, register, registered
-from pretrain.core.tracking import PARAM_VALUE_LIMIT, artifact_root, flatten, resolve_uri, sqlite_path
+from pretrain.core.mlflow_sync import client_for, ensure_experiment
+from pretrain.core.tracking import PARAM_VALUE_LIMIT, artifact_root, flatten, resolve_uri, source_tags, sqlite_path
 from pretrain.core.weights import InitError, InitWeights, check_dims, load_into, read_weights
 
 _ON_FIRST_USE = {"Engine": "pretrain.core.engine", "is_rank0": "pretrain.core.distributed",
@@ -55,4 +59,5 @@ __all__ = ["EngineConfig", "TrackingSection", "load_config", "validate_engine", 
            "cli_parser", "parse_args", "cli_main", "started", "config_artifacts", "input_file", "shard_folder",
            "Engine", "is_rank0", "uses_gpu", "Objective", "Metrics", "gather_rows", "register", "build", "registered",
            "write_atomically", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights", "check_dims", "load_into",
-           "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT"]
+           "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT", "source_tags",
+           "ensure_experiment", "client_for"]

@@ -93,6 +93,9 @@ class TrackingSection:
     uri: str = ""
     experiment: str = "tandem-pretrain"
     run_name: str = ""  # empty: the config name
+    # at the end of a job, how long rank 0 waits for an MLflow server that is away to come back and take the rest
+    # of the run; after that `python -m pretrain.core backfill <output_dir>` sends it (pretrain.core.tracking)
+    finish_wait_s: float = 60.0
 
 
 @dataclass
@@ -230,6 +233,8 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         _fail(cfg, "checkpoint.every_steps" if c.every_steps < 0 else "checkpoint.keep_last", "must be >= 0")
     if e.every_steps < 0 or e.batches < 0:
         _fail(cfg, "eval.every_steps" if e.every_steps < 0 else "eval.batches", "must be >= 0")
+    if not cfg.tracking.finish_wait_s >= 0:
+        _fail(cfg, "tracking.finish_wait_s", f"must be >= 0 seconds, got {cfg.tracking.finish_wait_s}")
 
 
 def offloads_optimizer(ds: dict[str, Any]) -> bool:

@@ -45,9 +45,8 @@ from pretrain.core.export import FINAL_WEIGHTS, export_payload, model_config_dic
 from pretrain.core.metrics import MetricSums
 from pretrain.core.objectives import Objective
 from pretrain.core.schedule import WarmupDecay, build_scheduler
-from pretrain.core.tracking import Tracker, git_commit, launch_tags
+from pretrain.core.tracking import Tracker, launch_tags, source_tags
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("pretrain", "finetune")
 
 
@@ -136,7 +135,8 @@ class Engine:
         self.tokens_seen = 0
         self.run_id: str | None = None
         self.tracker = Tracker(self.output_dir, active=self.rank0, use_mlflow=cfg.tracking.mlflow,
-                               uri=cfg.tracking.uri or None, experiment=cfg.tracking.experiment)
+                               uri=cfg.tracking.uri or None, experiment=cfg.tracking.experiment,
+                               finish_wait_s=cfg.tracking.finish_wait_s)
         self._epoch_iter: Iterator | None = None
         self._lr = math.nan
         self._sample_log = None
@@ -224,9 +224,11 @@ class Engine:
         if self.rank0:  # through the bar: a plain print would land on the bar's line (evaluation, checkpoints)
             progress.write(f"[{self.kind}] {text}")
 
-    def start_tracking(self, params: dict[str, Any], artifacts: list[tuple[Path, str]], run_name: str) -> None:
+    def start_tracking(self, params: dict[str, Any], artifacts: list[tuple[Path, str]], run_name: str,
+                       datasets: list[tuple[Path, str]] = ()) -> None:
         """Write the resolved configs into output_dir and open the MLflow run (rank 0). artifacts: (file, folder
-        inside the run's artifacts)."""
+        inside the run's artifacts); datasets: (shard folder, "training" | "validation"), logged as MLflow
+        datasets."""
         if self.rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             resolved_yaml = self.output_dir / "config.resolved.yaml"
@@ -234,12 +236,13 @@ class Engine:
             ds_json = self.output_dir / "deepspeed_config.json"
             ds_json.write_text(json.dumps(self.ds_config, indent=2))
             artifacts = [*artifacts, (resolved_yaml, "resolved"), (ds_json, "resolved")]
-        tags = {"kind": self.kind, "git_commit": git_commit(REPO_ROOT),
+        tags = {"kind": self.kind, **source_tags(),
                 "world_size": torch.distributed.get_world_size(), "tensor_parallel": parallel.tp_size(),
                 "data_parallel": self.dp_size, "zero_stage": self.zero_stage, "precision": self.precision,
                 "objective": getattr(self.objective, "name", "?"), **launch_tags(), **self.extra_tags}
         with job.signals_deferred():  # a run half-created would stay RUNNING
-            self.tracker.start(run_name, params, tags, artifacts, resume_run_id=self.run_id)
+            self.tracker.start(run_name, params, tags, artifacts, resume_run_id=self.run_id, datasets=datasets,
+                               step=self.step)
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -281,9 +284,10 @@ class Engine:
                 "or use ZeRO-1/2, which allow different objectives per rank.")
 
     def fit(self, params: dict[str, Any] | None = None, artifacts: list[tuple[Path, str]] = (),
-            run_name: str = "run") -> dict:
+            run_name: str = "run", datasets: list[tuple[Path, str]] = ()) -> dict:
         """Train to train.steps (resuming first if asked), evaluating and checkpointing on schedule; returns the
-        last logged training figures and the final evaluation (eval/...)."""
+        last logged training figures and the final evaluation (eval/...). params, artifacts, run_name, datasets:
+        what the MLflow run records (see start_tracking)."""
         cfg = self.cfg
         if cfg.checkpoint.resume:
             self.resume()
@@ -295,7 +299,7 @@ class Engine:
         try:
             # inside the try: a stop signal held back while the run is created is raised as the block ends, and
             # the finally below must still close that run
-            self.start_tracking(params or to_dict(cfg), list(artifacts), run_name)
+            self.start_tracking(params or to_dict(cfg), list(artifacts), run_name, list(datasets))
             if cfg.train.record_sample_ids:
                 folder = self.output_dir / "samples"
                 folder.mkdir(parents=True, exist_ok=True)

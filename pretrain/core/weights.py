@@ -10,7 +10,9 @@ Accepted paths:
     "step", and the run record: job, mlflow_run_id, tokenizer_checksum, ...}), a plain full (TP=1) state dict
     (`{name: tensor}` or `{"state_dict"|"module": {...}}`), or one mp_rank file.
 
-The layout is the one pretrain.core.checkpoint and pretrain.core.export write. `read_weights(path)` needs no process
+Every file is read with torch.load(weights_only=True), so reading weights never runs code from the file; only a
+DeepSpeed checkpoint file that holds other objects is read in full, with a warning (`_load`). The layout is the one
+pretrain.core.checkpoint and pretrain.core.export write. `read_weights(path)` needs no process
 group: it returns the full weights (or, for TP shards, the shards) and the record the engine wrote
 (pretrain.core.export.RECORD_KEYS: job kind, step, MLflow run id, model config, tokenizer checksum; from a
 DeepSpeed checkpoint's client state or the export's top-level keys; older files may lack some). `checkpoint_dims`
@@ -19,7 +21,9 @@ starts; `load_into` copies the weights into a model at any tensor-parallel size.
 """
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +67,34 @@ def _strip(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def _load(path: Path) -> Any:
+    """torch.load with weights_only=True: reading weights never runs code from the file (what this project writes
+    is plain: pretrain.core.export.plain). Only a DeepSpeed checkpoint file, whose format DeepSpeed owns and may
+    fill with other objects, is read in full when weights_only refuses it, with a warning."""
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return _torch_load(path, weights_only=True)
+        except pickle.UnpicklingError as err:
+            reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+            if reason is None:  # not a pickle at all (a junk or truncated file): below, "cannot read"
+                raise
+            reason = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+            if not MP_FILE.match(path.name):
+                raise InitError(f"{path}: holds objects other than tensors and plain values, which torch.load("
+                                f"weights_only=True) refuses ({reason}); save a plain state dict ({{name: tensor}}) "
+                                "instead") from None
+            warnings.warn(f"{path}: DeepSpeed's checkpoint holds objects torch.load(weights_only=True) refuses "
+                          f"({reason}); reading it in full", RuntimeWarning, stacklevel=3)
+            return _torch_load(path, weights_only=False)
+    except InitError:
+        raise
     except Exception as err:  # noqa: BLE001 - corrupt file, not a torch file, truncated download
         raise InitError(f"{path}: cannot read as a torch checkpoint ({type(err).__name__}: {err})") from None
 
