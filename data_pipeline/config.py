@@ -161,6 +161,11 @@ class DataConfig:
         if not any(getattr(self.heldout.sources, kind) for kind in SOURCE_KINDS):
             raise ConfigError(f"{self._where()}heldout.sources: empty; list the held-out text (globs under data_root "
                               f"in heldout.sources.{{{','.join(SOURCE_KINDS)}}}) to build held-out shards")
+        for name, training in (("extract_dir", self.extract.out_dir), ("shard_dir", self.shard.out_dir)):
+            # checked here, not in validate: the older recipe (extract and shard with out_dir=heldout/...) is valid
+            _check(self.in_work(getattr(self.heldout, name)) != self.in_work(training), self._where(),
+                   f"heldout.{name}", f"is the training folder {training!r}: the held-out build would replace the "
+                   f"training data")
         held = copy.deepcopy(self)
         held.sources = copy.deepcopy(self.heldout.sources)
         held.extract.out_dir = self.heldout.extract_dir
@@ -247,9 +252,6 @@ def validate_fields(cfg: DataConfig, where: str = "") -> None:
     _check(k.level in ("", "easy", "medium", "hard"), where, "tasks.level", f"must be '', easy, medium or hard, got {k.level!r}")
     _check(0.0 < k.holdout_fraction < 1.0, where, "tasks.holdout_fraction", "must be in (0, 1)")
     _check(k.max_source_len >= 1 and k.max_target_len >= 1, where, "tasks.max_source_len", "lengths must be >= 1")
-    for name, training in (("extract_dir", e.out_dir), ("shard_dir", s.out_dir)):
-        _check(cfg.in_work(getattr(cfg.heldout, name)) != cfg.in_work(training), where, f"heldout.{name}",
-               f"is the training folder {training!r}: the held-out build would replace the training data")
     validate_loader(cfg.loader, where)
 
 

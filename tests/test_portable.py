@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.config import load_config
+from data_pipeline.errors import ConfigError
+from data_pipeline.prepare import prepare
 from finetune_helpers import ENV, GIGAWORD, as_list_override, build_test_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +109,18 @@ def test_heldout_hint_is_the_command_that_builds_them(shared_data, tmp_path):
 
     accepted = run_in(elsewhere, validate)
     assert accepted.returncode == 0 and accepted.stdout.startswith("config ok: pretrain tiny"), accepted.stderr
+
+
+def test_a_heldout_build_that_cannot_work_is_refused_before_any_work(tmp_path):
+    tiny = REPO_ROOT / "configs" / "data" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"tiny.yaml: heldout\.sources: empty"):
+        prepare(load_config(tiny, [f"work_dir={tmp_path}", "heldout.sources.books=[]"]), with_heldout=True)
+    with pytest.raises(ConfigError, match=r"tiny.yaml: heldout\.shard_dir: is the training folder 'shards'"):
+        prepare(load_config(tiny, [f"work_dir={tmp_path}", "heldout.shard_dir=shards"]), with_heldout=True)
+    assert list(tmp_path.iterdir()) == []  # nothing was built
+    # the older recipe (extract and shard with their out_dir aimed at heldout/, as launch/demo.py does) still loads
+    assert load_config(tiny, ["extract.out_dir=heldout/docs", "shard.out_dir=heldout/shards"]).shard.out_dir == \
+        "heldout/shards"
 
 
 @pytest.fixture(scope="module")
