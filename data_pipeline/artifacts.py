@@ -5,7 +5,8 @@ folder `<out_dir>.tmp` and swaps it in whole (`swap_in`), so an output folder is
 records a `fingerprint` (the sha256 of its inputs and settings) beside the output, so a rerun with nothing changed
 is a no-op. The records:
   * extract: `extract_stats.json` (STATS_FILE) beside the documents: counts, files written, fingerprint;
-  * tokenizer: `tokenizer.json` beside `tokenizer.model` (the tokenizer module owns that format);
+  * tokenizer: `tandem_tokenizer.json` beside `tokenizer.model` (the tokenizer module owns that format); every
+    tokenizer gives the project's fixed special ids (below);
   * shard / tasks: `manifest.json` (MANIFEST) beside the shards: per shard its samples, bytes and sha256, the
     per-sample lengths file (LENGTHS), the tokenizer checksum, the fingerprint. `load_manifest`, `check_shards`
     and `load_lengths` are the reader's side.
@@ -33,6 +34,12 @@ MANIFEST = "manifest.json"
 LENGTHS = "lengths.npy"
 FORMAT = "tandem-shards-v1"
 STATS_FILE = "extract_stats.json"
+
+# The project's fixed special ids, in id order: the sentencepiece model the `tokenizer` step trains holds them as
+# pieces 0..5; a Hugging Face tokenizer's own ids are mapped onto them (data_pipeline/hf_tokenizer.py).
+SPECIAL_NAMES = ("pad", "unk", "bos", "eos", "mask", "sep")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID = range(len(SPECIAL_NAMES))
+NUM_SPECIAL = len(SPECIAL_NAMES)  # ids below this are special; random replacement tokens are drawn from above
 SHA256_MISMATCH = f"sha256 differs from {MANIFEST} (corrupt or rewritten)"
 
 

@@ -5,7 +5,8 @@ Path rules (so one YAML works from any working directory):
   * `sources.*` globs and `tasks.root` / `tasks.iwslt_root` are relative to `data_root`;
   * `extract.out_dir`, `tokenizer.out_dir`, `shard.out_dir`, `tasks.out_dir`, `loader.shard_dir`,
     `loader.tokenizer` and `heldout.extract_dir` / `heldout.shard_dir` are relative to `work_dir`;
-  * `heldout.sources.*` globs, like `sources.*`, are relative to `data_root`.
+  * `heldout.sources.*` globs, like `sources.*`, are relative to `data_root`;
+  * `tokenizer.path` (a Hugging Face tokenizer folder, tokenizer.type=hf) is relative to the repository root.
 `DataConfig.path(...)` helpers return the resolved absolute paths.
 """
 from __future__ import annotations
@@ -46,8 +47,16 @@ class ExtractConfig:
     max_bad_utf8_ratio: float = 0.05  # Latin-1 prose is ~1-4% non-ASCII; executables and archives are 20%+
 
 
+TOKENIZER_TYPES = ("sentencepiece", "hf")
+
+
 @dataclass
 class TokenizerConfig:
+    # sentencepiece: the `tokenizer` step trains one into out_dir. hf: a Hugging Face tokenizer folder (`path`, e.g.
+    # a BART checkpoint's, with its config.json) is used as it is, its ids mapped onto the project's special ids
+    # (data_pipeline/hf_tokenizer.py); the settings below out_dir do not apply to it.
+    type: str = "sentencepiece"
+    path: str = ""
     out_dir: str = "tokenizer"
     model_type: str = "unigram"  # or "bpe"
     vocab_size: int = 4000  # real pieces, including the 6 special ones
@@ -172,6 +181,12 @@ class DataConfig:
         held.shard.out_dir = held.loader.shard_dir = self.heldout.shard_dir
         return held
 
+    def tokenizer_dir(self) -> Path:
+        """The tokenizer's folder: the trained sentencepiece model's, or the Hugging Face folder it names."""
+        if self.tokenizer.type == "hf":
+            return resolve(self.tokenizer.path, REPO_ROOT)
+        return self.in_work(self.tokenizer.out_dir)
+
     def source_files(self, kind: str) -> list[Path]:
         """Expand the globs of one source kind; a glob that matches nothing is an error naming it."""
         files: list[Path] = []
@@ -235,6 +250,9 @@ def validate_fields(cfg: DataConfig, where: str = "") -> None:
            f"must be 'error' or 'skip', got {e.non_text_files!r}")
     for name in ("max_control_char_ratio", "max_bad_utf8_ratio"):
         _check(0.0 <= getattr(e, name) < 1.0, where, f"extract.{name}", f"must be in [0, 1), got {getattr(e, name)}")
+    _check(t.type in TOKENIZER_TYPES, where, "tokenizer.type", f"must be one of {TOKENIZER_TYPES}, got {t.type!r}")
+    _check(t.type != "hf" or bool(t.path), where, "tokenizer.path",
+           "is empty; tokenizer.type=hf reads the Hugging Face tokenizer folder it names (e.g. the checkpoint's)")
     _check(t.model_type in ("unigram", "bpe"), where, "tokenizer.model_type",
            f"must be 'unigram' or 'bpe', got {t.model_type!r}")
     _check(t.vocab_size > 16, where, "tokenizer.vocab_size", f"must be > 16, got {t.vocab_size}")

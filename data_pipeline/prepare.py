@@ -22,7 +22,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, with_tasks: bool = False,
     run_extract(cfg, force=force)
     train_tokenizer(cfg, force=force)
     run_shard(cfg, force=force)
-    out = {"docs": cfg.in_work(cfg.extract.out_dir), "tokenizer": cfg.in_work(cfg.tokenizer.out_dir),
+    out = {"docs": cfg.in_work(cfg.extract.out_dir), "tokenizer": cfg.tokenizer_dir(),
            "shards": cfg.in_work(cfg.shard.out_dir)}
     if with_tasks:
         run_tasks(cfg, force=force)

@@ -15,9 +15,9 @@ writer; sample ids number the shuffled order. A buffer larger than the corpus gi
 
 manifest.json records: shard names, sample and token counts, bytes and sha256 per shard, the lengths file
 (`lengths.npy`: one row per sample id, used to plan batches without reading shards), the tokenizer checksum, the
-creating config, the input fingerprint (a copy of the tokenizer, tokenizer.model + tokenizer.json, sits beside the
-shards so the folder can move), and the counts of everything skipped or repaired (bad UTF-8, empty docs,
-overlong docs split...). Re-running with the same inputs and config is a no-op; otherwise the folder is rebuilt in a
+creating config, the input fingerprint (a copy of the tokenizer, tokenizer.model + tandem_tokenizer.json or a Hugging
+Face tokenizer folder, sits beside the shards so the folder can move), and the counts of everything skipped or
+repaired (bad UTF-8, empty docs, overlong docs split...). Re-running with the same inputs and config is a no-op; otherwise the folder is rebuilt in a
 staging folder and swapped in, so shards are never duplicated or mixed.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from data_pipeline.artifacts import (FORMAT, LENGTHS, MANIFEST, check_shards, ex
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.documents import doc_files, read_docs
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import MODEL_FILE, PAD_ID, Tokenizer
+from data_pipeline.tokenizer import PAD_ID, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,14 @@ def write_shards(samples: Iterable[dict[str, np.ndarray]], out_dir: Path, fields
 def write_manifest(out_dir: Path, kind: str, fields: Sequence[str], dtype: str, written: WrittenShards,
                    tokenizer: Tokenizer, stats: dict, config: dict, fingerprint: str, extra: dict | None = None) -> dict:
     np.save(out_dir / LENGTHS, written.lengths)
-    tokenizer.copy_to(out_dir)  # it travels with the shards (the folder can be moved); the checksum ties them
+    # A copy of the tokenizer travels with the shards (the folder can be moved); the checksum ties them together.
+    copy = tokenizer.copy_into(out_dir)
     manifest = {
         "format": FORMAT, "kind": kind, "fields": list(fields), "token_dtype": dtype,
         "num_samples": int(len(written.lengths)), "num_tokens": int(written.lengths.sum()),
         "shards": written.shards,
         "lengths_file": LENGTHS, "lengths_sha256": sha256_file(out_dir / LENGTHS),
-        "tokenizer": {"path": MODEL_FILE, "source": str(tokenizer.path), "checksum": tokenizer.checksum,
+        "tokenizer": {"path": copy, "source": str(tokenizer.path), "checksum": tokenizer.checksum,
                       "vocab_size": tokenizer.vocab_size, "padded_vocab_size": tokenizer.padded_vocab_size},
         "stats": stats, "config": config, "fingerprint": fingerprint, **(extra or {}),
     }
@@ -117,7 +118,7 @@ _WORKER_TOKENIZER: Tokenizer | None = None
 
 def _init_worker(model_path: str) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer.load(model_path)
+    _WORKER_TOKENIZER = load_tokenizer(model_path)
 
 
 def split_into_samples(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
@@ -167,7 +168,7 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
     s = cfg.shard
     docs_dir = cfg.in_work(cfg.extract.out_dir)
     out_dir = cfg.in_work(s.out_dir)
-    tok = Tokenizer.load(cfg.in_work(cfg.tokenizer.out_dir))
+    tok = load_tokenizer(cfg.tokenizer_dir())
     files = doc_files(docs_dir)
     config = {"shard": to_plain(s), "tokenizer_config": to_plain(cfg.tokenizer), "config_file": cfg.config_file}
     fp = fingerprint({"shard": to_plain(s), "tokenizer": tok.checksum,
@@ -277,7 +278,7 @@ def sample_problem(sample: dict[str, np.ndarray], lengths: np.ndarray, vocab_siz
 def inspect_shards(shard_dir: Path, shard: str | None, n: int, verify: str = "size", tokenizer: str = "") -> str:
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
-    tok = Tokenizer.load(tokenizer or (shard_dir / manifest["tokenizer"]["path"]))
+    tok = load_tokenizer(tokenizer or (shard_dir / manifest["tokenizer"]["path"]))
     lines = [f"{shard_dir / MANIFEST}: {manifest['kind']} shards, {len(manifest['shards'])} shards, "
              f"{manifest['num_samples']} samples, {manifest['num_tokens']} tokens, fields {manifest['fields']}",
              f"tokenizer {tok.path} vocab {tok.vocab_size} (padded {tok.padded_vocab_size}) checksum "

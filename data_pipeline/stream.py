@@ -80,7 +80,7 @@ from data_pipeline.config import REPO_ROOT, CorruptionConfig, LoaderConfig, load
 from data_pipeline.corruption import CorruptionTables, PretrainCollator, normalize_weights, to_torch
 from data_pipeline.errors import ConfigError, DataError
 from data_pipeline.shards import read_piece, sample_problem
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def open_shard_dir(shard_dir: Path, kind: str, tokenizer_path: str | Path, verif
     if manifest["kind"] != kind:
         raise DataError(f"{shard_dir / MANIFEST}: holds {manifest['kind']!r} shards, expected {kind!r}")
     tok_path = Path(tokenizer_path) if tokenizer_path else (shard_dir / manifest["tokenizer"]["path"]).resolve()
-    tok = Tokenizer.load(tok_path)
+    tok = load_tokenizer(tok_path)
     if tok.checksum != manifest["tokenizer"]["checksum"]:
         raise DataError(f"tokenizer checksum mismatch: {tok.path} has {tok.checksum[:16]}..., but "
                         f"{shard_dir / MANIFEST} was written with {manifest['tokenizer']['checksum'][:16]}...")

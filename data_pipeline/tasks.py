@@ -31,7 +31,7 @@ from data_pipeline.corruption import pad_stack
 from data_pipeline.errors import DataError
 from data_pipeline.documents import decode_utf8
 from data_pipeline.shards import token_dtype, write_manifest, write_shards
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tok
 def run_tasks(cfg: DataConfig, force: bool = False) -> dict[str, dict[str, int]]:
     """Shards for every configured GLGE task (and IWSLT14 if tasks.iwslt_root is set); returns sample counts."""
     k = cfg.tasks
-    tok = Tokenizer.load(cfg.in_work(cfg.tokenizer.out_dir))
+    tok = load_tokenizer(cfg.tokenizer_dir())
     out = cfg.in_work(k.out_dir)
     jobs = [(cfg.root() / k.root, t) for t in k.tasks]
     if k.iwslt_root:

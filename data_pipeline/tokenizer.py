@@ -1,9 +1,14 @@
 """`tokenizer`: train a sentencepiece model on a sample of the extracted text, and the `Tokenizer` wrapper.
 
-Fixed ids (shared by the whole system): pad=0, unk=1, bos=2, eos=3, mask=4 ("<mask>"), sep=5 ("<sep>").
-`vocab_size` is the real number of pieces; `padded_vocab_size` rounds it up to a multiple of 128 (tensor
-parallelism splits the embedding by rows). `checksum` is the sha256 of the .model file; shard manifests record it.
-Files written to `tokenizer.out_dir`: tokenizer.model, tokenizer.vocab, tokenizer.json (sizes, checksum, config).
+Fixed ids (shared by the whole system, data_pipeline/artifacts.py): pad=0, unk=1, bos=2, eos=3, mask=4 ("<mask>"),
+sep=5 ("<sep>"). `vocab_size` is the real number of pieces; `padded_vocab_size` rounds it up to a multiple of 128
+(tensor parallelism splits the embedding by rows). `checksum` is the sha256 of the .model file; shard manifests
+record it. Files written to `tokenizer.out_dir`: tokenizer.model, tokenizer.vocab, tandem_tokenizer.json (sizes,
+checksum, config; named `tokenizer.json` before, which is Hugging Face's fast-tokenizer file: that name is still read).
+
+`load_tokenizer(folder)` opens either kind the data config's `tokenizer.type` names: this sentencepiece model, or a
+Hugging Face tokenizer folder (data_pipeline/hf_tokenizer.py's HfTokenizer, same interface). `save_hf` writes either
+as a folder that transformers' AutoTokenizer loads.
 """
 from __future__ import annotations
 
@@ -21,17 +26,18 @@ import numpy as np
 import sentencepiece as spm
 
 from configs import progress
-from data_pipeline.artifacts import extract_stats, fingerprint, read_record, sha256_file, staging_for, swap_in
+from data_pipeline.artifacts import (BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, UNK_ID, extract_stats,
+                                     fingerprint, read_record, sha256_file, staging_for, swap_in)
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.documents import cut_paragraph, doc_files, iter_all_docs
 from data_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID = 0, 1, 2, 3, 4, 5
-NUM_SPECIAL = 6  # ids below this are special; random replacement tokens are drawn from [NUM_SPECIAL, vocab_size)
 SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID))  # skipped by decode (unk is kept)
-MODEL_FILE, META_FILE = "tokenizer.model", "tokenizer.json"
+MODEL_FILE, META_FILE = "tokenizer.model", "tandem_tokenizer.json"
+OLD_META_FILE = "tokenizer.json"  # the record's name in work folders and shards written before; still read
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # what marks a Hugging Face tokenizer folder
 SEP_TEXT = "[SEP]"  # how GLGE's dialogue/QA sources mark segment boundaries; encoded as <sep>
 
 
@@ -39,8 +45,31 @@ def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
+def meta_file(folder: Path) -> Path:
+    """The tokenizer record in `folder`: tandem_tokenizer.json, or the old tokenizer.json when only that exists (a
+    Hugging Face tokenizer.json has no `checksum`, so it is never mistaken for ours)."""
+    new, old = folder / META_FILE, folder / OLD_META_FILE
+    if new.is_file() or not old.is_file() or "checksum" not in read_record(old):
+        return new
+    return old
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer in `path`: a sentencepiece model (a folder with tokenizer.model, or the .model file) or a
+    Hugging Face tokenizer folder (tokenizer_config.json, tokenizer.type=hf)."""
+    path = Path(path)
+    if path.is_dir() and not (path / MODEL_FILE).is_file() and (path / HF_TOKENIZER_CONFIG).is_file():
+        from data_pipeline.hf_tokenizer import HfTokenizer
+
+        return HfTokenizer(path)
+    return Tokenizer.load(path)
+
+
 class Tokenizer:
     """A trained sentencepiece model with the project's fixed special ids."""
+
+    kind = "sentencepiece"
+    vocab_order = None  # its ids are the project's (HfTokenizer maps a Hugging Face tokenizer's onto them)
 
     def __init__(self, model_path: Path, pad_to_multiple: int = 128):
         self.path = Path(model_path)
@@ -58,21 +87,28 @@ class Tokenizer:
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
-            raise DataError(f"{model}: tokenizer model not found (run `python -m data_pipeline tokenizer`)")
+            raise DataError(f"{model}: tokenizer model not found (run `python -m data_pipeline tokenizer`, or "
+                            f"tokenizer.type=hf with tokenizer.path=<a Hugging Face tokenizer folder>)")
         multiple = 128
-        meta = model.with_name(META_FILE)
+        meta = meta_file(model.parent)
         if meta.is_file():
             multiple = int(json.loads(meta.read_text()).get("pad_to_multiple", 128))
         return cls(model, multiple)
 
-    def copy_to(self, folder: Path) -> Path:
-        """Copy the model and its metadata file into `folder`, so what was made with this tokenizer (shards, a
-        finetuned model) carries it when moved; returns the folder (Tokenizer.load reads it)."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def copy_into(self, folder: Path) -> str:
+        """Copy the model (and its record) into `folder`, as shards carry their tokenizer; returns the name to
+        load it by, relative to `folder`."""
         shutil.copyfile(self.path, folder / MODEL_FILE)
-        if self.path.with_name(META_FILE).is_file():
-            shutil.copyfile(self.path.with_name(META_FILE), folder / META_FILE)
-        return folder
+        meta = meta_file(self.path.parent)
+        if meta.is_file():
+            shutil.copyfile(meta, folder / META_FILE)
+        return MODEL_FILE
+
+    def save_hf(self, folder: Path) -> None:
+        """Write the model as a Hugging Face tokenizer AutoTokenizer loads, giving these ids exactly."""
+        from data_pipeline.hf_tokenizer import save_sentencepiece_as_hf
+
+        save_sentencepiece_as_hf(self.path, folder)
 
     @property
     def vocab_size(self) -> int:
@@ -149,12 +185,18 @@ def train_tokenizer(cfg: DataConfig, force: bool = False) -> Path:
     """Train on a sample of `extract.out_dir`; returns the folder with tokenizer.model. Skipped when the
     extracted documents and the tokenizer config are unchanged, unless force."""
     t = cfg.tokenizer
+    if t.type == "hf":  # nothing to train: check that the folder opens
+        tok = load_tokenizer(cfg.tokenizer_dir())
+        log.info("tokenizer: tokenizer.type=hf, %d ids from %s (checksum %s)", tok.vocab_size, tok.path,
+                 tok.checksum[:12])
+        return tok.path
     docs_dir = cfg.in_work(cfg.extract.out_dir)
     out_dir = cfg.in_work(t.out_dir)
     docs_fp = extract_stats(docs_dir).get("fingerprint", "")
-    fp = fingerprint({"tokenizer": to_plain(t), "docs": docs_fp})
+    settings = {k: v for k, v in to_plain(t).items() if k not in ("type", "path")}  # as before those fields existed
+    fp = fingerprint({"tokenizer": settings, "docs": docs_fp})
     if not force and docs_fp and (out_dir / MODEL_FILE).is_file() and \
-            read_record(out_dir / META_FILE).get("fingerprint") == fp:
+            read_record(meta_file(out_dir)).get("fingerprint") == fp:
         log.info("tokenizer: %s is up to date (same documents and config); nothing to do", out_dir)
         return out_dir
     staging = staging_for(out_dir)
@@ -184,7 +226,7 @@ def train_tokenizer(cfg: DataConfig, force: bool = False) -> Path:
             "vocab_size": tok.vocab_size, "pad_to_multiple": t.pad_to_multiple,
             "padded_vocab_size": tok.padded_vocab_size, "checksum": tok.checksum,
             "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "mask": MASK_ID, "sep": SEP_ID},
-            "sample": counts, "config": to_plain(t), "fingerprint": fp,
+            "sample": counts, "config": settings, "fingerprint": fp,
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
         swap_in(staging, out_dir)

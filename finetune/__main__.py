@@ -4,6 +4,7 @@ python -m finetune data      --config configs/finetune/<task>.yaml [key=value ..
 python -m finetune generate  --model <finetune output dir> [--mode M] [--split S]    decode a split
 python -m finetune evaluate  --generation <generate output dir> [...]                GLGE metrics + MLflow run
 python -m finetune compare   [--experiment E]                                         quality vs latency table, PNGs
+python -m finetune export    --model <finetune or pretraining output> --out <folder>  a Hugging Face model folder
 
 Training runs on the pretraining engine: start it like pretraining (plainly for one process, torchrun or the
 deepspeed launcher for several).
@@ -13,7 +14,7 @@ import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-SUBCOMMANDS = ("data", "generate", "evaluate", "compare")
+SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.generate import main as run
         elif command == "evaluate":
             from finetune.evaluation import main as run
+        elif command == "export":
+            from finetune.export import main as run
         else:
             from finetune.compare import main as run
         return run(rest)

@@ -2,7 +2,8 @@
 
 The task text is read by data_pipeline.tasks (official GLGE layout, the sample layout in ../shared/data/glge, or
 IWSLT14's {train,valid,test}.{de,en}); shards are written with the *pretraining* tokenizer (the data config's
-tokenizer.out_dir) into <work_dir>/<tasks.out_dir>/<difficulty>/<task>/<split>/.
+tokenizer: tokenizer.out_dir, or for tokenizer.type=hf the Hugging Face folder tokenizer.path names, e.g. the
+checkpoint `--init` starts from) into <work_dir>/<tasks.out_dir>/<difficulty>/<task>/<split>/.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from data_pipeline.stream import build_task_loader
 from data_pipeline.tasks import build_task_shards, read_task_split
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from finetune.glge_tasks import get_task
 from pretrain import core
 
@@ -27,7 +28,7 @@ class TaskData:
     text_root: Path  # the folder data_pipeline.tasks.read_task_split reads
     level: str | None  # the official layout's level folder to try first (GLGE only)
     shard_root: Path  # <work>/<tasks.out_dir>/<difficulty>/<task>
-    tokenizer: Path  # the pretraining tokenizer (folder with tokenizer.model)
+    tokenizer: Path  # the pretraining tokenizer's folder (tokenizer.model, or a Hugging Face tokenizer)
     max_source_len: int  # tasks.max_source_len of the data config (what the shards hold)
     max_target_len: int
     holdout_fraction: float
@@ -50,7 +51,7 @@ def task_data(data_cfg, task: str, difficulty: str) -> TaskData:
         text_root, level = data_cfg.root() / k.root, (difficulty or None)
     label = difficulty or "default"
     return TaskData(task, difficulty, text_root.resolve(), level, data_cfg.in_work(k.out_dir) / label / task,
-                    data_cfg.in_work(data_cfg.tokenizer.out_dir), k.max_source_len, k.max_target_len,
+                    data_cfg.tokenizer_dir(), k.max_source_len, k.max_target_len,
                     k.holdout_fraction, k.samples_per_shard)
 
 
@@ -61,7 +62,7 @@ def read_split(td: TaskData, split: str) -> tuple[list[str], list[str]]:
 
 def build_shards(td: TaskData, splits: list[str], force: bool = False) -> dict[str, int]:
     """Tokenize the splits into shards (skipped when up to date); returns samples per split."""
-    tok = Tokenizer.load(td.tokenizer)
+    tok = load_tokenizer(td.tokenizer)
     counts = {}
     for split in splits:
         split = SPLIT_NAMES.get(split, split)

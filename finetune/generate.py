@@ -32,7 +32,7 @@ from typing import Sequence
 
 from configs import ConfigError
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from finetune.config import FinetuneConfig, from_dict, load
 from finetune.data import read_split
 from finetune.glge_tasks import get_task, submission_filename
@@ -77,7 +77,7 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
     td = resolve_task_data(cfg, data_cfg)
     carried = tokenizer_copy(weights)  # a finetuned model's own copy: the run folder may have moved
     try:
-        tokenizer = Tokenizer.load(carried or td.tokenizer)
+        tokenizer = load_tokenizer(carried or td.tokenizer)
     except DataError as err:
         raise ConfigError(f"{'--model' if carried else 'data.config'}: {err}") from None
     try:  # finetuned and pretraining exports record their tokenizer; plain state dicts cannot be checked

@@ -7,7 +7,9 @@ for the launcher). The resolution generate and evaluate share is finetune.resolv
 groups (pretrain.core.started, shared with pretraining), loads the pretrained weights and hands model + objective +
 task loaders to the engine, whose export writes <output_dir>/final_model.pt (full weights, model config, run
 record); beside it finetune_meta.json records the task, objective, decoding mode, MLflow runs (finetune and
-pretraining), tokenizer and the resolved config: `generate` reads the pair.
+pretraining), tokenizer and the resolved config: `generate` reads the pair. Last, <output_dir>/hf holds the Hugging
+Face export (model, tokenizer, the task's generation settings; pretrain.core.publish_hf), logged as the run's MLflow
+model. `--init` also takes a Hugging Face BART/mBART folder (finetune.init_checkpoint.HfCheckpoint).
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from configs import ConfigError, config_path
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.stream import open_shard_dir
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from finetune import data
 from finetune import objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus into the core's registry)
 from finetune.config import OBJECTIVES, FinetuneConfig, fail, load
-from finetune.init_checkpoint import (FINETUNE_META, TOKENIZER_COPY, check_tokenizer, pretrain_run_id, pretrain_step,
-                                      read_init)
+from finetune.init_checkpoint import (FINETUNE_META, TOKENIZER_COPY, HfCheckpoint, check_tokenizer,
+                                      is_hf_checkpoint, load_weights, pretrain_run_id, pretrain_step,
+                                      read_hf_checkpoint, read_init)
 from finetune.resolve import (build_model_config, decoding_options, load_data_config, resolve_task_data,
                               validate_task)
 from finetune.tracking import log_json_artifact
@@ -46,7 +49,7 @@ class Plan:
     data_cfg: DataConfig
     task: data.TaskData
     model_cfg: ModelConfig
-    init: core.InitWeights | None  # None: `scratch`
+    init: core.InitWeights | HfCheckpoint | None  # None: `scratch`
     max_source_len: int
     decode_mode: str
     decode_options: DecodeOptions
@@ -121,6 +124,20 @@ def read_init_checkpoint(cfg: FinetuneConfig, model_cfg: ModelConfig, field_name
     return weights
 
 
+def read_hf_init(cfg: FinetuneConfig, tokenizer, shards: str) -> HfCheckpoint | None:
+    """--init as a Hugging Face folder: its model config (model.overrides applied), checked against the task
+    shards' tokenizer; None when --init names something else."""
+    if not cfg.init.checkpoint or not is_hf_checkpoint(cfg.init.checkpoint):
+        return None
+    try:
+        init = read_hf_checkpoint(cfg.init.checkpoint, tokenizer, dict(cfg.model.overrides),
+                                  cfg.parallel.tensor_parallel)
+        check_tokenizer(init, tokenizer.checksum, shards)
+    except core.InitError as err:
+        fail(cfg, "init.checkpoint", str(err))
+    return init
+
+
 def output_dir(cfg: FinetuneConfig) -> str:
     """Where the job writes: output_dir, else runs/finetune/<task>-<difficulty>-<objective>."""
     return cfg.output_dir or f"runs/finetune/{cfg.task.name}-{cfg.task.difficulty}-{cfg.objective.name}"
@@ -138,7 +155,9 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
     if valid_tok.checksum != tokenizer.checksum:
         fail(cfg, "task.valid_split", "the validation shards were written with another tokenizer than the "
                                       "training ones")
-    model_cfg = build_model_config(cfg, tokenizer.padded_vocab_size)
+    shards = f"the task shards {td.shard_dir(cfg.task.train_split)}"
+    hf_init = read_hf_init(cfg, tokenizer, shards)  # a Hugging Face checkpoint's config gives the model's shape
+    model_cfg = hf_init.model_cfg if hf_init else build_model_config(cfg, tokenizer.padded_vocab_size)
     max_source_len = cfg.data.max_source_len or model_cfg.max_source_positions
     if max_source_len > model_cfg.max_source_positions:
         fail(cfg, "data.max_source_len", f"{max_source_len} exceeds model.max_source_positions="
@@ -147,8 +166,7 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
         fail(cfg, "data.overrides", f"targets of up to {td.max_target_len} tokens + EOS (data config "
                                     f"tasks.max_target_len) exceed model.max_target_positions="
                                     f"{model_cfg.max_target_positions}")
-    init = read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum,
-                                shards=f"the task shards {td.shard_dir(cfg.task.train_split)}")
+    init = hf_init or read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum, shards=shards)
     decode_mode, decode_options = decoding_options(cfg, model_cfg)
 
     tp = cfg.parallel.tensor_parallel
@@ -207,7 +225,7 @@ def export_meta(plan: Plan, run_id: str | None) -> dict[str, Any]:
             "decoding_mode": plan.decode_mode, "finetune_run_id": run_id, "tracking_uri": plan.cfg.tracking.uri,
             "experiment": plan.cfg.tracking.experiment, "pretrain_run_id": tags["pretrain_run_id"],
             "pretrain_checkpoint": tags["pretrain_checkpoint"], "pretrain_step": tags["pretrain_step"],
-            "tokenizer": TOKENIZER_COPY, "tokenizer_checksum": plan.tokenizer_checksum,
+            "tokenizer_checksum": plan.tokenizer_checksum,  # "tokenizer": the copy's path, set by write_meta
             "model_config": asdict(plan.model_cfg), "config": core.to_dict(plan.cfg)}
 
 
@@ -215,6 +233,8 @@ def describe(plan: Plan) -> str:
     """The `config ok:` line of --validate-only."""
     cfg, m = plan.cfg, plan.model_cfg
     init = SCRATCH if plan.init is None else f"{plan.init.path} (pretrain run {run_tags(plan)['pretrain_run_id']})"
+    if isinstance(plan.init, HfCheckpoint):
+        init += " (Hugging Face; the model's shape from its config.json)"
     return (f"finetune {cfg.task.name}-{cfg.task.difficulty} objective {cfg.objective.name} decode "
             f"{plan.decode_mode} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
             f"DP {plan.data_parallel}, ZeRO-{core.zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
@@ -230,7 +250,7 @@ def train(plan: Plan) -> dict[str, float]:
     with core.started(cfg) as mpu:
         model = Seq2SeqModel(plan.model_cfg)
         if plan.init is not None:
-            core.load_into(model, plan.init)
+            load_weights(model, plan.init)
         dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
         objective = build_objective(plan)
         train_loader = data.task_loader(plan.task.shard_dir(cfg.task.train_split), cfg.data, dp_rank=dp_rank,
@@ -254,6 +274,9 @@ def train(plan: Plan) -> dict[str, float]:
                           datasets=datasets)
         if engine.rank0:
             write_meta(plan, engine.tracker.run_id)
+            core.publish_hf(engine, load_tokenizer(plan.task.tokenizer), options=plan.decode_options,
+                            mode=plan.decode_mode, source={"task": cfg.task.name, "difficulty": cfg.task.difficulty,
+                                                           "objective": cfg.objective.name})
         return last
 
 
@@ -262,7 +285,9 @@ def write_meta(plan: Plan, run_id: str | None) -> None:
     reads); the meta also goes to the MLflow run."""
     cfg, out = plan.cfg, Path(plan.cfg.output_dir)
     meta = export_meta(plan, run_id)
-    Tokenizer.load(plan.task.tokenizer).copy_to(out / TOKENIZER_COPY)  # the folder holds what `generate` needs
+    copy = out / TOKENIZER_COPY  # the folder holds what `generate` needs, so it can be moved
+    copy.mkdir(parents=True, exist_ok=True)
+    meta["tokenizer"] = f"{TOKENIZER_COPY}/{load_tokenizer(plan.task.tokenizer).copy_into(copy)}"
     core.write_atomically(out / "finetune.yaml", core.to_yaml(cfg))
     core.write_atomically(out / FINETUNE_META, json.dumps(meta, indent=1, default=str))  # last: generate needs both
     if run_id is not None:
@@ -306,7 +331,9 @@ def main(argv: Sequence[str]) -> int:
                                                    "compare (python -m finetune <subcommand> --help).",
                              "a YAML file under configs/finetune/")
     parser.add_argument("--init", default="", help="pretraining checkpoint: a pretraining output folder, a DeepSpeed "
-                                                   "checkpoint folder (or one step_* tag in it) or a full state dict "
-                                                   "(.pt, e.g. final_model.pt)")
+                                                   "checkpoint folder (or one step_* tag in it), a full state dict "
+                                                   "(.pt, e.g. final_model.pt) or a Hugging Face BART/mBART folder "
+                                                   "(its tokenizer: data.overrides=[tokenizer.type=hf,"
+                                                   "tokenizer.path=<folder>])")
     return core.cli_main("finetune", core.parse_args(parser, argv), config_from_args, prepare, train, describe,
                          stage_facts)

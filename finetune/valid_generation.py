@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from configs import progress
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from finetune.data import read_split
 from finetune.decoding import encode_sources, generate
 from finetune.glge_tasks import get_task
@@ -27,7 +27,7 @@ class ValidGeneration:
         sources, references = read_split(plan.task, cfg.task.valid_split)
         self.task = cfg.task.name
         self.sources, self.references = sources[:n], references[:n]
-        self.tokenizer = Tokenizer.load(plan.task.tokenizer)
+        self.tokenizer = load_tokenizer(plan.task.tokenizer)
         self.source_ids = encode_sources(self.tokenizer, self.sources, plan.max_source_len)
         self.mode, self.options = plan.decode_mode, plan.decode_options
         self.batch_size = cfg.decode.batch_size

@@ -47,6 +47,7 @@ class ModelConfig:
     init_std: float = 0.02
     layer_norm_eps: float = 1e-5
     attention_backend: str = "auto"
+    scale_embedding: bool = False  # token embeddings x sqrt(d_model) at the input (mBART); the output stays unscaled
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":

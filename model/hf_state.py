@@ -11,10 +11,16 @@ No model is built here (model/hf.py does that); everything works on full (TP=1) 
 - HF ties model.shared, both embed_tokens and lm_head; final_logits_bias is zero (we have none).
 - No HF counterpart (kept aside on export, fresh or given back on import): slot_embed, length_head and row M of
   the target position table. Config fields HF has no place for travel in the HF config as `tandem`.
+- Special ids: ours are fixed (model.config.SPECIAL: pad 0, bos 2, eos 3, ...); a checkpoint's come from its config
+  (BART: pad 1, bos 0, eos 2). `vocab_order[our id]` = the checkpoint's id (the permutation its tokenizer defines,
+  data_pipeline/hf_tokenizer.py) maps one onto the other: embedding rows are permuted with it on import and back
+  on export, and the HF config's pad/bos/eos ids are checked against it (import) or written from it (export).
+  None means the identity (our own exports). The decoder starts from our bos (decoder_start_token_id = its id).
 """
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import torch
 from transformers import BartConfig, MBartConfig, PretrainedConfig
@@ -26,6 +32,7 @@ HF_LAYER_NORM_EPS = 1e-5  # HF BART/mBART build nn.LayerNorm(d_model) with torch
 LAST_TARGET_POSITION = "embed_target_positions.last_row"
 ASIDE_KEYS = ("slot_embed", "length_head.weight", "length_head.bias", LAST_TARGET_POSITION)
 _TANDEM_FIELDS = ("max_source_positions", "max_target_positions", "n_predict", "n_length_classes")
+_CONFIG_SPECIALS = ("pad", "bos", "eos")  # the special ids an HF BART/mBART config names
 
 # Our name -> HF name for weights copied one to one (".weight"/".bias" appended), per layer.
 _ENCODER_LAYER = {
@@ -46,11 +53,40 @@ _TOP = {"encoder_embed_norm": "model.encoder.layernorm_embedding",
 _TOP_PRE = {"encoder_final_norm": "model.encoder.layer_norm", "decoder_final_norm": "model.decoder.layer_norm"}
 
 
+# --- special ids -----------------------------------------------------------------------------------------
+
+def checkpoint_special_ids(vocab_order: Sequence[int] | None) -> dict[str, int]:
+    """The checkpoint's ids of our pad, bos and eos under vocab_order (ours when None)."""
+    ours = {name: getattr(SPECIAL, name) for name in _CONFIG_SPECIALS}
+    return ours if vocab_order is None else {name: int(vocab_order[i]) for name, i in ours.items()}
+
+
+def _check_order(vocab_order: Sequence[int] | None, vocab_size: int) -> None:
+    if vocab_order is not None and sorted(vocab_order) != list(range(vocab_size)):
+        raise ValueError(f"vocab_order must be a permutation of the {vocab_size} vocabulary ids "
+                         f"(got {len(vocab_order)} entries)")
+
+
+def _permute_rows(emb: torch.Tensor, vocab_order: Sequence[int] | None, to_hf: bool) -> torch.Tensor:
+    """Our embedding rows -> the checkpoint's order (to_hf) or back: ours[k] = theirs[vocab_order[k]]."""
+    if vocab_order is None:
+        return emb.clone()
+    index = torch.as_tensor(vocab_order, dtype=torch.long)
+    if not to_hf:
+        return emb[index].clone()
+    out = torch.empty_like(emb)
+    out[index] = emb
+    return out
+
+
 # --- configs ---------------------------------------------------------------------------------------------
 
-def hf_config(cfg: ModelConfig) -> BartConfig | MBartConfig:
-    """BartConfig for norm="post", MBartConfig for norm="pre", of the same shape."""
+def hf_config(cfg: ModelConfig, vocab_order: Sequence[int] | None = None) -> BartConfig | MBartConfig:
+    """BartConfig for norm="post", MBartConfig for norm="pre", of the same shape, with the checkpoint's special ids
+    under vocab_order."""
     cfg.validate()
+    _check_order(vocab_order, cfg.vocab_size)
+    ids = checkpoint_special_ids(vocab_order)
     if cfg.layer_norm_eps != HF_LAYER_NORM_EPS:
         raise ValueError(f"model.layer_norm_eps={cfg.layer_norm_eps!r}: Hugging Face BART/mBART use "
                          f"{HF_LAYER_NORM_EPS}; this model cannot be exported")
@@ -63,16 +99,17 @@ def hf_config(cfg: ModelConfig) -> BartConfig | MBartConfig:
         max_position_embeddings=max(cfg.max_source_positions, cfg.max_target_positions),
         dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=0.0,
         activation_function=cfg.activation, init_std=cfg.init_std,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=False, tie_word_embeddings=True,
-        pad_token_id=SPECIAL.pad, bos_token_id=SPECIAL.bos, eos_token_id=SPECIAL.eos,
-        decoder_start_token_id=SPECIAL.bos, forced_eos_token_id=None,  # BART's default (2) is not our eos
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=cfg.scale_embedding, tie_word_embeddings=True,
+        pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+        decoder_start_token_id=ids["bos"], forced_eos_token_id=None,  # BART's default (2) need not be our eos
         tandem={field: getattr(cfg, field) for field in _TANDEM_FIELDS},
     )
 
 
-def config_from_hf(hf_cfg: PretrainedConfig, **overrides) -> ModelConfig:
+def config_from_hf(hf_cfg: PretrainedConfig, vocab_order: Sequence[int] | None = None, **overrides) -> ModelConfig:
     """Our config for an HF BART (post-LN) or mBART (pre-LN) config. A config we exported carries our position
-    sizes, n_predict and n_length_classes in `tandem`; otherwise S = M = max_position_embeddings."""
+    sizes, n_predict and n_length_classes in `tandem`; otherwise S = M = max_position_embeddings. The config's
+    pad/bos/eos ids must be where vocab_order (its tokenizer's permutation; None: ours) puts them."""
     def bad(field: str, why: str):
         raise ValueError(f"Hugging Face config {field}={getattr(hf_cfg, field, None)!r}: {why}")
 
@@ -87,12 +124,15 @@ def config_from_hf(hf_cfg: PretrainedConfig, **overrides) -> ModelConfig:
         bad("decoder_attention_heads", f"must equal encoder_attention_heads={hf_cfg.encoder_attention_heads}")
     if hf_cfg.encoder_ffn_dim != hf_cfg.decoder_ffn_dim:
         bad("decoder_ffn_dim", f"must equal encoder_ffn_dim={hf_cfg.encoder_ffn_dim}")
-    if hf_cfg.scale_embedding:
-        bad("scale_embedding", "our model does not scale embeddings (the tied output projection forbids folding)")
     if hf_cfg.activation_function not in ("gelu", "relu"):
         bad("activation_function", "only gelu and relu are supported")
-    if hf_cfg.pad_token_id != SPECIAL.pad:
-        bad("pad_token_id", f"our model masks pad id {SPECIAL.pad}; remap the vocabulary first")
+    _check_order(vocab_order, hf_cfg.vocab_size)
+    for name, expected in checkpoint_special_ids(vocab_order).items():
+        if getattr(hf_cfg, f"{name}_token_id") != expected:
+            why = (f"differs from our {name} id {expected}: import the checkpoint with its tokenizer "
+                   f"(tokenizer.type=hf), which maps its ids onto ours" if vocab_order is None else
+                   f"its tokenizer puts our {name} at id {expected}: tokenizer and checkpoint config disagree")
+            bad(f"{name}_token_id", why)
     if not getattr(hf_cfg, "tie_word_embeddings", True):
         bad("tie_word_embeddings", "our output projection is tied to the embedding")
     if hf_cfg.activation_dropout:
@@ -105,7 +145,7 @@ def config_from_hf(hf_cfg: PretrainedConfig, **overrides) -> ModelConfig:
         n_decoder_layers=hf_cfg.decoder_layers, max_source_positions=P, max_target_positions=P,
         dropout=hf_cfg.dropout, attention_dropout=hf_cfg.attention_dropout,
         activation=hf_cfg.activation_function, norm=norm, init_std=hf_cfg.init_std,
-        layer_norm_eps=HF_LAYER_NORM_EPS,
+        layer_norm_eps=HF_LAYER_NORM_EPS, scale_embedding=bool(hf_cfg.scale_embedding),
     )
     fields.update(getattr(hf_cfg, "tandem", None) or {})
     fields.update(overrides)
@@ -160,11 +200,13 @@ def _positions_to_hf(rows: torch.Tensor, P: int) -> torch.Tensor:
     return table
 
 
-def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, vocab_order: Sequence[int] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Our full state dict -> (HF state dict, the weights without HF counterpart, keyed by ASIDE_KEYS)."""
+    """Our full state dict -> (HF state dict, the weights without HF counterpart, keyed by ASIDE_KEYS); the
+    vocabulary rows in the checkpoint's order under vocab_order."""
+    _check_order(vocab_order, cfg.vocab_size)
     P, M = max(cfg.max_source_positions, cfg.max_target_positions), cfg.max_target_positions
-    emb = sd["embed_tokens.weight"].clone()
+    emb = _permute_rows(sd["embed_tokens.weight"], vocab_order, to_hf=True)
     hf = {key: emb for key in ("model.shared.weight", "model.encoder.embed_tokens.weight",
                                "model.decoder.embed_tokens.weight", "lm_head.weight")}
     hf["final_logits_bias"] = emb.new_zeros(1, cfg.vocab_size)
@@ -182,10 +224,12 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig
     return hf, aside
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig,
-                       aside: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig, aside: dict[str, torch.Tensor],
+                       vocab_order: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """HF state dict + the weights without HF counterpart (given back from an export, or a fresh model's)
-    -> our full state dict of tensors (megatron's `_extra_state` entries are not included)."""
+    -> our full state dict of tensors (megatron's `_extra_state` entries are not included); the vocabulary rows
+    taken in our order under vocab_order."""
+    _check_order(vocab_order, cfg.vocab_size)
     missing = [key for key in ASIDE_KEYS if key not in aside]
     if missing:
         raise KeyError(f"aside weights lack {missing}")
@@ -198,7 +242,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig,
         raise ValueError("Hugging Face final_logits_bias is not zero: our model has no output bias")
     source_rows = hf["model.encoder.embed_positions.weight"][HF_OFFSET:HF_OFFSET + S]
     target_rows = hf["model.decoder.embed_positions.weight"][HF_OFFSET:HF_OFFSET + M]
-    sd = {"embed_tokens.weight": emb.clone(),
+    sd = {"embed_tokens.weight": _permute_rows(emb, vocab_order, to_hf=False),
           "embed_source_positions.weight": source_rows.clone(),
           "embed_target_positions.weight": torch.cat([target_rows, aside[LAST_TARGET_POSITION][None].to(emb.dtype)])}
     sd.update({key: aside[key].clone() for key in ASIDE_KEYS if key != LAST_TARGET_POSITION})

@@ -5,6 +5,7 @@ tied to the output projection, column/row-parallel linears) and in model/paralle
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,6 +65,12 @@ class Seq2SeqModel(nn.Module):
         nn.init.zeros_(self.length_head.bias)
         nn.init.normal_(self.slot_embed, std=cfg.init_std)
 
+    def embed_input_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the encoder and decoder read them (x sqrt(d_model) with scale_embedding, as mBART
+        does); the tied output projection uses the unscaled table."""
+        tok = self.embed_tokens(ids)
+        return tok * math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else tok
+
     # --- encoder -----------------------------------------------------------------------------------------
 
     def encode(self, src_tokens: torch.Tensor) -> Encoded:
@@ -72,7 +79,7 @@ class Seq2SeqModel(nn.Module):
             raise ValueError(f"source length {S} exceeds model.max_source_positions={self.cfg.max_source_positions}")
         pad_mask = src_tokens != SPECIAL.pad
         pos = torch.arange(S, device=src_tokens.device)
-        x = self.embed_tokens(src_tokens) + self.embed_source_positions(pos)[None]
+        x = self.embed_input_tokens(src_tokens) + self.embed_source_positions(pos)[None]
         x = self.dropout(self.encoder_embed_norm(x))
         mask = pad_mask[:, None, :].expand(B, S, S)
         for layer in self.encoder_layers:
@@ -85,7 +92,7 @@ class Seq2SeqModel(nn.Module):
         # Position ids are not checked here (that would read device values on the host every forward): the data
         # side bounds them (pretrain.run / finetune.run validate lengths against max_target_positions, the
         # training step checks each host batch: pretrain.core.step.MicroBatch) and decoding caps its lengths.
-        tok = self.embed_tokens(ids)
+        tok = self.embed_input_tokens(ids)
         tok = torch.where(is_slot[..., None], self.slot_embed.to(tok.dtype), tok)
         x = tok + self.embed_target_positions(positions)
         return self.dropout(self.decoder_embed_norm(x))

@@ -5,7 +5,8 @@ objective and the loaders, and hand them to the engine.
 data config, shard folders, tokenizer, model shape) so a bad job stops before any process group starts;
 `python -m pretrain --validate-only [--world-size N] [--json]` runs just that (`stage_facts`: what --json adds for
 the launcher). The command line and the process-level set-up are the training core's (pretrain.core), shared with
-finetuning.
+finetuning. After the final export, rank 0 writes <output_dir>/hf, the Hugging Face folder of the weights with the
+tokenizer, and logs it as the run's MLflow model (pretrain.core.publish_hf).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from data_pipeline.config import DataConfig, load_config, resolve
 from data_pipeline.corruption import OBJECTIVES  # the ones the data pipeline corrupts samples for (mix combines them)
 from data_pipeline.errors import DataError
 from data_pipeline.stream import build_pretrain_loader, open_shard_dir
+from data_pipeline.tokenizer import load_tokenizer
 from model.config import ModelConfig
 from pretrain import core, objectives
 from pretrain.pretrain_config import PretrainConfig, load
@@ -36,6 +38,7 @@ class Plan:
     model_cfg: ModelConfig
     micro_batch_size: int
     tokenizer_checksum: str = ""  # the training shards' tokenizer: recorded in checkpoints and exported weights
+    tokenizer_path: str = ""  # ... and where it is (the Hugging Face export at the end carries it)
 
     @property
     def data_parallel(self) -> int:
@@ -142,7 +145,8 @@ def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
                                                         f"{n} streams")
     if cfg.tracking.mlflow:
         cfg.tracking.uri = core.resolve_uri(cfg.tracking.uri)  # the store this job writes to, in params and configs
-    return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum)
+    return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum,
+                str(tokenizer.path))
 
 
 # --- building (after the process groups exist) -----------------------------------------------------------
@@ -228,8 +232,11 @@ def train(plan: Plan) -> dict[str, float]:
         engine = core.Engine(cfg, model, objective, train_loader, mpu, micro_batch_size=plan.micro_batch_size,
                              eval_loaders=eval_loaders, kind="pretrain",
                              meta={"tokenizer_checksum": plan.tokenizer_checksum})
-        return engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg),
+        last = engine.fit(params=run_params(plan), artifacts=core.config_artifacts(cfg),
                           run_name=cfg.tracking.run_name or cfg.name, datasets=run_datasets(plan))
+        if engine.rank0:  # <output_dir>/hf, the run's MLflow model (checkpoint.export_hf)
+            core.publish_hf(engine, load_tokenizer(plan.tokenizer_path))
+        return last
 
 
 def config_from_args(args) -> PretrainConfig:

@@ -5,7 +5,8 @@ import unicodedata
 import pytest
 
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, Tokenizer, train_tokenizer
+from data_pipeline.tokenizer import (BOS_ID, EOS_ID, MASK_ID, META_FILE, PAD_ID, SEP_ID, UNK_ID, Tokenizer,
+                                     train_tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,9 @@ def test_special_ids_sizes_and_checksum(tok):
     assert tok.padded_vocab_size == 4096 and tok.padded_vocab_size % 128 == 0
     assert tok.checksum == hashlib.sha256(tok.path.read_bytes()).hexdigest()
     assert Tokenizer.load(tok.path).checksum == tok.checksum  # a folder or the .model file
+    # the record is not named tokenizer.json, which is Hugging Face's fast-tokenizer file
+    assert META_FILE == "tandem_tokenizer.json" and (tok.path.parent / META_FILE).is_file()
+    assert not (tok.path.parent / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("rel,limit", [("iwslt14-de-en/valid.de", 2000), ("iwslt14-de-en/valid.en", 2000),

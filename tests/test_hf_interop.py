@@ -2,7 +2,8 @@
 
 Plain AR mode ("ar" streams, prev_tokens = decoder_input_ids, source pads -> attention_mask 0), fp32, eval mode.
 Logits must agree to max abs diff <= 1e-4 (they are ~1-5 in size); state-dict round trips must be bit-exact.
-The TP=2 case runs this file as a torchrun worker (2 processes over gloo).
+The TP=2 case runs this file as a torchrun worker (2 processes over gloo). Checkpoints numbered as BART is (pad 1,
+bos 0, eos 2) import through a vocab_order permutation; mBART's scale_embedding is supported.
 """
 import json
 import os
@@ -59,8 +60,7 @@ def our_ar_logits(model: Seq2SeqModel, src: torch.Tensor, dec: torch.Tensor) -> 
 
 
 def hf_logits(hf_model, src: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(input_ids=src, attention_mask=(src != 0).long(), decoder_input_ids=dec).logits
+    return hf_logits_of(hf_model, src, dec, torch.tensor(0))
 
 
 @pytest.mark.parametrize("norm,hf_class", [("post", BartForConditionalGeneration),
@@ -137,12 +137,65 @@ def test_round_trip_reproduces_state_dict_exactly(norm, tmp_path):
 def test_export_and_import_refuse_what_hf_cannot_hold():
     with pytest.raises(ValueError, match="model.layer_norm_eps"):
         hf_config(ModelConfig.preset("tiny", layer_norm_eps=1e-6))
-    with pytest.raises(ValueError, match="scale_embedding"):
-        config_from_hf(BartConfig(pad_token_id=0, scale_embedding=True))
-    with pytest.raises(ValueError, match="pad_token_id"):
-        config_from_hf(BartConfig())  # facebook/bart-* convention: pad=1
+    with pytest.raises(ValueError, match="pad_token_id=1: differs from our pad id 0: import the checkpoint with its "
+                                         "tokenizer"):
+        config_from_hf(BartConfig())  # facebook/bart-* convention: pad=1, without the tokenizer's vocab_order
+    with pytest.raises(ValueError, match="eos_token_id=2: its tokenizer puts our eos at id 5"):
+        config_from_hf(BartConfig(vocab_size=8), vocab_order=[1, 3, 0, 5, 4, 2, 6, 7])
+    with pytest.raises(ValueError, match="vocab_order must be a permutation of the 8 vocabulary ids"):
+        config_from_hf(BartConfig(vocab_size=8), vocab_order=[1, 3, 0, 2, 4, 5, 6, 6])
     with pytest.raises(ValueError, match="activation_function"):
         config_from_hf(BartConfig(pad_token_id=0, activation_function="gelu_new"))
+
+
+# BART's numbering: bos 0, pad 1, eos 2, unk 3, and <mask> last; the permutation a tokenizer of that numbering gives
+# (data_pipeline/hf_tokenizer.py): our pad/unk/bos/eos/mask (0..4) are its 1, 3, 0, 2 and 511.
+BART_ORDER = [1, 3, 0, 2, 511, *range(5, 511), 4]
+
+
+@pytest.mark.parametrize("config_class,hf_class", [(BartConfig, BartForConditionalGeneration),
+                                                   (MBartConfig, MBartForConditionalGeneration)])
+def test_bart_numbered_checkpoint_round_trips_exactly(config_class, hf_class):
+    """HF (BART's special ids; mBART with scale_embedding) -> ours -> HF: our logits are the checkpoint's with the
+    vocabulary permuted, and the exported model's logits and weights are the checkpoint's (all but the two
+    position rows BART never reads, which our export writes as zeros)."""
+    torch.manual_seed(11)
+    scale = config_class is MBartConfig
+    config = config_class(vocab_size=512, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=40,
+                          scale_embedding=scale, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                          decoder_start_token_id=2, attn_implementation="eager")
+    hf_model = hf_class(config).eval()
+    perturb_(hf_model, seed=12)
+    with torch.no_grad():
+        hf_model.final_logits_bias.zero_()  # BART's is a zero buffer (perturb_ leaves buffers alone)
+    model = from_hf(hf_model, vocab_order=BART_ORDER).eval()
+    assert model.cfg.scale_embedding is scale
+    order = torch.tensor(BART_ORDER)
+    src, dec = batch(512, seed=13, src_len=12, tgt_len=10)  # our ids; pads (0) in the source
+    ours = our_ar_logits(model, src, dec)
+    theirs = hf_logits_of(hf_model, order[src], order[dec], order[0])
+    assert ours.abs().max() > 1.0
+    assert (ours - theirs[..., order]).abs().max().item() <= LOGITS_TOL
+
+    back = to_hf(model, vocab_order=BART_ORDER)
+    c = back.config
+    assert (c.pad_token_id, c.bos_token_id, c.eos_token_id, c.decoder_start_token_id, c.scale_embedding) == \
+        (1, 0, 2, 0, scale)  # the checkpoint's ids; decoding starts from bos, as we finetune
+    again = hf_logits_of(back, order[src], order[dec], order[0])
+    assert (again - theirs).abs().max().item() <= LOGITS_TOL
+    original, exported = hf_model.state_dict(), back.state_dict()
+    assert original.keys() == exported.keys()
+    for name, value in original.items():
+        if name.endswith("embed_positions.weight"):
+            assert torch.equal(exported[name][2:], value[2:]) and not exported[name][:2].any()
+        else:
+            assert torch.equal(exported[name], value), name
+
+
+def hf_logits_of(hf_model, src: torch.Tensor, dec: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(input_ids=src, attention_mask=(src != pad).long(), decoder_input_ids=dec).logits
 
 
 # --- tensor parallelism: export gathers the full weights, import keeps this rank's shard ----------------------

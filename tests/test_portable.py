@@ -137,7 +137,7 @@ def test_a_moved_finetune_output_still_generates(data, shared_data, tmp_path):
                                "deepspeed.precision=fp32", f"output_dir={out}"], timeout=600)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     meta = json.loads((out / "finetune_meta.json").read_text())
-    assert meta["tokenizer"] == "tokenizer"  # relative to the folder: its own copy
+    assert meta["tokenizer"] == "tokenizer/tokenizer.model"  # relative to the folder: its own copy
     moved = tmp_path / "moved" / "model"
     moved.parent.mkdir()
     shutil.move(out, moved)

@@ -15,6 +15,8 @@ tests/test_import_graph.py).
                 register (a decorator, used by each recipe's objectives), build, registered
     checkpoint  checkpoints that continue a run exactly: tags, the atomic `latest` pointer, write_atomically
     export      the exported weights (FINAL_WEIGHTS) and the run record they carry
+    hf_export   the Hugging Face folder of a run's weights (write_hf_export, HF_EXPORT) and its MLflow model
+                (log_hf_model); publish_hf: both, after a run's final export
     weights     reading weights back from any of those files: read_weights, check_dims, load_into (InitError)
     tracking    MLflow: resolve_uri (the project's one store), sqlite_path, artifact_root, flatten, source_tags
                 (MLflow's standard source tags), ensure_experiment (a classic training experiment), client_for;
@@ -37,6 +39,7 @@ from pretrain.core.config import (EngineConfig, TrackingSection, cli_parser, loa
                                   validate_engine, zero_stage)
 from pretrain.core.export import FINAL_WEIGHTS
 from pretrain.core.facts import input_file, shard_folder
+from pretrain.core.hf_export import HF_EXPORT, log_hf_model, publish_hf, write_hf_export
 from pretrain.core.job import cli_main, config_artifacts, started
 from pretrain.core.objectives import Metrics, Objective, build, gather_rows, register, registered
 from pretrain.core.mlflow_sync import client_for, ensure_experiment
@@ -60,4 +63,4 @@ __all__ = ["EngineConfig", "TrackingSection", "load_config", "validate_engine", 
            "Engine", "is_rank0", "uses_gpu", "Objective", "Metrics", "gather_rows", "register", "build", "registered",
            "write_atomically", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights", "check_dims", "load_into",
            "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT", "source_tags",
-           "ensure_experiment", "client_for"]
+           "ensure_experiment", "client_for", "HF_EXPORT", "write_hf_export", "log_hf_model", "publish_hf"]

@@ -76,6 +76,9 @@ class CheckpointSection:
     # Full (TP-merged, ZeRO-gathered) model weights + model config at the end, <output_dir>/final_model.pt:
     # what finetuning starts from, at any TP size or ZeRO stage (model.sharding.load_full_state_dict).
     export_final: bool = True
+    # ... and beside it <output_dir>/hf, the Hugging Face folder of those weights with the tokenizer, logged as the
+    # run's MLflow model (pretrain/core/hf_export.py): a second copy of the weights, and some seconds.
+    export_hf: bool = True
 
 
 @dataclass

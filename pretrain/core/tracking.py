@@ -165,6 +165,11 @@ class Tracker:
     def run_id(self) -> str | None:
         return self._sync.run_id if self._sync is not None else None
 
+    @property
+    def closed_in_mlflow(self) -> bool:
+        """After `finish`: every record of the run, its end included, reached MLflow (not left for backfill)."""
+        return self._sync is not None and self._sync.finished
+
     def _record(self, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, default=str) + "\n"
         with self._lock:
