@@ -49,11 +49,13 @@ def not_found(path: str | Path) -> str:
     return f"file not found: {path} (looked under {Path.cwd()}, {REPO_ROOT} and {CONFIGS_DIR})"
 
 
-def load_typed(schema: type, path: str | Path | None, overrides: Sequence[str] = (), *, label: str = "config") -> Any:
+def load_typed(schema: type, path: str | Path | None, overrides: Sequence[str] = (), *, label: str = "config",
+               overrides_from: str = "override") -> Any:
     """Merge the schema's defaults, the YAML at `path` (None: defaults only) and the overrides; set config_file.
 
-    Unknown keys and wrong types are refused by omegaconf, which names the key. `label` names the file in the
-    message when it is missing ("launch config file not found: ...").
+    Unknown keys and wrong types are refused by omegaconf, which names the key; the message blames where the key
+    came from: the file, or the override itself (`overrides_from` says whence, e.g. "command-line override").
+    `label` names the file in the message when it is missing ("launch config file not found: ...").
     """
     sources: list[Any] = []
     where = ""
@@ -66,10 +68,24 @@ def load_typed(schema: type, path: str | Path | None, overrides: Sequence[str] =
             sources.append(OmegaConf.load(path))
         except Exception as err:  # YAML syntax
             raise ConfigError(f"{where}cannot parse: {err}") from None
-    sources.append(dotlist(overrides, where=where))
-    cfg = merge_typed(schema, sources, where=where)
+    merge_typed(schema, sources, where=where)  # the file alone first: what fails after it is an override's fault
+    extra = dotlist(overrides, where=f"{overrides_from}s: ")
+    try:
+        cfg = merge_typed(schema, [*sources, extra])
+    except ConfigError as err:
+        culprit = next((o for o in overrides if _refused(schema, sources, o)), None)
+        raise ConfigError(f"{overrides_from} {culprit!r}: {err}" if culprit is not None
+                          else f"{overrides_from}s {list(overrides)}: {err}") from None
     cfg.config_file = str(path) if path is not None else ""
     return cfg
+
+
+def _refused(schema: type, sources: Sequence[Any], override: str) -> bool:
+    try:
+        merge_typed(schema, [*sources, dotlist([override])])
+    except ConfigError:
+        return True
+    return False
 
 
 def dotlist(overrides: Sequence[str], *, where: str = "") -> Any:

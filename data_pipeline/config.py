@@ -128,6 +128,9 @@ class TasksConfig:
     max_target_len: int = 512
     holdout_fraction: float = 0.1  # a task with one split gives this last fraction as the held-out split
     samples_per_shard: int = 5000
+    # A text line longer than this is refused (file and line named): no example is that long, a missing line
+    # break or a binary file is. Tokens past max_source_len / max_target_len are truncated and counted instead.
+    max_line_chars: int = 1_000_000
 
 
 @dataclass
@@ -270,6 +273,7 @@ def validate_fields(cfg: DataConfig, where: str = "") -> None:
     _check(k.level in ("", "easy", "medium", "hard"), where, "tasks.level", f"must be '', easy, medium or hard, got {k.level!r}")
     _check(0.0 < k.holdout_fraction < 1.0, where, "tasks.holdout_fraction", "must be in (0, 1)")
     _check(k.max_source_len >= 1 and k.max_target_len >= 1, where, "tasks.max_source_len", "lengths must be >= 1")
+    _check(k.max_line_chars >= 1, where, "tasks.max_line_chars", f"must be >= 1, got {k.max_line_chars}")
     validate_loader(cfg.loader, where)
 
 

@@ -27,7 +27,8 @@ ShardLoader:
     loader.epoch, loader.batches_in_epoch
     loader.set_epoch(e)             # jump to the start of epoch e
     sd = loader.state_dict()        # {"epoch", "batches_in_epoch", "seed", "dp_world_size", "num_workers",
-    loader.load_state_dict(sd)      #  "plan_key", ...}: the same on every dp rank at the same step
+    loader.load_state_dict(sd)      #  "plan_key", "plan_facts", ...}: the same on every dp rank at the same step
+    loader.resume_mismatch(sd)      # what differs from the loader that saved sd (`name: saved -> now`), [] if none
     loader.vocab_size, loader.padded_vocab_size, loader.tokenizer, loader.skipped_shards
     loader.counters()               # {"samples_skipped", "shards_skipped"} for the trainer's log (see below)
 
@@ -214,13 +215,30 @@ class _EpochStream(IterableDataset):
             reader.close()
 
 
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """`name: saved -> now` for the plan facts that differ; a mapping with the same keys is compared key by key."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if key == "shards" and old != new:
+            out.append(f"shards: manifest fingerprint {str(old)[:12]}... -> {str(new)[:12]}... (the shards were "
+                       "rebuilt from other inputs or settings)")
+        elif isinstance(old, Mapping) and isinstance(new, Mapping) and set(old) == set(new):
+            out += [f"{key}.{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old) if old[k] != new[k]]
+        elif old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
 class ShardLoader:
     """Epoch-aware, resumable loader over one shard folder (see the module docstring)."""
 
     def __init__(self, shard_dir: Path, manifest: dict, cost: np.ndarray, collate: Collator, *, spec: BatchingSpec,
                  checks: SampleChecks, dp_rank: int, dp_world_size: int, seed: int, num_workers: int,
-                 prefetch_factor: int, tokenizer: Tokenizer, skipped_shards: list[str], key_extra: str = "",
-                 pin_memory: bool = False):
+                 prefetch_factor: int, tokenizer: Tokenizer, skipped_shards: list[str],
+                 plan_facts: Mapping[str, Any] | None = None, pin_memory: bool = False):
+        """plan_facts: what else the batches depend on ({"weights": ..., "corruption": ...} for pretraining),
+        JSON-able; with the manifest fingerprint, the batching spec and the skipped shards they form `plan_facts`."""
         self.shard_dir, self.manifest, self.cost, self.collate, self.spec = shard_dir, manifest, cost, collate, spec
         self.checks = checks
         self.pin_memory = pin_memory
@@ -231,8 +249,12 @@ class ShardLoader:
         self.shards = [s for s in manifest["shards"] if s["name"] not in skipped_shards]
         if not self.shards:
             raise DataError(f"{shard_dir / MANIFEST}: no usable shards left (skipped: {skipped_shards})")
-        self.plan_key = plan_key(manifest.get("fingerprint", ""), spec,
-                                 f"{key_extra}|skip={sorted(skipped_shards)}")
+        facts = dict(plan_facts or {})
+        extra = "|".join(f"{k}={sorted(v.items()) if isinstance(v, Mapping) else v}" for k, v in facts.items())
+        self.plan_key = plan_key(manifest.get("fingerprint", ""), spec, f"{extra}|skip={sorted(skipped_shards)}")
+        # the same facts, readable: a resume that cannot continue says which one changed
+        self.plan_facts = {"shards": manifest.get("fingerprint", ""), "batching": dict(spec.__dict__), **facts,
+                           "skipped_shards": sorted(skipped_shards)}
         self.epoch = 0
         self.batches_in_epoch = 0
         self._plans: dict[int, list[StreamPlan]] = {}
@@ -311,17 +333,31 @@ class ShardLoader:
         if done >= len(self):
             epoch, done = epoch + 1, 0
         return {"epoch": epoch, "batches_in_epoch": done, "seed": self.seed, "dp_world_size": self.dp_world_size,
-                "num_workers": self.num_workers, "plan_key": self.plan_key, "dp_rank": self.dp_rank,
-                "samples_skipped": self.samples_skipped}
+                "num_workers": self.num_workers, "plan_key": self.plan_key, "plan_facts": self.plan_facts,
+                "dp_rank": self.dp_rank, "samples_skipped": self.samples_skipped}
+
+    def resume_mismatch(self, state: Mapping[str, Any]) -> list[str]:
+        """What differs between the loader that saved `state` and this one, as `name: saved -> now` (empty: this
+        loader continues it exactly). A state saved without the readable plan names only its key."""
+        problems = [f"{k}: {state[k]!r} -> {getattr(self, k)!r}" for k in ("seed", "dp_world_size", "num_workers")
+                    if k in state and state[k] != getattr(self, k)]
+        if state.get("plan_key", self.plan_key) != self.plan_key:
+            saved = state.get("plan_facts")
+            if not isinstance(saved, Mapping):
+                problems.append(f"plan_key: {state['plan_key']!r} -> {self.plan_key!r} (the shards, batching, "
+                                "objective weights or corruption changed)")
+            else:
+                problems += _differences(saved, self.plan_facts)
+        return problems
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume. The state of any dp rank works on every rank (all ranks are at the same batch); only the
         skip count is per rank."""
-        for k in ("seed", "dp_world_size", "num_workers", "plan_key"):
-            if k in state and state[k] != getattr(self, k):
-                raise ConfigError(f"loader state was saved with {k}={state[k]!r} but this loader has "
-                                  f"{k}={getattr(self, k)!r}: the batch sequence would differ, so it cannot resume "
-                                  f"exactly (same data, batching, seed, dp world size and workers are needed)")
+        problems = self.resume_mismatch(state)
+        if problems:
+            raise ConfigError(f"the loader state cannot be resumed exactly, the batches would differ: "
+                              f"{'; '.join(problems)} (the same shards, batching, objective weights, corruption, "
+                              "seed, data-parallel size and workers are needed)")
         epoch, done = int(state["epoch"]), int(state["batches_in_epoch"])
         if epoch < 0 or not 0 <= done <= self.batches_per_epoch(epoch):
             raise ConfigError(f"loader state epoch={epoch} batches_in_epoch={done} is outside this data's epoch "
@@ -395,11 +431,11 @@ def build_pretrain_loader(cfg: Any, *, dp_rank: int, dp_world_size: int, seed: i
     cost = lengths[:, 0].astype(np.int64) + 1  # + EOS for ELMER targets
     spec = BatchingSpec(lc.batch_size, lc.max_tokens, lc.shuffle, lc.shuffle_buffer, lc.bucket_window)
     collate = PretrainCollator(lc.corruption, CorruptionTables.from_tokenizer(tok), weights, seed)
-    extra = f"weights={sorted(weights.items())}|corruption={sorted(lc.corruption.__dict__.items())}"
     return ShardLoader(shard_dir, manifest, cost, collate, spec=spec,
                        checks=sample_checks(lengths, tok, lc.verify, lc.on_corrupt_shard), dp_rank=dp_rank,
                        dp_world_size=dp_world_size, seed=seed, num_workers=num_workers,
-                       prefetch_factor=lc.prefetch_factor, tokenizer=tok, skipped_shards=skipped, key_extra=extra,
+                       prefetch_factor=lc.prefetch_factor, tokenizer=tok, skipped_shards=skipped,
+                       plan_facts={"weights": weights, "corruption": dict(lc.corruption.__dict__)},
                        pin_memory=pin_memory)
 
 
@@ -428,4 +464,4 @@ def build_task_loader(shard_dir: str | Path, *, dp_rank: int, dp_world_size: int
                        checks=sample_checks(lengths, tok, verify, on_corrupt_shard), dp_rank=dp_rank,
                        dp_world_size=dp_world_size, seed=seed, num_workers=num_workers,
                        prefetch_factor=prefetch_factor, tokenizer=tok, skipped_shards=skipped,
-                       key_extra=f"max_source_len={max_source_len}", pin_memory=pin_memory)
+                       plan_facts={"max_source_len": max_source_len}, pin_memory=pin_memory)

@@ -7,11 +7,22 @@ Layouts understood by `read_task_split(path, task, split, level=None)`:
   * IWSLT14 (task "iwslt14"): `{path}/[iwslt14-de-en/]{train,valid,test}.{de,en}` (German source, English target).
 Split names: "train", "valid" (= GLGE's "dev") and "test". When a task folder holds exactly one split, it is a
 pool split deterministically: "train" is its first 90% (1 - holdout_fraction) and "valid"/"test" its last 10%.
-Mismatched source/target line counts, unknown tasks and missing splits are DataErrors naming the files.
+
+Faulty task text, decided case by case (docs/reliability.md, Finetuning data):
+  * source and target with different line counts: a DataError naming both files and counts, and the first empty
+    line of either (a stray blank line is the usual cause) -- except empty lines at the very end of the longer
+    file, which are dropped with a warning (an editor's extra final newline);
+  * a line longer than `max_line_chars` characters: a DataError naming the file and the line (no example is that
+    long; a missing line break or a binary file is);
+  * an empty source or target line: the pair is read as it is (generation and evaluation keep the split's line
+    order), but left out of the shards and counted (`empty_pairs_skipped`, the first line numbers in
+    `empty_pair_lines`): an empty side teaches nothing but garbage;
+  * a source or target longer than max_source_len / max_target_len tokens: truncated and counted.
 
 `tasks` command: every configured task and split -> `{tasks.out_dir}/{task}/{split}/` shards (members `src.tok`,
-`tgt.tok`; sample id = line index in the split) + manifest.json (kind "task", truncation counts). GLGE's literal
-"[SEP]" segment markers are encoded as the <sep> id. Targets are stored without EOS; the collator adds it.
+`tgt.tok`; sample id = index of the pair among those kept, the line index when none is skipped) + manifest.json
+(kind "task", truncation and skip counts). GLGE's literal "[SEP]" segment markers are encoded as the <sep> id.
+Targets are stored without EOS; the collator adds it.
 """
 from __future__ import annotations
 
@@ -40,9 +51,11 @@ IWSLT_TASKS = ("iwslt14", "iwslt14-de-en", "iwslt14_de_en")
 SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {"train": "train", "valid": "valid", "dev": "valid", "validation": "valid", "test": "test"}
 _OFFICIAL_NAME = {"train": "train", "valid": "dev", "test": "test"}
+MAX_LINE_CHARS = 1_000_000  # data config tasks.max_line_chars
+_LISTED_LINES = 20  # line numbers of skipped pairs kept in the manifest
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path, max_line_chars: int = MAX_LINE_CHARS) -> list[str]:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -53,7 +66,30 @@ def _read_lines(path: Path) -> list[str]:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline does not start another example
-    return [l.rstrip("\r") for l in lines]
+    lines = [l.rstrip("\r") for l in lines]
+    first = next((i for i, line in enumerate(lines) if len(line) > max_line_chars), None)
+    if first is not None:
+        raise DataError(f"{path}: line {first + 1} has {len(lines[first]):,} characters, more than "
+                        f"tasks.max_line_chars={max_line_chars:,}: no example is that long (a missing line break, "
+                        "or not a text file?)")
+    return lines
+
+
+def _pair_lines(src_path: Path, sources: list[str], tgt_path: Path, targets: list[str]) -> None:
+    """Make the two sides pair line by line, or say why they cannot (module docstring)."""
+    longer, path = (sources, src_path) if len(sources) > len(targets) else (targets, tgt_path)
+    surplus = abs(len(sources) - len(targets))
+    if surplus and all(not line.strip() for line in longer[-surplus:]):
+        log.warning("%s: %d empty line(s) at the end dropped (it has that many more lines than its pair)", path,
+                    surplus)
+        del longer[-surplus:]
+        return
+    if surplus:
+        blank = [f"{p.name} line {i + 1}" for p, side in ((src_path, sources), (tgt_path, targets))
+                 for i in [next((i for i, l in enumerate(side) if not l.strip()), None)] if i is not None]
+        hint = f" (first empty line: {', '.join(blank)})" if blank else ""
+        raise DataError(f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}: source and target "
+                        f"must pair line by line{hint}")
 
 
 def _task_folder(root: Path, task: str, level: str | None) -> tuple[Path, dict[str, str], tuple[str, str]]:
@@ -84,8 +120,10 @@ def _task_folder(root: Path, task: str, level: str | None) -> tuple[Path, dict[s
 
 
 def read_task_split(task_dir_or_root: str | Path, task: str, split: str, level: str | None = None,
-                    holdout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """Source and target lines of one split of a GLGE task or IWSLT14 (see the module docstring)."""
+                    holdout_fraction: float = 0.1, max_line_chars: int = MAX_LINE_CHARS
+                    ) -> tuple[list[str], list[str]]:
+    """Source and target lines of one split of a GLGE task or IWSLT14, paired line by line (see the module
+    docstring for what faulty text gives)."""
     task = task.lower()
     if task not in GLGE_TASKS and task not in IWSLT_TASKS:
         raise DataError(f"unknown task {task!r}; known: {', '.join(GLGE_TASKS + IWSLT_TASKS[:1])}")
@@ -104,10 +142,8 @@ def read_task_split(task_dir_or_root: str | Path, task: str, split: str, level: 
     for p in (src_path, tgt_path):
         if not p.is_file():
             raise DataError(f"{p}: missing (its pair {src_path if p == tgt_path else tgt_path} exists)")
-    sources, targets = _read_lines(src_path), _read_lines(tgt_path)
-    if len(sources) != len(targets):
-        raise DataError(f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}: "
-                        f"source and target must pair line by line")
+    sources, targets = _read_lines(src_path, max_line_chars), _read_lines(tgt_path, max_line_chars)
+    _pair_lines(src_path, sources, tgt_path, targets)
     if pooled:
         cut = len(sources) - max(1, round(holdout_fraction * len(sources))) if len(sources) > 1 else len(sources)
         sl = slice(0, cut) if split == "train" else slice(cut, None)
@@ -138,20 +174,30 @@ class TaskCollator:
 # ---- the `tasks` command -------------------------------------------------------------------------------------
 def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tokenizer, *, max_source_len: int,
                       max_target_len: int, level: str | None = None, holdout_fraction: float = 0.1,
-                      samples_per_shard: int = 5000, force: bool = False) -> dict:
-    """Tokenize one split into `out_dir` (idempotent: same inputs, tokenizer and settings -> nothing to do)."""
-    sources, targets = read_task_split(root, task, split, level, holdout_fraction)
+                      samples_per_shard: int = 5000, max_line_chars: int = MAX_LINE_CHARS, force: bool = False) -> dict:
+    """Tokenize one split into `out_dir` (idempotent: same inputs, tokenizer and settings -> nothing to do); a
+    pair with an empty side is left out and counted."""
+    sources, targets = read_task_split(root, task, split, level, holdout_fraction, max_line_chars)
     settings = {"task": task, "split": split, "max_source_len": max_source_len, "max_target_len": max_target_len,
                 "level": level, "holdout_fraction": holdout_fraction, "samples_per_shard": samples_per_shard}
+    empty = [i + 1 for i, (src, tgt) in enumerate(zip(sources, targets)) if not src.strip() or not tgt.strip()]
+    if empty:  # shards written before such pairs were left out are rebuilt
+        settings["empty_pairs_skipped"] = len(empty)
     fp = fingerprint({**settings, "tokenizer": tok.checksum, "data": fingerprint([sources, targets])})
     if not force and shards_up_to_date(out_dir, fp):
         return json.loads((out_dir / MANIFEST).read_text())
-    stats: collections.Counter = collections.Counter()
+    stats: dict = collections.Counter()
     dtype = token_dtype(tok.padded_vocab_size)
+    if empty:  # line numbers inside the split
+        log.warning("%s/%s: %d pair(s) with an empty source or target left out (lines %s%s)", task, split,
+                    len(empty), ", ".join(map(str, empty[:_LISTED_LINES])), "..." if len(empty) > _LISTED_LINES else "")
+        stats["empty_pairs_skipped"], stats["empty_pair_lines"] = len(empty), empty[:_LISTED_LINES]
 
     def samples():
         pairs = zip(sources, targets)
         for src, tgt in progress.iterate(pairs, desc=f"tasks {task}/{split}", unit="pair", total=len(sources)):
+            if not src.strip() or not tgt.strip():
+                continue
             s = np.asarray(tok.encode_with_sep(src), dtype=np.int64)
             t = np.asarray(tok.encode(tgt), dtype=np.int64)
             if len(s) > max_source_len:
@@ -159,7 +205,7 @@ def build_task_shards(root: Path, task: str, split: str, out_dir: Path, tok: Tok
             if len(t) > max_target_len:
                 stats["targets_truncated"] += 1
             if len(s) == 0 or len(t) == 0:
-                stats["empty_source_or_target"] += 1  # kept: ids stay equal to line numbers
+                stats["empty_source_or_target"] += 1  # text that encodes to no token (e.g. only control chars)
             yield {"src": s[:max_source_len], "tgt": t[:max_target_len]}
 
     staging = staging_for(out_dir)
@@ -187,7 +233,7 @@ def run_tasks(cfg: DataConfig, force: bool = False) -> dict[str, dict[str, int]]
                             f"known: {', '.join(GLGE_TASKS)} (and iwslt14 via tasks.iwslt_root)")
         for split in SPLITS:
             try:
-                read_task_split(root, task, split, k.level or None, k.holdout_fraction)
+                read_task_split(root, task, split, k.level or None, k.holdout_fraction, k.max_line_chars)
             except DataError as exc:
                 if "has no" in str(exc):
                     log.info("tasks: %s", exc)
@@ -196,7 +242,7 @@ def run_tasks(cfg: DataConfig, force: bool = False) -> dict[str, dict[str, int]]
             m = build_task_shards(root, task, split, out / task / split, tok, max_source_len=k.max_source_len,
                                   max_target_len=k.max_target_len, level=k.level or None,
                                   holdout_fraction=k.holdout_fraction, samples_per_shard=k.samples_per_shard,
-                                  force=force)
+                                  max_line_chars=k.max_line_chars, force=force)
             counts.setdefault(task, {})[split] = m["num_samples"]
             log.info("tasks: %s/%s: %d pairs (%s)", task, split, m["num_samples"], m["stats"])
     (out / "tasks.json").write_text(json.dumps({"counts": counts, "config": to_plain(k)}, indent=1))

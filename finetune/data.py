@@ -33,6 +33,7 @@ class TaskData:
     max_target_len: int
     holdout_fraction: float
     samples_per_shard: int
+    max_line_chars: int  # tasks.max_line_chars: a longer text line is refused
 
     def shard_dir(self, split: str) -> Path:
         return self.shard_root / SPLIT_NAMES.get(split, split)
@@ -52,12 +53,13 @@ def task_data(data_cfg, task: str, difficulty: str) -> TaskData:
     label = difficulty or "default"
     return TaskData(task, difficulty, text_root.resolve(), level, data_cfg.in_work(k.out_dir) / label / task,
                     data_cfg.tokenizer_dir(), k.max_source_len, k.max_target_len,
-                    k.holdout_fraction, k.samples_per_shard)
+                    k.holdout_fraction, k.samples_per_shard, k.max_line_chars)
 
 
 def read_split(td: TaskData, split: str) -> tuple[list[str], list[str]]:
     """Source and reference lines of a split, as the files hold them (DataError on mismatched files)."""
-    return read_task_split(td.text_root, td.task, SPLIT_NAMES.get(split, split), td.level, td.holdout_fraction)
+    return read_task_split(td.text_root, td.task, SPLIT_NAMES.get(split, split), td.level, td.holdout_fraction,
+                           td.max_line_chars)
 
 
 def build_shards(td: TaskData, splits: list[str], force: bool = False) -> dict[str, int]:
@@ -69,7 +71,8 @@ def build_shards(td: TaskData, splits: list[str], force: bool = False) -> dict[s
         manifest = build_task_shards(td.text_root, td.task, split, td.shard_dir(split), tok,
                                      max_source_len=td.max_source_len, max_target_len=td.max_target_len,
                                      level=td.level, holdout_fraction=td.holdout_fraction,
-                                     samples_per_shard=td.samples_per_shard, force=force)
+                                     samples_per_shard=td.samples_per_shard, max_line_chars=td.max_line_chars,
+                                     force=force)
         counts[split] = int(manifest["num_samples"])
     return counts
 

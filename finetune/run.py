@@ -187,6 +187,8 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
                                              f"<output_dir>/{core.FINAL_WEIGHTS}")
     cfg.tracking.uri = core.resolve_uri(cfg.tracking.uri) if cfg.tracking.mlflow else cfg.tracking.uri
     core.validate_engine(cfg, world_size)
+    if cfg.checkpoint.resume:  # the checkpoint's layout, objective and batches against this job's
+        core.check_resume(cfg, world_size, cfg.objective.name, lambda: loader)
     return Plan(cfg, world_size, data_cfg, td, model_cfg, init, max_source_len, decode_mode, decode_options,
                 tokenizer.checksum, batches_per_epoch)
 

@@ -57,7 +57,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]:
         raise ConfigError(f"put the stage after `--`: python -m launch --config CFG -- <{'|'.join(STAGES)}> ...")
     cut = argv.index("--")
     ours, theirs = argv[:cut], argv[cut + 1:]
-    args = parser.parse_args(ours)
+    args = parser.parse_intermixed_args(ours)  # options anywhere, also after the key=value overrides
     if not theirs:
         raise ConfigError(f"no stage after `--`; expected one of {sorted(STAGES)}")
     return args, theirs[0], theirs[1:]
@@ -144,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.build(cfg, again, module, args, os.environ, exe=exe, job_vars=attempt_vars)
 
     def revalidate() -> str | None:
-        """Why the stage now rejects its config (after a failed attempt), or None."""
-        result = validate(stage, layout.world_size, {**os.environ, **plan.env})
+        """Why the stage now rejects its config, as the restart will run it (resuming), or None."""
+        result = validate(stage, layout.world_size, {**os.environ, **plan.env}, resume=True)
         return result.message if result.config_error else None
 
     supervisor = Supervisor(

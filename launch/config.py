@@ -96,7 +96,8 @@ def resolve(path: str | Path) -> Path:
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> LaunchConfig:
     """YAML file + `key=value` overrides -> a validated LaunchConfig."""
-    return validate(load_typed(LaunchConfig, path, overrides, label="launch config"))
+    return validate(load_typed(LaunchConfig, path, overrides, label="launch config",
+                               overrides_from="command-line override"))
 
 
 def _fail(cfg: LaunchConfig, name: str, why: str):

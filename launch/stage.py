@@ -2,7 +2,8 @@
 
 launch/ imports none of model/, data_pipeline/, pretrain/, finetune/ (nor torch), so instead of mirroring the
 stages' rules it runs `python -m <stage> --validate-only --json --world-size N <stage args>` in one process (no
-process group starts) and reads the answer (pretrain/core/facts.py): the stage's own verdict on its config for N
+process group starts; with the resume flag the stage also checks that it can continue its checkpoint) and reads
+the answer (pretrain/core/facts.py): the stage's own verdict on its config for N
 ranks, where it writes, where its checkpoints and their `latest` pointer are, its tensor-parallel size, its MLflow
 store, the files it needs and the shard folders it reads, with their sizes. The stage states these facts even when
 it refuses its config, so preflight can report the refusal together with everything else it finds.
@@ -119,12 +120,11 @@ def ask(name: str, args: Sequence[str], world_size: int | None, env: Mapping[str
         python: str = sys.executable, timeout_s: float = VALIDATE_TIMEOUT_S) -> tuple[Validation, dict[str, Any]]:
     """Run the stage's --validate-only --json (for `world_size` ranks; None: the stage's default) with environment
     `env`; returns its verdict and its report ({} when it gave none: a crash, a timeout, a bad command line)."""
-    module, resume_flag = STAGES[name]
-    given = [a for a in args if a != resume_flag]  # changes nothing the check looks at
+    module = STAGES[name][0]
     size = ["--world-size", str(world_size)] if world_size is not None else []
     shown = " ".join(["python", "-m", module, "--validate-only", *size])  # the stage args are the user's
-    try:
-        proc = subprocess.run([python, "-m", module, "--validate-only", "--json", *size, *given], cwd=cwd,
+    try:  # with the resume flag, when given, the stage also checks that it can continue its checkpoint
+        proc = subprocess.run([python, "-m", module, "--validate-only", "--json", *size, *args], cwd=cwd,
                               env=dict(env), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return Validation(False, False, f"no answer within {timeout_s:g}s", shown), {}
@@ -143,10 +143,11 @@ def ask(name: str, args: Sequence[str], world_size: int | None, env: Mapping[str
 
 
 def validate(stage: StageInfo, world_size: int, env: Mapping[str, str], cwd: Path = REPO_ROOT,
-             python: str = sys.executable, timeout_s: float = VALIDATE_TIMEOUT_S) -> Validation:
+             python: str = sys.executable, timeout_s: float = VALIDATE_TIMEOUT_S, resume: bool = False) -> Validation:
     """The stage's verdict on its config for `world_size` ranks, asked again (before a restart, or for another
-    world size than `stage` was read for)."""
-    return ask(stage.name, stage.args, world_size, env, cwd, python, timeout_s)[0]
+    world size than `stage` was read for); resume: as the restart will run it, continuing its checkpoint."""
+    args = [*stage.args, *([stage.resume_flag] if resume and stage.resume_flag not in stage.args else [])]
+    return ask(stage.name, args, world_size, env, cwd, python, timeout_s)[0]
 
 
 def read_stage(name: str, args: Sequence[str], environ: Mapping[str, str] = os.environ, world_size: int | None = None,

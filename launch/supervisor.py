@@ -4,7 +4,9 @@ complete checkpoint, up to `max_restarts` times.
 Each attempt runs in its own process group, so whatever the dead attempt leaves behind (ranks the launcher did
 not reap) is stopped before the next one starts and cannot hold the master port. Restarts add the stage's resume
 flag; the stage loads the checkpoint its `latest` pointer names (written only after every rank finished saving)
-and reopens its MLflow run.
+and reopens its MLflow run. A checkpoint the stage finds broken (its files differ from its manifest, or it fails to
+load) is marked and `latest` moved back past it by the stage itself (pretrain/core/checkpoint.py), so the pointer
+this supervisor reads never names a checkpoint that already failed, and no restart tries it again.
 
 Every rank gets TANDEM_LAUNCH_ID (one id per launch, shared by all its attempts) and TANDEM_RESTART (0, 1, ...);
 the stage tags its MLflow run with them (tandem.launch_id, tandem.restart), which is how node 0's supervisor finds
@@ -13,8 +15,9 @@ Every attempt and restart is also printed and appended to <job dir>/supervisor.j
 
 No restart when the job cannot get better by trying again: a launcher exit code of 2 (the stage rejected its
 config), a stage whose --validate-only now rejects its config (launchers such as torchrun report a rank's exit
-code 2 as their own 1, and a node whose ranks lost their peers fails with another code), or SIGINT / SIGTERM
-(Ctrl-C, Slurm preemption), which are passed to the job and end supervision.
+code 2 as their own 1, and a node whose ranks lost their peers fails with another code; the check runs with the
+resume flag, as the restart would: a checkpoint the job cannot continue, or none intact, is such a rejection), or
+SIGINT / SIGTERM (Ctrl-C, Slurm preemption), which are passed to the job and end supervision.
 """
 from __future__ import annotations
 

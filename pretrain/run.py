@@ -145,8 +145,12 @@ def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
                                                         f"{n} streams")
     if cfg.tracking.mlflow:
         cfg.tracking.uri = core.resolve_uri(cfg.tracking.uri)  # the store this job writes to, in params and configs
-    return Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum,
+    plan = Plan(cfg, world_size, data_cfg, eval_data_cfg, model_cfg, data_cfg.loader.batch_size, tokenizer.checksum,
                 str(tokenizer.path))
+    if cfg.checkpoint.resume:  # the checkpoint's layout, objective and batches against this job's
+        core.check_resume(cfg, world_size, cfg.objective.name,
+                          lambda: training_loader(plan, dp_rank=0, dp_size=plan.data_parallel, pin_memory=False))
+    return plan
 
 
 # --- building (after the process groups exist) -----------------------------------------------------------
@@ -169,14 +173,19 @@ def build_objective(plan: Plan, dp_rank: int) -> core.Objective:
     return parts[o.name]
 
 
+def training_loader(plan: Plan, *, dp_rank: int, dp_size: int, pin_memory: bool):
+    cfg = plan.cfg
+    return build_pretrain_loader(plan.data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, seed=cfg.train.seed,
+                                 objective_weights=cfg.objective.active(), num_workers=cfg.data.num_workers,
+                                 pin_memory=pin_memory)
+
+
 def build_loaders(plan: Plan, dp_rank: int, dp_size: int):
     """The training loader (split by the data-parallel rank: TP peers read the same batches) and one held-out
     loader factory per objective."""
     cfg = plan.cfg
     pin = core.uses_gpu()  # pinned batches copy to the GPU asynchronously
-    train = build_pretrain_loader(plan.data_cfg, dp_rank=dp_rank, dp_world_size=dp_size, seed=cfg.train.seed,
-                                  objective_weights=cfg.objective.active(), num_workers=cfg.data.num_workers,
-                                  pin_memory=pin)
+    train = training_loader(plan, dp_rank=dp_rank, dp_size=dp_size, pin_memory=pin)
     evals = {}
     if plan.eval_data_cfg is not None:
         for name in cfg.objective.active():

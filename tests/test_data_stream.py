@@ -141,8 +141,10 @@ def test_epochs_advance_reshuffle_and_state_mismatches_are_errors(small):
     other = make_loader(small, workers=2, weights="bang")
     with pytest.raises(ConfigError, match="num_workers"):
         other.load_state_dict(loader.state_dict())
-    with pytest.raises(ConfigError, match="plan_key"):
+    with pytest.raises(ConfigError, match=r"batching.batch_size: \d+ -> 8"):  # named, not a plan hash
         make_loader(small, workers=0, weights="bang", batch_size=8).load_state_dict(loader.state_dict())
+    with pytest.raises(ConfigError, match=r"weights: \{'bang': 1.0\} -> \{'bang': 1.0, 'elmer': 1.0\}"):
+        make_loader(small, workers=0, weights={"bang": 1, "elmer": 1}).load_state_dict(loader.state_dict())
     # every dp rank holds the same state at the same step, so any rank's state resumes every rank
     r0, r1 = make_loader(small, rank=0, world=2, workers=0), make_loader(small, rank=1, world=2, workers=0)
     take(r0, 3), take(r1, 3)

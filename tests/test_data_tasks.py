@@ -77,3 +77,55 @@ def test_unknown_task_split_and_folder_are_errors(shared_data, tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_task_split(tmp_path / "nowhere", "cnndm", "test")
     assert len(GLGE_TASKS) == 8
+
+
+def test_faulty_task_text_is_refused_or_skipped_and_counted(shared_data, tiny, tmp_path):
+    """The Finetuning data rows of docs/reliability.md, on 30 real Gigaword pairs: a blank line that breaks the
+    pairing stops naming both files and the blank line; blank lines at the end of one file are dropped; an over-long
+    line stops naming file and line; pairs with an empty side are read as they are (generation keeps the split's
+    lines) but left out of the shards and counted, and the shards hold exactly the other pairs, in order."""
+    from data_pipeline.stream import build_task_loader
+    from data_pipeline.tasks import build_task_shards
+    from data_pipeline.tokenizer import Tokenizer
+
+    src = _lines(shared_data / "glge/gigaword/train.src")[:30]
+    tgt = _lines(shared_data / "glge/gigaword/train.tgt")[:30]
+    folder = tmp_path / "gigaword"
+    folder.mkdir()
+
+    def write(sources, targets):
+        for split in ("train", "valid"):  # two splits: no pooled 90/10 split of one file
+            (folder / f"{split}.src").write_text("\n".join(sources) + "\n", encoding="utf-8")
+            (folder / f"{split}.tgt").write_text("\n".join(targets) + "\n", encoding="utf-8")
+
+    write(src[:10] + [""] + src[10:], tgt)
+    with pytest.raises(DataError, match=r"train.src has 31 lines but .*train.tgt has 30: source and target must pair "
+                                        r"line by line \(first empty line: train.src line 11\)"):
+        read_task_split(tmp_path, "gigaword", "train")
+    write(src, tgt + ["", "  "])  # an editor's extra newlines at the end of one file
+    assert read_task_split(tmp_path, "gigaword", "train") == (src, tgt)
+
+    long = list(src)
+    long[7] = "word " * 250_000
+    write(long, tgt)
+    with pytest.raises(DataError, match=r"train.src: line 8 has 1,250,000 characters, more than "
+                                        r"tasks.max_line_chars=1,000,000"):
+        read_task_split(tmp_path, "gigaword", "train")
+
+    sources, targets = list(src), list(tgt)
+    sources[3], targets[20] = "", "   "
+    write(sources, targets)
+    assert read_task_split(tmp_path, "gigaword", "train") == (sources, targets)
+    tok = Tokenizer.load(tiny.in_work(tiny.tokenizer.out_dir))
+    manifest = build_task_shards(tmp_path, "gigaword", "train", tmp_path / "shards", tok, max_source_len=128,
+                                 max_target_len=64)
+    assert manifest["num_samples"] == 28
+    assert (manifest["stats"]["empty_pairs_skipped"], manifest["stats"]["empty_pair_lines"]) == (2, [4, 21])
+    loader = build_task_loader(tmp_path / "shards", dp_rank=0, dp_world_size=1, seed=0, num_workers=0,
+                               batch_size=64, shuffle=False)
+    got = {}
+    for batch in loader:
+        for sid, row in zip(batch["sample_ids"].tolist(), batch["tgt_tokens"].tolist()):
+            got[sid] = [t for t in row if t != 0][:-1]  # pad and the collator's EOS off
+    kept = [t for i, t in enumerate(tgt) if i not in (3, 20)]
+    assert [got[i] for i in sorted(got)] == [tok.encode(t)[:64] for t in kept]

@@ -6,6 +6,7 @@ the real `python -m launch` and the Slurm batch template run by bash.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -197,12 +198,22 @@ def test_resume_flag_is_added_once():
     (["env.nccl={OMP_X: '1'}"], "env.nccl: holds ['OMP_X']"),
     (["preflight.shards=maybe"], "preflight.shards"),
     (["restart.max_restarts=-2"], "restart.max_restarts"),
-    (["nodes.bogus=1"], "bogus"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(LaunchConfigError) as err:
         cfg_from("configs/launch/local_cpu.yaml", *overrides)
     assert message in str(err.value) and "local_cpu.yaml" in str(err.value)
+
+
+def test_an_unknown_key_is_blamed_on_where_it_was_typed(tmp_path):
+    with pytest.raises(LaunchConfigError) as err:
+        cfg_from("configs/launch/local_cpu.yaml", "nodes.bogus=1")
+    assert str(err.value).startswith("command-line override 'nodes.bogus=1': Key 'bogus' not in") and \
+        "local_cpu.yaml" not in str(err.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO_ROOT / "configs/launch/local_cpu.yaml").read_text() + "\nbogus: 1\n")
+    with pytest.raises(LaunchConfigError, match=rf"^{re.escape(str(bad))}: Key 'bogus' not in"):
+        cfg_from(str(bad))
 
 
 def test_layout_errors(tmp_path):

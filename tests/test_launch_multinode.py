@@ -145,10 +145,11 @@ def test_torchrun_path_gives_the_same_job(two_node_run, data_overrides, tmp_path
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
 
-def find_rank(root_pid: int, rank: int) -> psutil.Process | None:
+def find_rank(root_pid: int, rank: int, stage: str = "pretrain") -> psutil.Process | None:
+    """The process of `stage` with that RANK among root_pid's descendants (a launcher's ranks)."""
     for child in psutil.Process(root_pid).children(recursive=True):
         try:
-            if "pretrain" in child.cmdline() and child.environ().get("RANK") == str(rank):
+            if stage in child.cmdline() and child.environ().get("RANK") == str(rank):
                 return child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,6 +289,8 @@ def test_mpu_adapter_answers_what_deepspeed_asks():
     (["schedule.warmup_steps=500", "train.steps=100"], 1, "schedule.warmup_steps", "must be in [0, train.steps=100]"),
     (["deepspeed.precision=fp16"], 1, "deepspeed.precision", "fp16 is not supported"),
     (["deepspeed.config=configs/deepspeed/nope.json"], 1, "deepspeed.config", "file not found"),
+    (["train.seed=-1"], 1, "train.seed", "must be in [0, 2**32), got -1"),
+    ([f"train.seed={2**32}"], 1, "train.seed", f"must be in [0, 2**32), got {2**32}"),
 ])
 def test_engine_config_errors_name_the_field(overrides, world, field, words):
     cfg = pretrain_config.load(TINY, overrides)
@@ -296,10 +300,39 @@ def test_engine_config_errors_name_the_field(overrides, world, field, words):
 
 
 def test_unknown_keys_and_bad_types_name_the_key():
-    with pytest.raises(config.ConfigError, match="trian"):
-        pretrain_config.load(TINY, ["trian.steps=5"])
-    with pytest.raises(config.ConfigError, match="train.steps"):
+    """A key typed on the command line is blamed on the command line, one in the YAML file on the file."""
+    with pytest.raises(config.ConfigError) as err:
+        pretrain_config.load(TINY, ["train.steps=5", "trian.steps=5"])
+    assert str(err.value).startswith("command-line override 'trian.steps=5': Key 'trian' not in") and \
+        "tiny.yaml" not in str(err.value)
+    with pytest.raises(config.ConfigError, match=r"(?s)^command-line override 'train.steps=many': .*full_key: train.steps"):
         pretrain_config.load(TINY, ["train.steps=many"])
+
+
+def test_a_key_in_the_yaml_file_is_blamed_on_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(TINY).read_text() + "\ntrian:\n  steps: 5\n")
+    with pytest.raises(config.ConfigError, match=rf"^{re.escape(str(bad))}: Key 'trian' not in"):
+        pretrain_config.load(bad, ["train.steps=5"])
+
+
+def test_seed_out_of_range_is_a_config_error_before_any_process_group(capsys):
+    """Exit code 2 (the supervisor does not restart it) and the field named, not numpy's message."""
+    from pretrain.run import main
+
+    assert main(["--validate-only", "--config", TINY, "train.seed=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {TINY}: train.seed: must be in [0, 2**32), got -1"), err
+    assert "numpy" not in err and "Seed must be" not in err
+
+
+def test_resume_and_other_options_anywhere_on_the_command_line():
+    parser = config.cli_parser("python -m pretrain", "", "")
+    for argv in (["--config", TINY, "train.steps=5", "--resume", "train.log_every=1"],
+                 ["--resume", "--config", TINY, "train.steps=5", "train.log_every=1"],
+                 ["train.steps=5", "--config", TINY, "train.log_every=1", "--resume"]):
+        args = config.parse_args(parser, argv)
+        assert (args.config, args.resume, args.overrides) == (TINY, True, ["train.steps=5", "train.log_every=1"])
 
 
 def test_deepspeed_json_may_not_set_what_the_typed_config_owns(tmp_path):

@@ -13,7 +13,9 @@ tests/test_import_graph.py).
     engine      Engine: DeepSpeed ZeRO over a tensor-parallel model, the loop, evaluation, checkpoints, export
     objectives  the Objective interface (loss, metrics, num_targets, checkpointed state) and the registry:
                 register (a decorator, used by each recipe's objectives), build, registered
-    checkpoint  checkpoints that continue a run exactly: tags, the atomic `latest` pointer, write_atomically
+    checkpoint  checkpoints that continue a run exactly: tags, the atomic `latest` pointer, write_atomically;
+                check_resume (--validate-only --resume: can this job continue the checkpoint? see
+                checkpoint_manifest)
     export      the exported weights (FINAL_WEIGHTS) and the run record they carry
     hf_export   the Hugging Face folder of a run's weights (write_hf_export, HF_EXPORT) and its MLflow model
                 (log_hf_model); publish_hf: both, after a run's final export
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import importlib
 
-from pretrain.core.checkpoint import write_atomically
+from pretrain.core.checkpoint import check_resume, write_atomically
 from pretrain.core.config import (EngineConfig, TrackingSection, cli_parser, load_config, parse_args, to_dict, to_yaml,
                                   validate_engine, zero_stage)
 from pretrain.core.export import FINAL_WEIGHTS
@@ -61,6 +63,7 @@ def __getattr__(name: str):
 __all__ = ["EngineConfig", "TrackingSection", "load_config", "validate_engine", "zero_stage", "to_dict", "to_yaml",
            "cli_parser", "parse_args", "cli_main", "started", "config_artifacts", "input_file", "shard_folder",
            "Engine", "is_rank0", "uses_gpu", "Objective", "Metrics", "gather_rows", "register", "build", "registered",
-           "write_atomically", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights", "check_dims", "load_into",
-           "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT", "source_tags",
-           "ensure_experiment", "client_for", "HF_EXPORT", "write_hf_export", "log_hf_model", "publish_hf"]
+           "write_atomically", "check_resume", "FINAL_WEIGHTS", "InitError", "InitWeights", "read_weights",
+           "check_dims", "load_into", "resolve_uri", "sqlite_path", "artifact_root", "flatten", "PARAM_VALUE_LIMIT",
+           "source_tags", "ensure_experiment", "client_for", "HF_EXPORT", "write_hf_export", "log_hf_model",
+           "publish_hf"]

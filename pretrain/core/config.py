@@ -122,8 +122,9 @@ class EngineConfig:
 # --- loading --------------------------------------------------------------------------------------------
 
 def load_config(path: str | Path, overrides: Sequence[str], schema: type):
-    """YAML file + `key=value` overrides -> a typed config object of `schema` (an EngineConfig; not yet validated)."""
-    return load_typed(schema, path, overrides)
+    """YAML file + `key=value` overrides (the command line's) -> a typed config object of `schema` (an EngineConfig;
+    not yet validated)."""
+    return load_typed(schema, path, overrides, overrides_from="command-line override")
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -197,6 +198,8 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         _fail(cfg, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     if t.log_every < 1:
         _fail(cfg, "train.log_every", f"must be >= 1, got {t.log_every}")
+    if not 0 <= t.seed < 2**32:  # numpy's legacy seeding (np.random.seed) takes 32 bits
+        _fail(cfg, "train.seed", f"must be in [0, 2**32), got {t.seed}")
     if o.impl not in ("torch", "deepspeed"):
         _fail(cfg, "optim.impl", f"must be 'torch' or 'deepspeed', got {o.impl!r}")
     if o.impl == "deepspeed":
@@ -320,7 +323,7 @@ def cli_parser(prog: str, description: str, config_help: str):
 
 def parse_args(parser, argv: Sequence[str]):
     """Parse and check the shared options (argparse exits with code 2 and `error: ...` on a bad command line)."""
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))  # options anywhere, also after the key=value overrides
     if args.json and not args.validate_only:
         parser.error("--json goes with --validate-only")
     if args.world_size is not None:

@@ -1,12 +1,14 @@
 """The one training engine: DeepSpeed (ZeRO 0-3, offload, bf16) over a megatron-core tensor-parallel model.
 
 Finetuning reuses it unchanged: hand it a model, an objective (pretrain.core.objectives interface), a training
-loader (iterable of batch dicts with state_dict/load_state_dict), factories of held-out loaders (called afresh
-at every evaluation, so each evaluation reads the same batches) and, optionally, an extra evaluation function
-(generation metrics), the job's kind ("pretrain" | "finetune": log prefix and a tag), its extra MLflow tags, and
-the facts its weights must carry (`meta`, e.g. the tokenizer checksum): checkpoints and the exported weights
-record them with the MLflow run id, the step and the model config, so a later job can name where its weights came
-from and refuse a tokenizer they were not trained with.
+loader (iterable of batch dicts with state_dict/load_state_dict; where it has them, counters() reaches the log and
+MLflow as data/samples_skipped and data/shards_skipped, and resume_mismatch(state) explains a checkpoint it cannot
+continue), factories of held-out loaders (called afresh at every evaluation, so each evaluation reads the same
+batches) and, optionally, an extra evaluation function (generation metrics), the job's kind ("pretrain" |
+"finetune": log prefix and a tag), its extra MLflow tags, and the facts its weights must carry (`meta`, e.g. the
+tokenizer checksum): checkpoints and the exported weights record them with the MLflow run id, the step and the
+model config, so a later job can name where its weights came from and refuse a tokenizer they were not trained
+with.
 
 On SIGTERM / SIGINT (pretrain.core.job arms the handlers) training stops where it is and rank 0 closes its MLflow run
 as KILLED; any other failure closes it as FAILED.
@@ -168,18 +170,23 @@ class Engine:
         rank_state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
                       "objective": self.objective.state_dict(), "step": self.step}
         tag = checkpoint.save(self.ds, self.cfg.checkpoint_dir(), self.step, client, rank_state,
-                              keep_last=self.cfg.checkpoint.keep_last)
+                              keep_last=self.cfg.checkpoint.keep_last,
+                              facts={"objective": self.objective.name, "config": to_dict(self.cfg)})
         self.log_line(f"saved checkpoint {self.cfg.checkpoint_dir() / tag}")
         return tag
 
     def resume(self) -> bool:
-        """Load the checkpoint `latest` names; False (and a fresh start) when there is none yet."""
+        """Load the checkpoint `latest` names, or the newest intact one before it when that one is broken (see
+        pretrain.core.checkpoint); False (and a fresh start) when there is none yet. ConfigError (before anything
+        is loaded) when this job cannot continue it exactly."""
         ckpt_dir = self.cfg.checkpoint_dir()
-        tag = checkpoint.read_pointer(ckpt_dir)
+        tag = checkpoint.resume_tag(ckpt_dir, say=self.log_line)
         if tag is None:
             self.log_line(f"--resume: no complete checkpoint in {ckpt_dir} ({checkpoint.POINTER} missing); "
                           "starting from step 0")
             return False
+        checkpoint.check_continues(ckpt_dir, tag, self.cfg, torch.distributed.get_world_size(), self.objective.name,
+                                   getattr(self.train_loader, "resume_mismatch", None))
         client, rank_state = checkpoint.load(self.ds, ckpt_dir, tag)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             # The next update's rate from the current config's schedule (equal to the saved one when unchanged).
@@ -291,8 +298,7 @@ class Engine:
         cfg = self.cfg
         if cfg.checkpoint.resume:
             self.resume()
-        names = ["loss"] + self.objective.metric_names()
-        window = MetricSums(names, extra=("tokens", "samples"), device=self.device)
+        window = self._new_window()
         bar = None
         status = "FAILED"
         last: dict[str, float] = {}
@@ -313,7 +319,7 @@ class Engine:
                 window_steps += 1
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     last = self._log_window(window, time.perf_counter() - window_start, window_steps, bar)
-                    window = MetricSums(names, extra=("tokens", "samples"), device=self.device)
+                    window = self._new_window()
                     window_start, window_steps = time.perf_counter(), 0
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.train.steps:
                     self.evaluate()
@@ -354,7 +360,16 @@ class Engine:
             return None
         return progress.bar(self.cfg.train.steps, initial=self.step, unit="step", desc=self.kind)
 
+    def _new_window(self) -> MetricSums:
+        """The sums of one log window: the objective's metrics on the device; tokens, samples and (when the training
+        loader has counters()) its skipped samples as host sums reduced with them, in the window's one all-reduce."""
+        extra = ("tokens", "samples") + (("samples_skipped",) if hasattr(self.train_loader, "counters") else ())
+        return MetricSums(["loss"] + self.objective.metric_names(), extra=extra, device=self.device)
+
     def _log_window(self, window: MetricSums, seconds: float, steps: int, bar) -> dict[str, float]:
+        counts = self.train_loader.counters() if "samples_skipped" in window.extra else None
+        if counts is not None:  # the run's total on this rank, summed over data parallel by the window's reduce
+            window.add_extra("samples_skipped", counts["samples_skipped"])
         means, extra = window.reduce()
         tokens, samples = extra["tokens"], extra["samples"]  # summed over data parallel only: TP peers count once
         self.tokens_seen += int(tokens)
@@ -371,6 +386,11 @@ class Engine:
             "tokens_seen": float(self.tokens_seen),
         })
         self.tracker.log_metrics(metrics, self.step, kind="train")
+        skipped = ""
+        if counts is not None:  # what the loader left out so far in the run: data/samples_skipped, data/shards_skipped
+            data = {"samples_skipped": extra["samples_skipped"], "shards_skipped": float(counts["shards_skipped"])}
+            self.tracker.log_metrics(data, self.step, kind="data")
+            skipped = "".join(f" {k} {v:.0f}" for k, v in data.items() if v)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             refresh=False)
@@ -378,7 +398,7 @@ class Engine:
             eta = (self.cfg.train.steps - self.step) * metrics["step_time_s"]
             self.log_line(f"step {self.step}/{self.cfg.train.steps} loss {metrics.get('loss', math.nan):.4f} "
                           f"lr {lr:.3g} grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f} "
-                          f"eta {eta:.0f}s")
+                          f"eta {eta:.0f}s{skipped}")
         return metrics
 
     # --- evaluation -------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What every training job (pretraining, finetuning) does around the engine, in one place.
 
     cli_main()         the command line: config -> prepare() -> `config ok:` (--validate-only) or train();
-                       exit 0, 2 on a ConfigError (`error: ...`), 128 + signal number when stopped by a signal;
+                       exit 0, 2 on a ConfigError (`error: ...`; also one raised by train(), such as a checkpoint
+                       the job cannot continue), 128 + signal number when stopped by a signal;
                        --validate-only --json prints the stage's facts for the launcher (pretrain.core.facts)
     started(cfg)       process groups up and every generator seeded; torn down however the block ends
     config_artifacts   the job's input files (config, DeepSpeed JSON, data config) for the MLflow run
@@ -157,4 +158,7 @@ def cli_main(kind: str, args, load_config: Callable[[Any], Any], prepare: Callab
         except Stopped as stop:
             print(f"[{kind}] {stop}; exiting with code {128 + stop.signum}", file=sys.stderr, flush=True)
             return 128 + stop.signum
+        except ConfigError as err:  # found once the job started, e.g. a checkpoint it cannot continue: as above
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
     return 0

@@ -13,7 +13,7 @@ One job's lines form a segment, opened by its `start` line (a resumed job append
      "tags": {...}, "params": {flattened, as strings}}                     -> the run is created or reopened
     {"event": "artifact", "segment", "path", "folder"}                     -> log_artifact
     {"event": "datasets", "segment", "datasets": [{name, digest, source, context, schema, profile}]} -> log_inputs
-    {"kind": "train" | "eval", "step": n, "time": t, name: value, ...}     -> metrics "<kind>/<name>" at step n
+    {"kind": "train" | "eval" | "data", "step": n, "time": t, name: value, ...} -> metrics "<kind>/<name>" at step n
     {"event": "finish", "segment", "status", "time"}                       -> set_terminated(status)
         (+ "mlflow_outages", "mlflow_outage_s" when MLflow was away during the job -> tags tandem.mlflow_outage*)
 and what the sync itself notes (skipped when replaying): `mlflow_run` (the run the segment went to), `mlflow_synced`
