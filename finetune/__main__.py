@@ -4,6 +4,7 @@ python -m finetune data      --config configs/finetune/<task>.yaml [key=value ..
 python -m finetune generate  --model <finetune output dir> [--mode M] [--split S]    decode a split
 python -m finetune evaluate  --generation <generate output dir> [...]                GLGE metrics + MLflow run
 python -m finetune compare   [--experiment E]                                         quality vs latency table, PNGs
+python -m finetune showcase  --generation <generate output dir> [...] [--show N]       scores + examples side by side
 python -m finetune export    --model <finetune or pretraining output> --out <folder>  a Hugging Face model folder
 
 Training runs on the pretraining engine: start it like pretraining (plainly for one process, torchrun or the
@@ -14,7 +15,7 @@ import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "export")
+SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "showcase", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.evaluation import main as run
         elif command == "export":
             from finetune.export import main as run
-        else:
+        elif command == "compare":
             from finetune.compare import main as run
+        else:
+            from finetune.showcase import main as run
         return run(rest)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -1,14 +1,15 @@
-"""The quickstart, one command (`make demo`): real text -> tokenizer -> shards -> pretraining of the tiny model
+"""The quickstart, one command (`make demo`): real text -> tokenizer -> shards -> pretraining of the small model
 with BANG + ELMER on 2 processes (ZeRO-2, through the deepspeed launcher) -> JANUS finetuning on GLGE Gigaword
-(2 processes, same launcher) -> generation in AR (beam search) and NAR (one pass) -> GLGE metrics -> the MLflow
-quality-vs-speed table. Every stage is the project's own command line, run as a subprocess; everything is
-written under --out, one MLflow store included.
+(2 processes, same launcher) -> generation in AR (beam search), NAR (one pass) and semi-NAR (blocks) -> GLGE
+metrics -> the MLflow quality-vs-speed table -> the closing screen (`python -m finetune showcase`: scores and speed
+per mode, a few examples side by side). Every stage is the project's own command line, run as a subprocess;
+everything is written under --out, one MLflow store included.
 
-  python -m launch.demo [--data-root ../shared/data] [--out runs/demo] [--smoke]
+  python -m launch.demo [--data-root ../shared/data] [--out runs/demo] [--smoke] [--dry-run] [--settings]
 
---smoke (or TANDEM_DEMO_SMOKE=1) runs the same pipeline at a toy size (WikiText only, a few steps, a few decoded
-examples) for the test suite. The full size took 9 to 11 minutes on 2 CPU cores shared with other jobs
-(7 CPU-minutes), with fp32 in both stages: exact, and on CPU no slower than bf16 for this small model.
+--smoke (or TANDEM_DEMO_SMOKE=1) runs the same pipeline at a toy size (WikiText only, the tiny model, a few steps,
+a few decoded examples) for the test suite. Both stages train in fp32: exact, and on CPU no slower than bf16 at
+this size. What the full size costs and scores: BENCHMARKS.md, "Quickstart".
 """
 from __future__ import annotations
 
@@ -32,24 +33,36 @@ TASK = "gigaword"
 # Held-out text for pretraining evaluation: a book the training sources leave out, with the training tokenizer.
 # What a demo run writes under --out besides the data (removed when the demo runs again).
 RESULTS = ("pretrain", "finetune", "compare", "launch", "mlflow.db", "mlartifacts")
+# The demo's text: the shared corpus plus the Gigaword training sources (the task's unlabelled input side; never its
+# headlines or validation text), so that the tokenizer and the pretraining see the finetuning task's language.
+DEMO_DATA = ("sources.books=[books/gutenberg/*.txt,glge/gigaword/train.src]", "tokenizer.vocab_size=8000")
 HELDOUT = ["sources.wikipedia=[]", "sources.wikitext=[]", "sources.books=[books/tinyshakespeare/input.txt]",
            "extract.out_dir=heldout/docs", "shard.out_dir=heldout/shards"]
 
 
 @dataclass(frozen=True)
 class Size:
-    data: tuple[str, ...]  # data config overrides
+    data: tuple[str, ...]  # data config overrides (pretraining text, tokenizer, shards; finetuning reads it too)
     pretrain: tuple[str, ...]  # pretrain config overrides
     finetune: tuple[str, ...]
+    decode: tuple[str, ...]  # finetune config overrides for every `generate` (decode.*)
     decode_limit: int  # validation examples decoded per mode
+    modes: tuple[str, ...] = ("ar_beam", "nar", "semi_nar")  # decoding modes, in the order shown
+    show: int = 3  # validation examples printed side by side at the end
 
 
+# The full size: what `make demo` runs, and what README's demo table lists (tests/test_launch_demo.py checks that
+# the table is settings_markdown(FULL)). Why these numbers, and what they do not reach yet: BENCHMARKS.md,
+# "Quickstart at the small size". Pretraining gets 100 steps (its AR and NAR losses are equal there, 7.21 nats: no
+# use of context yet, and its training loss is no lower after 300 or 400), finetuning the rest of the budget.
 FULL = Size(
-    data=(),
-    pretrain=("train.steps=300", "schedule.warmup_steps=30", "train.log_every=25", "checkpoint.every_steps=100",
-              "eval.every_steps=100", "eval.batches=4"),
-    finetune=("task.epochs=0", "train.steps=300", "schedule.warmup_steps=30", "train.log_every=25", "optim.lr=1e-3",
-              "eval.every_steps=0", "eval.batches=8", "valid_generation.samples=0", "checkpoint.every_steps=0"),
+    data=DEMO_DATA,
+    pretrain=("model.preset=small", "train.steps=100", "schedule.warmup_steps=10", "train.log_every=25",
+              "checkpoint.every_steps=100", "eval.every_steps=100", "eval.batches=4"),
+    finetune=("model.preset=small", "task.epochs=0", "train.steps=300", "schedule.warmup_steps=30",
+              "train.log_every=25", "optim.lr=1e-3", "eval.every_steps=0", "eval.batches=8",
+              "valid_generation.samples=0", "checkpoint.every_steps=0"),
+    decode=(),
     decode_limit=200,
 )
 SMOKE = Size(
@@ -57,9 +70,10 @@ SMOKE = Size(
     pretrain=("train.steps=6", "schedule.warmup_steps=2", "train.log_every=2", "checkpoint.every_steps=3",
               "eval.every_steps=0", "eval.batches=1"),
     finetune=("task.epochs=0", "train.steps=4", "schedule.warmup_steps=1", "train.log_every=2", "optim.lr=1e-3",
-              "eval.every_steps=0", "eval.batches=1", "valid_generation.samples=0", "checkpoint.every_steps=0",
-              "decode.max_len=16"),
+              "eval.every_steps=0", "eval.batches=1", "valid_generation.samples=0", "checkpoint.every_steps=0"),
+    decode=("decode.max_len=16",),
     decode_limit=8,
+    show=2,
 )
 
 
@@ -74,13 +88,24 @@ def quote_list(items: Sequence[str]) -> str:
     return "[" + ",".join(f"'{i}'" for i in items) + "]"
 
 
+def setting(overrides: Sequence[str], key: str, default: str) -> str:
+    """The value a key=value list gives `key` (the last one wins, as on the command line), else `default`."""
+    values = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == key]
+    return values[-1] if values else default
+
+
+def generate_folders(out: Path, size: Size) -> dict[str, Path]:
+    return {mode: out / "finetune" / f"{TASK}-janus" / "generate" / f"valid-{mode}" for mode in size.modes}
+
+
 def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = sys.executable) -> list[Step]:
     uri = f"sqlite:///{out / 'mlflow.db'}"
     data = [f"data_root={data_root}", f"work_dir={data_dir}", *size.data]
     data_list = quote_list(data)
     launch = [python, "-m", "launch", "--config", LAUNCH_CONFIG, f"run_dir={out / 'launch'}", "--"]
     pretrain_out, finetune_out = out / "pretrain", out / "finetune" / f"{TASK}-janus"
-    generate = {mode: finetune_out / "generate" / f"valid-{mode}" for mode in ("ar_beam", "nar")}
+    generate = generate_folders(out, size)
+    preset = setting(size.pretrain, "model.preset", "tiny")
     steps = [
         Step("data: extract text, train the tokenizer, write shards",
              [python, "-m", "data_pipeline", "prepare", "--config", DATA_CONFIG, *data]),
@@ -88,7 +113,7 @@ def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = s
              [python, "-m", "data_pipeline", "extract", "--config", DATA_CONFIG, *data, *HELDOUT]),
         Step("data: tokenize the held-out text",
              [python, "-m", "data_pipeline", "shard", "--config", DATA_CONFIG, *data, *HELDOUT]),
-        Step("pretrain: tiny model, BANG + ELMER, 2 processes (ZeRO-2) via the deepspeed launcher",
+        Step(f"pretrain: {preset} model, BANG + ELMER, 2 processes (ZeRO-2) via the deepspeed launcher",
              [*launch, "pretrain", "--config", PRETRAIN_CONFIG, f"output_dir={pretrain_out}",
               f"data.overrides={data_list}", "deepspeed.precision=fp32", *size.pretrain]),
         Step(f"finetune data: GLGE {TASK} task shards",
@@ -99,10 +124,10 @@ def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = s
               "deepspeed.precision=fp32", *size.finetune]),
     ]
     for mode, folder in generate.items():
-        steps.append(Step(f"generate: {'AR beam search' if mode == 'ar_beam' else 'NAR, one pass'} on "
-                          f"{size.decode_limit} validation examples",
+        steps.append(Step(f"generate: {mode} decoding of {size.decode_limit} validation examples",
                           [python, "-m", "finetune", "generate", "--model", str(finetune_out), "--mode", mode,
-                           "--split", "valid", "--limit", str(size.decode_limit), "--out", str(folder)]))
+                           "--split", "valid", "--limit", str(size.decode_limit), "--out", str(folder),
+                           *size.decode]))
     steps += [
         Step("evaluate: GLGE metrics, one MLflow run per decoding mode",
              [python, "-m", "finetune", "evaluate", "--generation", *map(str, generate.values())]),
@@ -111,6 +136,17 @@ def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = s
               str(out / "compare")]),
     ]
     return steps
+
+
+def settings_markdown(size: Size = FULL) -> str:
+    """The demo's settings as a Markdown table: README shows FULL's, and a test keeps the two equal."""
+    rows = [("data", DATA_CONFIG, size.data), ("pretrain", PRETRAIN_CONFIG, size.pretrain),
+            ("finetune", FINETUNE_CONFIG, ("objective.name=janus", *size.finetune)),
+            ("generate", f"--limit {size.decode_limit}, modes {', '.join(size.modes)}", size.decode)]
+    lines = ["| stage | config | overrides |", "| --- | --- | --- |"]
+    for stage, config, overrides in rows:
+        lines.append(f"| {stage} | `{config}` | {' '.join(f'`{o}`' for o in overrides) or '-'} |")
+    return "\n".join(lines)
 
 
 def environment(out: Path) -> dict[str, str]:
@@ -137,7 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("TANDEM_DEMO_SMOKE", "") == "1",
                         help="toy size, for the test suite")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--settings", action="store_true", help="print the settings table (README's), run nothing")
     args = parser.parse_args(argv)
+    size = SMOKE if args.smoke else FULL
+    if args.settings:
+        print(settings_markdown(size))
+        return 0
 
     out = Path(args.out)
     out = (out if out.is_absolute() else REPO_ROOT / out).resolve()
@@ -147,7 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --data-root {data_root} does not hold the expected data (wikitext-2/, glge/{TASK}/ ...); "
               "point it at the shared data folder", file=sys.stderr)
         return 2
-    size = SMOKE if args.smoke else FULL
     steps = plan(out, data_root, data_dir, size)
     if args.dry_run:
         for step in steps:
@@ -183,12 +223,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"all {len(steps)} steps done in {total / 60:.1f} min:")
     for title, seconds in timings:
         say(f"  {seconds:6.0f}s  {title}")
-    store = out / "mlflow.db"
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    say(f"results: pretraining in {out / 'pretrain'}, finetuning and generations in {out / 'finetune'}, plots in "
-        f"{out / 'compare'}")
+    say("")
+    showcase = [sys.executable, "-m", "finetune", "showcase", "--show", str(size.show), "--generation",
+                *map(str, generate_folders(out, size).values())]
+    shown = subprocess.run(showcase, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    if shown.returncode != 0:
+        print(f"[demo] the closing screen failed (exit code {shown.returncode}):\n  {shlex.join(showcase)}",
+              file=sys.stderr, flush=True)
+        return shown.returncode
+    for line in shown.stdout.splitlines():
+        say(line)
+    say(f"quality against speed, plotted: {out / 'compare' / 'quality_vs_speed.png'} (finetuning loss: "
+        f"{out / 'compare' / 'loss_curves.png'})")
+    say(f"everything else: pretraining in {out / 'pretrain'}, finetuning and generations in {out / 'finetune'}")
     say("open the MLflow UI on the results (runs of tandem-pretrain and tandem-finetune, with the comparison "
         "above), then browse http://127.0.0.1:5000 :")
+    store = out / "mlflow.db"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
     print(f"    {mlflow_bin if mlflow_bin.is_file() else 'mlflow'} ui --backend-store-uri sqlite:///{store} "
           "--host 127.0.0.1 --port 5000", flush=True)
     return 0
