@@ -4,8 +4,14 @@ YAML file + `key=value` overrides -> a typed dataclass config, with errors that 
 Every package's config goes through here (data_pipeline, the training core and both recipes, launch), and every
 config error is the one `ConfigError` below, so a caller never converts one package's error into another's.
 
+Config files are found from any working directory (`config_path`, the one rule): a relative path names a file
+under the working directory when there is one there, else under the repository (`configs/data/tiny.yaml`), else
+under this folder (`data/tiny.yaml`). The rule serves every file a config names: --config, data.config,
+deepspeed.config, the launch config.
+
 This is the lowest layer of the import graph: it imports nothing of the project, so launch/ (which imports no
-training package) and data_pipeline/ (the lowest data layer) can both use it (docs/architecture.md).
+training package) and data_pipeline/ (the lowest data layer) can both use it (docs/architecture.md). progress.py,
+beside it, is the progress display every long command shares, for the same reason.
 """
 from __future__ import annotations
 
@@ -15,10 +21,32 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+CONFIGS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = CONFIGS_DIR.parent
+
 
 class ConfigError(ValueError):
     """A config value that cannot work, or a config file that cannot be read; the message names the field or the
     file."""
+
+
+def config_path(path: str | Path) -> Path:
+    """Where the config file `path` is: itself when absolute or present from the working directory, else the same
+    relative path under the repository, else under configs/; a file found nowhere comes back as given (the
+    caller's message then says `not_found`). So `configs/deepspeed/zero2.json` inside a YAML works from any
+    working directory, and a file of the user's beside them wins over the repository's."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    for base in (REPO_ROOT, CONFIGS_DIR):
+        if (base / path).exists():
+            return base / path
+    return path
+
+
+def not_found(path: str | Path) -> str:
+    """The message for a config file `config_path` found nowhere."""
+    return f"file not found: {path} (looked under {Path.cwd()}, {REPO_ROOT} and {CONFIGS_DIR})"
 
 
 def load_typed(schema: type, path: str | Path | None, overrides: Sequence[str] = (), *, label: str = "config",
@@ -32,9 +60,9 @@ def load_typed(schema: type, path: str | Path | None, overrides: Sequence[str] =
     sources: list[Any] = []
     where = ""
     if path is not None:
-        path = Path(path)
+        path = config_path(path)
         if not path.is_file():
-            raise ConfigError(f"{label} file not found: {path}")
+            raise ConfigError(f"{label} {not_found(path)}")
         where = f"{path}: "
         try:
             sources.append(OmegaConf.load(path))

@@ -6,7 +6,8 @@ Commands:
   shard      tokenize and pack into webdataset shards + manifest.json
   tasks      GLGE tasks and IWSLT14 -> source/target task shards
   inspect    print a shard folder's manifest statistics and a few detokenized samples
-  prepare    extract -> tokenizer -> shard (add --tasks for the task shards too)
+  prepare    extract -> tokenizer -> shard (add --tasks for the task shards, --heldout for the held-out shards
+             of the config's heldout section, which pretraining evaluates on)
 Steps whose inputs and config are unchanged are skipped; --force redoes them.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="data config YAML (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="redo steps even when their output is up to date")
     parser.add_argument("--tasks", action="store_true", help="prepare: also build the task shards")
+    parser.add_argument("--heldout", action="store_true", help="prepare: also build the held-out shards (the "
+                                                               "config's heldout section)")
     parser.add_argument("--shard-dir", default="", help="inspect: shard folder (default: the config's shard.out_dir)")
     parser.add_argument("--shard", default=None, help="inspect: which shard to show samples of")
     parser.add_argument("-n", type=int, default=3, help="inspect: samples to show")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "prepare":
         from data_pipeline.prepare import prepare
 
-        prepare(cfg, force=args.force, with_tasks=args.tasks)
+        prepare(cfg, force=args.force, with_tasks=args.tasks, with_heldout=args.heldout)
     elif cmd == "extract":
         from data_pipeline.extract import run_extract
 

@@ -3,13 +3,15 @@
 Path rules (so one YAML works from any working directory):
   * `data_root` and `work_dir` are relative to the repository root (the folder holding `configs/`);
   * `sources.*` globs and `tasks.root` / `tasks.iwslt_root` are relative to `data_root`;
-  * `extract.out_dir`, `tokenizer.out_dir`, `shard.out_dir`, `tasks.out_dir`, `loader.shard_dir` and
-    `loader.tokenizer` are relative to `work_dir`;
+  * `extract.out_dir`, `tokenizer.out_dir`, `shard.out_dir`, `tasks.out_dir`, `loader.shard_dir`,
+    `loader.tokenizer` and `heldout.extract_dir` / `heldout.shard_dir` are relative to `work_dir`;
+  * `heldout.sources.*` globs, like `sources.*`, are relative to `data_root`;
   * `tokenizer.path` (a Hugging Face tokenizer folder, tokenizer.type=hf) is relative to the repository root.
 `DataConfig.path(...)` helpers return the resolved absolute paths.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,10 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from configs import load_typed, merge_typed
+from configs import REPO_ROOT, load_typed, merge_typed  # REPO_ROOT: the base of data_root and work_dir
 from data_pipeline.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_KINDS = ("wikipedia", "books", "wikitext")
 
 
 @dataclass
@@ -132,6 +134,16 @@ class TasksConfig:
 
 
 @dataclass
+class HeldoutConfig:
+    """Held-out text for evaluation, built by `python -m data_pipeline prepare --heldout`: extracted and sharded
+    like the training text (the same extract and shard settings, the training tokenizer) into folders of its own."""
+
+    sources: SourcesConfig = field(default_factory=SourcesConfig)  # text kept out of training; empty: none
+    extract_dir: str = "heldout/docs"
+    shard_dir: str = "heldout/shards"  # what pretraining's data.eval_overrides point loader.shard_dir at
+
+
+@dataclass
 class DataConfig:
     name: str = "data"
     data_root: str = "../shared/data"
@@ -142,6 +154,7 @@ class DataConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     config_file: str = ""  # filled by load_config, used in error messages
 
     # ---- resolved paths -------------------------------------------------------------------------------
@@ -153,6 +166,23 @@ class DataConfig:
 
     def in_work(self, rel: str) -> Path:
         return resolve(rel, self.work())
+
+    def heldout_config(self) -> "DataConfig":
+        """This config turned to the held-out text: heldout.sources extracted into heldout.extract_dir and sharded
+        into heldout.shard_dir (which its loader reads), with this config's tokenizer and settings."""
+        if not any(getattr(self.heldout.sources, kind) for kind in SOURCE_KINDS):
+            raise ConfigError(f"{self._where()}heldout.sources: empty; list the held-out text (globs under data_root "
+                              f"in heldout.sources.{{{','.join(SOURCE_KINDS)}}}) to build held-out shards")
+        for name, training in (("extract_dir", self.extract.out_dir), ("shard_dir", self.shard.out_dir)):
+            # checked here, not in validate: the older recipe (extract and shard with out_dir=heldout/...) is valid
+            _check(self.in_work(getattr(self.heldout, name)) != self.in_work(training), self._where(),
+                   f"heldout.{name}", f"is the training folder {training!r}: the held-out build would replace the "
+                   f"training data")
+        held = copy.deepcopy(self)
+        held.sources = copy.deepcopy(self.heldout.sources)
+        held.extract.out_dir = self.heldout.extract_dir
+        held.shard.out_dir = held.loader.shard_dir = self.heldout.shard_dir
+        return held
 
     def tokenizer_dir(self) -> Path:
         """The tokenizer's folder: the trained sentencepiece model's, or the Hugging Face folder it names."""

@@ -34,8 +34,9 @@ from mwparserfromhell.nodes import Argument, Comment, Heading, Tag, Template, Wi
 from mwparserfromhell.wikicode import Wikicode
 import mwxml
 
+from configs import progress
 from data_pipeline.artifacts import STATS_FILE, fingerprint, read_record, staging_for, swap_in
-from data_pipeline.config import DataConfig, ExtractConfig, to_plain
+from data_pipeline.config import SOURCE_KINDS, DataConfig, ExtractConfig, to_plain
 from data_pipeline.documents import DocWriter, RepairingUTF8Reader, decode_utf8, emit_document, open_binary
 from data_pipeline.errors import DataError
 
@@ -166,6 +167,7 @@ def extract_wikipedia(path: Path, cfg: DataConfig, out_dir: Path, stats: collect
     writer = DocWriter(out_dir, f"wikipedia-{_stem(path)}", cfg.extract.docs_per_file)
     pages = iter_wiki_pages(path, stats)
     batch_size = max(1, cfg.extract.pages_per_task) * max(1, cfg.extract.num_workers)
+    shown = progress.bar(desc=f"extract {path.name}", unit="page")  # a dump's page count is unknown until read
     while True:  # bounded batches: Pool.imap would read the whole dump ahead of the workers
         batch = list(itertools.islice(pages, batch_size))
         if not batch:
@@ -175,6 +177,8 @@ def extract_wikipedia(path: Path, cfg: DataConfig, out_dir: Path, stats: collect
         for page_id, title, paragraphs, dropped in results:
             stats["markup_lines_dropped"] += dropped
             emit_document(writer, stats, cfg, f"wiki:{page_id}", "wikipedia", title, paragraphs)
+        shown.update(len(batch))
+    shown.close()
     writer.close()
     return writer.files
 
@@ -333,7 +337,7 @@ def run_extract(cfg: DataConfig, force: bool = False) -> dict:
     staging = staging_for(out_dir)
     per_source: dict[str, collections.Counter] = {}
     files: list[Path] = []
-    inputs = {kind: cfg.source_files(kind) for kind in ("wikipedia", "books", "wikitext")}
+    inputs = {kind: cfg.source_files(kind) for kind in SOURCE_KINDS}
     if not any(inputs.values()):
         raise DataError(f"{cfg.config_file or 'data config'}: no sources configured (sources.wikipedia/books/wikitext)")
     fp = fingerprint({"extract": to_plain(cfg.extract), "inputs": [
@@ -354,12 +358,11 @@ def run_extract(cfg: DataConfig, force: bool = False) -> dict:
             pool.close()
             pool.join()
     non_text: list[dict] = []
-    for path in inputs["books"]:
-        files += _extract_text_file(extract_book, path, cfg, staging,
-                                    per_source.setdefault("books", collections.Counter()), non_text)
-    for path in inputs["wikitext"]:
-        files += _extract_text_file(extract_wikitext, path, cfg, staging,
-                                    per_source.setdefault("wikitext", collections.Counter()), non_text)
+    text_files = [(extract_book, "books", p) for p in inputs["books"]] + \
+        [(extract_wikitext, "wikitext", p) for p in inputs["wikitext"]]
+    for extract, kind, path in progress.iterate(text_files, desc="extract", unit="file"):
+        files += _extract_text_file(extract, path, cfg, staging, per_source.setdefault(kind, collections.Counter()),
+                                    non_text)
     totals: collections.Counter = collections.Counter()
     for c in per_source.values():
         totals.update(c)

@@ -33,8 +33,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
+from configs import progress
 from data_pipeline.artifacts import (FORMAT, LENGTHS, MANIFEST, check_shards, extract_stats, fingerprint,
                                      load_lengths, load_manifest, sha256_file, shards_up_to_date, staging_for,
                                      swap_in)
@@ -194,7 +194,7 @@ def run_shard(cfg: DataConfig, force: bool = False) -> dict:
             yield from _drain(map(_tokenize_file, tasks))
 
     def _drain(results: Iterable) -> Iterator[dict[str, np.ndarray]]:
-        for file_samples, file_stats in tqdm(results, total=len(tasks), desc="shard", unit="file", disable=None):
+        for file_samples, file_stats in progress.iterate(results, total=len(tasks), desc="shard", unit="file"):
             stats.update(file_stats)
             for ids in file_samples:
                 yield {"tok": ids.astype(dtype)}  # the shuffle buffer holds the written dtype, not int64

@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from configs import progress
 from data_pipeline.artifacts import MANIFEST, fingerprint, shards_up_to_date, staging_for, swap_in
 from data_pipeline.config import DataConfig, to_plain
 from data_pipeline.corruption import pad_stack
@@ -212,7 +213,8 @@ def write_task_shards(sources: Sequence[str], targets: Sequence[str], out_dir: P
         stats["empty_pairs_skipped"], stats["empty_pair_lines"] = len(empty), empty[:_LISTED_LINES]
 
     def samples():
-        for src, tgt in zip(sources, targets):
+        pairs = zip(sources, targets)
+        for src, tgt in progress.iterate(pairs, desc=f"tasks {task}/{split}", unit="pair", total=len(sources)):
             if not src.strip() or not tgt.strip():
                 continue
             s = np.asarray(tok.encode_with_sep(src), dtype=np.int64)

@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from configs import progress
 from data_pipeline.artifacts import (BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, UNK_ID, extract_stats,
                                      fingerprint, read_record, sha256_file, staging_for, swap_in)
 from data_pipeline.config import DataConfig, to_plain
@@ -162,12 +163,14 @@ class Tokenizer:
 def _training_sample(cfg: DataConfig, docs_dir: Path, out_file: Path) -> dict:
     """Write a deterministic sample of about `tokenizer.sample_chars` characters, one sentence-sized line each
     (sentencepiece skips lines longer than max_sentence_length)."""
-    total = extract_stats(docs_dir).get("totals", {}).get("chars", 0)
+    totals = extract_stats(docs_dir).get("totals", {})
+    total = totals.get("chars", 0)
     rate = 1.0 if total <= 0 else min(1.0, cfg.tokenizer.sample_chars / total)
     rng = random.Random(cfg.tokenizer.seed)
     counts: collections.Counter = collections.Counter()
     with open(out_file, "w", encoding="utf-8") as out:
-        for doc in iter_all_docs(doc_files(docs_dir), counts):
+        docs = iter_all_docs(doc_files(docs_dir), counts)
+        for doc in progress.iterate(docs, desc="tokenizer sample", unit="doc", total=totals.get("docs")):
             for para in doc["text"].split("\n"):
                 if rng.random() >= rate:
                     continue
@@ -202,6 +205,8 @@ def train_tokenizer(cfg: DataConfig, force: bool = False) -> Path:
         counts = _training_sample(cfg, docs_dir, sample)
         if counts.get("sample_lines", 0) == 0:
             raise DataError(f"{docs_dir}: no text to train the tokenizer on")
+        log.info("tokenizer: training sentencepiece (%s, %d pieces) on %d sample lines", t.model_type,
+                 t.vocab_size, counts["sample_lines"])
         spm.set_random_generator_seed(t.seed)
         try:
             spm.SentencePieceTrainer.train(

@@ -20,9 +20,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 SUBCOMMANDS = ("data", "generate", "evaluate", "compare", "showcase", "distill", "export")
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune` and the `tandem-finetune` console script (argv: sys.argv[1:] when None)."""
     import torch
 
+    argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if argv and argv[0] in SUBCOMMANDS:
@@ -50,4 +52,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from configs import progress
 from finetune.glge_tasks import get_task
 from model.config import SPECIAL
 from model.generation import MODES, DecodeOptions, decode
@@ -93,6 +94,7 @@ def decode_ids(model, source_ids: list[list[int]], mode: str, options: DecodeOpt
     outputs: list[list[int]] = [[] for _ in source_ids]
     wall = exit_sum = passes_sum = 0.0
     batches = 0
+    shown = progress.bar(len(order), desc=f"generate {mode}", unit="ex")
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         width = max(len(source_ids[i]) for i in rows)
@@ -107,6 +109,8 @@ def decode_ids(model, source_ids: list[list[int]], mode: str, options: DecodeOpt
         exit_sum += result.figures.get("mean_exit_layer", 0.0) * len(rows)
         passes_sum += result.figures.get("decoder_passes", 0.0)
         batches += 1
+        shown.update(len(rows))
+    shown.close()
     n = len(source_ids)
     figures = {"examples": float(n), "batch_size": float(batch_size), "decode_wall_s": wall,
                "ms_per_sample": 1000.0 * wall / max(n, 1), "samples_per_s": n / wall if wall > 0 else 0.0,

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from configs import ConfigError
+from configs import CONFIGS_DIR, ConfigError
 from data_pipeline.errors import DataError
 from finetune import tracking
 from finetune.config import from_dict, load
@@ -142,8 +142,7 @@ def evaluate_submission(folder: Path, difficulty: str, split: str, overrides: Se
     if not found:
         raise ConfigError(f"--submission {folder}: no {predictions_name('<task>', difficulty, split)} file for any "
                           f"GLGE task ({', '.join(GLGE_TASKS)})")
-    config_dir = Path(__file__).resolve().parents[1] / "configs" / "finetune"
-    return [evaluate_file(path, str(config_dir / f"{task}.yaml"), split,
+    return [evaluate_file(path, str(CONFIGS_DIR / "finetune" / f"{task}.yaml"), split,
                           [f"task.difficulty={difficulty}", *overrides], **kwargs) for task, path in found]
 
 

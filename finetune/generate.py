@@ -36,7 +36,8 @@ from data_pipeline.tokenizer import load_tokenizer
 from finetune.config import FinetuneConfig, from_dict, load
 from finetune.data import read_split
 from finetune.glge_tasks import get_task, submission_filename
-from finetune.init_checkpoint import FINETUNED, check_tokenizer, pretrain_run_id, pretrain_step, read_init
+from finetune.init_checkpoint import (FINETUNED, check_tokenizer, pretrain_run_id, pretrain_step, read_init,
+                                      tokenizer_copy)
 from finetune.resolve import build_model_config, decoding_options, load_data_config, resolve_task_data, validate_task
 from model.config import ModelConfig
 from pretrain import core
@@ -74,12 +75,13 @@ def load_for_decoding(model_path: str, config_path: str | None, overrides: Seque
     validate_task(cfg)
     data_cfg = load_data_config(cfg)
     td = resolve_task_data(cfg, data_cfg)
+    carried = tokenizer_copy(weights)  # a finetuned model's own copy: the run folder may have moved
     try:
-        tokenizer = load_tokenizer(td.tokenizer)
+        tokenizer = load_tokenizer(carried or td.tokenizer)
     except DataError as err:
-        raise ConfigError(f"data.config: {err}") from None
+        raise ConfigError(f"{'--model' if carried else 'data.config'}: {err}") from None
     try:  # finetuned and pretraining exports record their tokenizer; plain state dicts cannot be checked
-        check_tokenizer(weights, tokenizer.checksum, str(td.tokenizer))
+        check_tokenizer(weights, tokenizer.checksum, str(tokenizer.path))
     except core.InitError as err:
         raise ConfigError(f"--model: {err}") from None
     if finetuned:

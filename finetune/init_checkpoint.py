@@ -3,8 +3,10 @@
 where those weights come from.
 
 A finetuning run leaves final_model.pt (the core's export) and, beside it, finetune_meta.json (task, objective,
-decoding mode, MLflow runs, tokenizer, the resolved config; finetune.run.write_meta): `read_init` on that folder (or
-on its final_model.pt) returns the weights with the meta merged in and `format` "finetuned".
+decoding mode, MLflow runs, tokenizer, the resolved config; finetune.run.write_meta) and a copy of its tokenizer
+(in TOKENIZER_COPY, which the meta names by its path relative to the folder, so the folder can be moved): `read_init` on that folder
+(or on its final_model.pt) returns the weights with the meta merged in and `format` "finetuned"; `tokenizer_copy`
+finds the tokenizer.
 
 `pretrain_run_id` / `pretrain_step` name the pretraining run the weights descend from; `check_tokenizer` refuses
 weights trained with another tokenizer than the task shards'.
@@ -26,6 +28,7 @@ from pretrain import core
 
 FINETUNE_META = "finetune_meta.json"  # written beside the exported weights by `python -m finetune`
 FINETUNED = "finetuned"  # meta["format"] of a finetuned model
+TOKENIZER_COPY = "tokenizer"  # the folder, inside a finetuning output, holding its tokenizer (meta["tokenizer"])
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")  # what transformers' from_pretrained reads
 
@@ -102,6 +105,15 @@ def _read_finetuned(folder: Path) -> core.InitWeights:
     weights = core.read_weights(weights_file)
     weights.meta = {**weights.meta, **meta, "format": FINETUNED}
     return weights
+
+
+def tokenizer_copy(weights: core.InitWeights) -> Path | None:
+    """The tokenizer folder a finetuned model carries, None for weights without one (other files; finetuning
+    outputs written before the copy existed named the data's tokenizer by an absolute path instead)."""
+    name = weights.meta.get("tokenizer")
+    if weights.meta.get("format") != FINETUNED or not name or Path(name).is_absolute():
+        return None
+    return Path(weights.path).parent / name
 
 
 def pretrain_run_id(weights: core.InitWeights | HfCheckpoint) -> str:

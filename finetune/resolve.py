@@ -6,10 +6,9 @@ so they agree on what a config means; each raises ConfigError naming the field (
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from configs import ConfigError
+from configs import ConfigError, config_path, not_found
 from data_pipeline.config import DataConfig, load_config
 from finetune.config import FinetuneConfig, fail
 from finetune.data import TaskData, task_data
@@ -44,8 +43,8 @@ def validate_task(cfg: FinetuneConfig) -> None:
 
 def load_data_config(cfg: FinetuneConfig) -> DataConfig:
     """The pretraining data config (its tokenizer, work_dir and tasks section) with data.overrides applied."""
-    if not Path(cfg.data.config).is_file():
-        fail(cfg, "data.config", f"file not found: {cfg.data.config}")
+    if not config_path(cfg.data.config).is_file():
+        fail(cfg, "data.config", not_found(cfg.data.config))
     try:
         return load_config(cfg.data.config, list(cfg.data.overrides))
     except ConfigError as err:  # the data config's own message, behind the field of this config that set it

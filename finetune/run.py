@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from configs import ConfigError
+from configs import ConfigError, config_path
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.stream import open_shard_dir
@@ -33,8 +33,9 @@ from finetune import data
 from finetune import objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus into the core's registry)
 from finetune.config import OBJECTIVES, FinetuneConfig, fail, load
 from finetune.glge_tasks import get_task
-from finetune.init_checkpoint import (FINETUNE_META, HfCheckpoint, check_tokenizer, is_hf_checkpoint, load_weights,
-                                      pretrain_run_id, pretrain_step, read_hf_checkpoint, read_init)
+from finetune.init_checkpoint import (FINETUNE_META, TOKENIZER_COPY, HfCheckpoint, check_tokenizer,
+                                      is_hf_checkpoint, load_weights, pretrain_run_id, pretrain_step,
+                                      read_hf_checkpoint, read_init)
 from finetune.resolve import (build_model_config, decoding_options, load_data_config, resolve_task_data,
                               validate_task)
 from finetune.tracking import log_json_artifact
@@ -260,7 +261,7 @@ def export_meta(plan: Plan, run_id: str | None) -> dict[str, Any]:
             "decoding_mode": plan.decode_mode, "finetune_run_id": run_id, "tracking_uri": plan.cfg.tracking.uri,
             "experiment": plan.cfg.tracking.experiment, "pretrain_run_id": tags["pretrain_run_id"],
             "pretrain_checkpoint": tags["pretrain_checkpoint"], "pretrain_step": tags["pretrain_step"], **lineage,
-            "tokenizer": str(plan.task.tokenizer), "tokenizer_checksum": plan.tokenizer_checksum,
+            "tokenizer_checksum": plan.tokenizer_checksum,  # "tokenizer": the copy's path, set by write_meta
             "model_config": asdict(plan.model_cfg), "config": core.to_dict(plan.cfg)}
 
 
@@ -318,10 +319,13 @@ def train(plan: Plan) -> dict[str, float]:
 
 
 def write_meta(plan: Plan, run_id: str | None) -> None:
-    """finetune_meta.json and finetune.yaml beside the exported weights (what `generate` reads); the meta also
-    goes to the MLflow run."""
+    """finetune_meta.json, finetune.yaml and a copy of the tokenizer beside the exported weights (what `generate`
+    reads); the meta also goes to the MLflow run."""
     cfg, out = plan.cfg, Path(plan.cfg.output_dir)
     meta = export_meta(plan, run_id)
+    copy = out / TOKENIZER_COPY  # the folder holds what `generate` needs, so it can be moved
+    copy.mkdir(parents=True, exist_ok=True)
+    meta["tokenizer"] = f"{TOKENIZER_COPY}/{load_tokenizer(plan.task.tokenizer).copy_into(copy)}"
     core.write_atomically(out / "finetune.yaml", core.to_yaml(cfg))
     core.write_atomically(out / FINETUNE_META, json.dumps(meta, indent=1, default=str))  # last: generate needs both
     if run_id is not None:
@@ -344,7 +348,7 @@ def stage_facts(cfg: FinetuneConfig) -> dict[str, list]:
     """What --validate-only --json adds to the engine's facts: the files the job reads (the init checkpoint among
     them) and the training (the task's, or data.distilled) and validation shard folders with their sizes. A task or
     data config that cannot be resolved names no folder (the verdict says why)."""
-    inputs = [core.input_file("data.config", cfg.data.config)]
+    inputs = [core.input_file("data.config", config_path(cfg.data.config))]
     if cfg.init.checkpoint and cfg.init.checkpoint != SCRATCH:
         inputs.append(core.input_file("--init", cfg.init.checkpoint))
     shards = []

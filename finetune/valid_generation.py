@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from configs import progress
 from data_pipeline.tokenizer import load_tokenizer
 from finetune.data import read_split
 from finetune.decoding import encode_sources, generate
@@ -35,10 +36,11 @@ class ValidGeneration:
 
     def __call__(self, model) -> dict[str, float]:
         decoder = plain_copy(model) if self.zero3 else model
-        out = generate(decoder, self.tokenizer, self.source_ids, self.mode, self.options, self.batch_size)
-        del decoder
-        scores = evaluate_task(self.task, out.hypotheses, self.references,
-                               self.sources if self.pass_sources else None)
+        with progress.silenced():  # on every rank, under the training bar: the engine's evaluation line reports it
+            out = generate(decoder, self.tokenizer, self.source_ids, self.mode, self.options, self.batch_size)
+            del decoder
+            scores = evaluate_task(self.task, out.hypotheses, self.references,
+                                   self.sources if self.pass_sources else None)
         metrics = {f"gen/{k}": float(v) for k, v in scores.items() if v is not None}
         metrics["gen/ms_per_sample"] = out.figures["ms_per_sample"]
         return metrics

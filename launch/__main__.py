@@ -81,9 +81,10 @@ def say(text: str) -> None:
     print(f"[launch] {text}", flush=True)
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m launch` and the `tandem-launch` console script (argv: sys.argv[1:] when None)."""
     try:
-        args, stage_name, stage_args = parse(argv)
+        args, stage_name, stage_args = parse(sys.argv[1:] if argv is None else argv)
         cfg = load(args.config, args.overrides)
         if args.max_restarts is not None:
             if args.max_restarts < 0:
@@ -157,4 +158,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

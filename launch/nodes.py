@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping
 
-from configs import ConfigError
+from configs import ConfigError, config_path, not_found
 from launch.config import LaunchConfig
 
 LOCAL_HOST = "localhost"
@@ -167,9 +166,9 @@ def resolve_layout(cfg: LaunchConfig, environ: Mapping[str, str], *, local_devic
 
     # 1. The pool of nodes and the slots each offers.
     if n.hostfile:
-        path = Path(n.hostfile)
+        path = config_path(n.hostfile)
         if not path.is_file():
-            raise ConfigError(f"{where}nodes.hostfile: file not found: {path}")
+            raise ConfigError(f"{where}nodes.hostfile: {not_found(path)}")
         source, pool = "hostfile", parse_hostfile_lines(path.read_text().splitlines(), str(path))
     elif n.hosts:
         source, pool = "hosts", parse_hostfile_lines(list(n.hosts), f"{where}nodes.hosts")

@@ -37,6 +37,11 @@ def tp_group():
     return parallel_state.get_tensor_model_parallel_group() if is_initialized() else None
 
 
+def tp_src_rank() -> int:
+    """The global rank of this tensor-parallel group's first member (0 before initialization)."""
+    return parallel_state.get_tensor_model_parallel_src_rank() if is_initialized() else 0
+
+
 def dp_size() -> int:
     return parallel_state.get_data_parallel_world_size() if is_initialized() else 1
 
@@ -105,15 +110,18 @@ def rng_tracker():
     return megatron_random.get_cuda_rng_tracker()
 
 
-def initialize(tp_size: int = 1, seed: int = 1234) -> None:
-    """Set up tensor/data-parallel groups on an initialized torch.distributed world and seed the RNGs."""
+def initialize(tp_size: int = 1, seed: int = 1234, *, gloo_groups: bool = True) -> None:
+    """Set up tensor/data-parallel groups on an initialized torch.distributed world and seed the RNGs.
+    gloo_groups=False: without megatron's CPU-side gloo groups (the fake process group of the dry run has no
+    store gloo could use, and nothing of ours runs collectives on them)."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed must be initialized before model.parallel.initialize")
     world = dist.get_world_size()
     if world % tp_size:
         raise ValueError(f"parallel.tp_size={tp_size} must divide the world size {world}")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                                 create_gloo_process_groups=gloo_groups)
     seed_everything(seed)
 
 

@@ -13,11 +13,17 @@ import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pretrain` and the `tandem-pretrain` console script (argv: sys.argv[1:] when None)."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from pretrain.run import main
+    from pretrain.run import main as run
 
-    sys.exit(main(sys.argv[1:]))
+    return run(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,12 +10,13 @@ tokenizer, and logs it as the run's MLflow model (pretrain.core.publish_hf).
 """
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from configs import ConfigError
+from configs import ConfigError, config_path, not_found
 from data_pipeline.config import DataConfig, load_config, resolve
 from data_pipeline.corruption import OBJECTIVES  # the ones the data pipeline corrupts samples for (mix combines them)
 from data_pipeline.errors import DataError
@@ -70,17 +71,26 @@ def _shard_dir(data_cfg: DataConfig) -> Path:
     return resolve(data_cfg.loader.shard_dir, data_cfg.work())
 
 
-def _build_command(cfg: PretrainConfig) -> str:
-    return f"python -m data_pipeline prepare --config {cfg.data.config}"
+def build_command(cfg: PretrainConfig, eval_data_cfg: DataConfig | None = None) -> str:
+    """The one command that builds the shards the job reads, ready to paste: the training shards, or (given the
+    held-out data config) the held-out shards, which `prepare --heldout` builds from the data config's heldout
+    section, aimed at the folder data.eval_overrides name when that is another than heldout.shard_dir."""
+    flag, aim = [], []
+    if eval_data_cfg is not None:
+        flag, wanted = ["--heldout"], _shard_dir(eval_data_cfg)
+        if wanted != eval_data_cfg.in_work(eval_data_cfg.heldout.shard_dir):
+            aim = [f"heldout.shard_dir={wanted}"]
+    return shlex.join(["python", "-m", "data_pipeline", "prepare", *flag, "--config", cfg.data.config,
+                       *cfg.data.overrides, *aim])
 
 
-def _open_shards(cfg: PretrainConfig, data_cfg: DataConfig, field_name: str):
+def _open_shards(cfg: PretrainConfig, data_cfg: DataConfig, field_name: str, held_out: bool = False):
     """Check a shard folder (manifest, shard files and sizes, tokenizer checksum); returns the tokenizer."""
     lc = data_cfg.loader
     shard_dir = _shard_dir(data_cfg)
     if not (shard_dir / "manifest.json").is_file():
         _fail(cfg, field_name, f"no shards at {shard_dir} ({shard_dir / 'manifest.json'} is missing); build them "
-                               f"with `{_build_command(cfg)}` (and the same overrides)")
+                               f"with `{build_command(cfg, data_cfg if held_out else None)}`")
     try:
         _, _, tokenizer, _ = open_shard_dir(shard_dir, "pretrain", resolve(lc.tokenizer, data_cfg.work())
                                             if lc.tokenizer else "", lc.verify, lc.on_corrupt_shard)
@@ -90,8 +100,8 @@ def _open_shards(cfg: PretrainConfig, data_cfg: DataConfig, field_name: str):
 
 
 def _load_data_config(cfg: PretrainConfig, overrides: Sequence[str], field_name: str) -> DataConfig:
-    if not Path(cfg.data.config).is_file():
-        _fail(cfg, "data.config", f"file not found: {cfg.data.config}")
+    if not config_path(cfg.data.config).is_file():
+        _fail(cfg, "data.config", not_found(cfg.data.config))
     try:
         return load_config(cfg.data.config, list(overrides))
     except ConfigError as err:  # the data config's own message, behind the field of this config that set it
@@ -107,7 +117,7 @@ def prepare(cfg: PretrainConfig, world_size: int) -> Plan:
     eval_data_cfg = None
     if cfg.data.eval_overrides and cfg.eval.batches > 0:
         eval_data_cfg = _load_data_config(cfg, [*cfg.data.overrides, *cfg.data.eval_overrides], "data.eval_overrides")
-        eval_tokenizer = _open_shards(cfg, eval_data_cfg, "data.eval_overrides")
+        eval_tokenizer = _open_shards(cfg, eval_data_cfg, "data.eval_overrides", held_out=True)
         if eval_tokenizer.checksum != tokenizer.checksum:
             _fail(cfg, "data.eval_overrides", "the held-out shards were tokenized with a different tokenizer")
     if cfg.data.num_workers < 0:
@@ -255,18 +265,16 @@ def stage_facts(cfg: PretrainConfig) -> dict[str, list]:
     """What --validate-only --json adds to the engine's facts: the files the job reads, and the shard folders with
     their sizes (training stream; held-out shards when evaluation reads them). A data config that cannot be read
     names no folder (the verdict says why)."""
-    inputs = [core.input_file("data.config", cfg.data.config)]
+    inputs = [core.input_file("data.config", config_path(cfg.data.config))]
     shards = []
     try:
         data_cfg = load_config(cfg.data.config, list(cfg.data.overrides))
         shards.append(core.shard_folder("data.config", _shard_dir(data_cfg), training=True,
-                                        num_workers=cfg.data.num_workers,
-                                        build=f"{_build_command(cfg)} (with data.overrides)"))
+                                        num_workers=cfg.data.num_workers, build=build_command(cfg)))
         if cfg.data.eval_overrides and cfg.eval.batches > 0:
             eval_cfg = load_config(cfg.data.config, [*cfg.data.overrides, *cfg.data.eval_overrides])
             shards.append(core.shard_folder("data.eval_overrides", _shard_dir(eval_cfg), training=False,
-                                            num_workers=0, build="python -m data_pipeline extract / shard with "
-                                                                 "data.overrides + data.eval_overrides"))
+                                            num_workers=0, build=build_command(cfg, eval_cfg)))
     except ConfigError:
         pass
     return {"inputs": inputs, "shards": shards}

@@ -404,8 +404,8 @@ def test_validate_only_json_states_the_stage_facts_even_for_a_refused_config(cap
     assert report["shards"] == [{"field": "data.config", "dir": str(nodata / "shards"), "training": True,
                                  "num_workers": 3, "num_shards": None, "num_samples": None,
                                  "problem": "manifest.json missing",
-                                 "build": "python -m data_pipeline prepare --config configs/data/tiny.yaml "
-                                          "(with data.overrides)"}]
+                                 "build": f"python -m data_pipeline prepare --config configs/data/tiny.yaml "
+                                          f"work_dir={nodata}"}]
     assert main(["--validate-only", "--json", "--config", TINY, "trian.steps=1"]) == 2  # not even loadable
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and "trian" in report["error"] and "output_dir" not in report

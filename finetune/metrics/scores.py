@@ -11,6 +11,7 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
+from configs import progress
 from finetune.metrics.text import coqa_normalize, ngrams, tokens
 
 
@@ -27,7 +28,8 @@ def rouge_f1(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, 
     newlines in the inputs, as pyrouge / files2rouge see them one sentence per line."""
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True)
     totals = Counter()
-    for hyp, ref in zip(hypotheses, references, strict=True):
+    pairs = zip(hypotheses, references, strict=True)
+    for hyp, ref in progress.iterate(pairs, desc="rouge", unit="ex", total=len(hypotheses)):
         scores = scorer.score(ref, hyp)
         totals["rouge1"] += scores["rouge1"].fmeasure
         totals["rouge2"] += scores["rouge2"].fmeasure
@@ -40,7 +42,8 @@ def coco_rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
     the references, combined as F-beta with beta 1.2, averaged over examples."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WhitespaceTokenizer())
     total = 0.0
-    for hyp, refs in zip(hypotheses, references, strict=True):
+    pairs = zip(hypotheses, references, strict=True)
+    for hyp, refs in progress.iterate(pairs, desc="rouge-l", unit="ex", total=len(hypotheses)):
         lcs = [scorer.score(ref, hyp)["rougeL"] for ref in refs]
         p, r = max(s.precision for s in lcs), max(s.recall for s in lcs)
         if p > 0 and r > 0:
@@ -80,7 +83,8 @@ def sentence_bleu_avg(hypotheses: Sequence[str], references: Sequence[str], max_
     weights = tuple([1.0 / max_n] * max_n + [0.0] * (4 - max_n))
     smooth = SmoothingFunction().method7
     total = 0.0
-    for hyp, ref in zip(hypotheses, references, strict=True):
+    pairs = zip(hypotheses, references, strict=True)
+    for hyp, ref in progress.iterate(pairs, desc=f"bleu-{max_n}", unit="ex", total=len(hypotheses)):
         try:
             total += sentence_bleu([tokens(ref)], tokens(hyp), weights=weights, smoothing_function=smooth)
         except (ZeroDivisionError, ValueError):

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from configs import ConfigError, load_typed
+from configs import ConfigError, config_path, load_typed, not_found
 from pretrain.core.schedule import DECAYS
 
 
@@ -163,9 +163,9 @@ PERSISTENCE_PER_D_MODEL = 10
 
 
 def read_deepspeed_json(cfg: EngineConfig) -> dict[str, Any]:
-    path = Path(cfg.deepspeed.config)
+    path = config_path(cfg.deepspeed.config)
     if not path.is_file():
-        _fail(cfg, "deepspeed.config", f"file not found: {path}")
+        _fail(cfg, "deepspeed.config", not_found(path))
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -11,7 +11,6 @@ import socket
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from model import parallel
 
@@ -92,7 +91,7 @@ class MegatronMpu:
     get_tensor_model_parallel_group = get_model_parallel_group
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return parallel_state.get_tensor_model_parallel_src_rank() if parallel.is_initialized() else 0
+        return parallel.tp_src_rank()
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         group = parallel.dp_group()

@@ -292,7 +292,6 @@ def fake_world(world_size: int = 1, tensor_parallel: int = 1, seed: int = 0) -> 
     tensor/data-parallel groups over it, and the RNGs seeded as model.parallel seeds them. A world this process
     had before is shut down first (a test process reuses one); the next `model.parallel.ensure_initialized()`
     starts a fresh one."""
-    from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from model import parallel
@@ -301,19 +300,16 @@ def fake_world(world_size: int = 1, tensor_parallel: int = 1, seed: int = 0) -> 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         # No gloo groups: megatron builds them for CPU-side collectives we never use, and gloo needs a real store.
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 create_gloo_process_groups=False)
-        parallel.seed_everything(seed)
+        parallel.initialize(tensor_parallel, seed, gloo_groups=False)
         yield
     finally:
         _shutdown()
 
 
 def _shutdown() -> None:
-    from megatron.core import parallel_state
+    from model import parallel
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    parallel.destroy()
     if dist.is_initialized():
         dist.destroy_process_group()
 

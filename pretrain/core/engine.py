@@ -34,7 +34,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from configs import progress
 from model import parallel
 from pretrain.core import activation_checkpointing, averaging, best, checkpoint, distributed, job, step
 from pretrain.core.config import (EngineConfig, deepspeed_dict, offloads_optimizer, read_deepspeed_json,
@@ -247,8 +247,8 @@ class Engine:
     # --- tracking ---------------------------------------------------------------------------------------
 
     def log_line(self, text: str) -> None:
-        if self.rank0:
-            print(f"[{self.kind}] {text}", flush=True)
+        if self.rank0:  # through the bar: a plain print would land on the bar's line (evaluation, checkpoints)
+            progress.write(f"[{self.kind}] {text}")
 
     def start_tracking(self, params: dict[str, Any], artifacts: list[tuple[Path, str]], run_name: str,
                        datasets: list[tuple[Path, str]] = ()) -> None:
@@ -397,13 +397,15 @@ class Engine:
         self.tracker.log_params({"train": {"stopped_early_at": self.step}})
         return True
 
-    def _progress_bar(self):
-        """tqdm on rank 0 when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise."""
-        if not (self.rank0 and self.cfg.train.progress_bar and sys.stderr.isatty()):
-            return None
-        from tqdm import tqdm
+    def _shows_progress(self) -> bool:
+        """Rank 0 shows the run's progress unless train.progress_bar=false or TANDEM_PROGRESS=off."""
+        return self.rank0 and self.cfg.train.progress_bar and not progress.switched_off()
 
-        return tqdm(total=self.cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.kind)
+    def _progress_bar(self):
+        """A bar when stderr is a terminal (loss, tokens/s, ETA); log lines otherwise (_log_window)."""
+        if not (self._shows_progress() and progress.on_terminal()):
+            return None
+        return progress.bar(self.cfg.train.steps, initial=self.step, unit="step", desc=self.kind)
 
     def _new_window(self) -> MetricSums:
         """The sums of one log window: the objective's metrics on the device; tokens, samples and (when the training
@@ -439,7 +441,7 @@ class Engine:
         if bar is not None:
             bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             refresh=False)
-        elif self.rank0 and self.cfg.train.progress_bar:  # no terminal: plain lines with the same figures
+        elif self._shows_progress():  # no terminal: plain lines with the same figures
             eta = (self.cfg.train.steps - self.step) * metrics["step_time_s"]
             self.log_line(f"step {self.step}/{self.cfg.train.steps} loss {metrics.get('loss', math.nan):.4f} "
                           f"lr {lr:.3g} grad_norm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f} "

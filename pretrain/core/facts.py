@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from configs import config_path
 from data_pipeline.errors import DataError
 from data_pipeline.artifacts import MANIFEST, load_manifest
 from pretrain.core.checkpoint import POINTER
@@ -40,7 +41,7 @@ def engine_facts(cfg) -> dict[str, Any]:
             "output_dir": absolute(cfg.output_dir), "checkpoint_dir": absolute(cfg.checkpoint_dir()),
             "latest_pointer": POINTER, "tensor_parallel": cfg.parallel.tensor_parallel,
             "mlflow": cfg.tracking.mlflow, "tracking_uri": resolve_uri(cfg.tracking.uri),
-            "inputs": [input_file("deepspeed.config", cfg.deepspeed.config)]}
+            "inputs": [input_file("deepspeed.config", config_path(cfg.deepspeed.config))]}
 
 
 def input_file(field: str, path: str | Path) -> dict[str, str]:

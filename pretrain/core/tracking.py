@@ -42,6 +42,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from configs import progress
 from data_pipeline.artifacts import load_manifest
 from pretrain.core.mlflow_sync import Sync, Unavailable, artifact_root, client_for, sqlite_path
 
@@ -291,16 +292,16 @@ class Tracker:
                     self._down_since = None
                     self._record({"event": "mlflow_reachable", "segment": self.segment, "away_s": round(away, 1),
                                   "sent": sent, "time": time.time()})
-                    print(f"[tracking] MLflow at {self.uri} is reachable again after {away:.0f} s; sent the {sent} "
-                          "record(s) kept meanwhile", file=sys.stderr, flush=True)
+                    progress.write(f"[tracking] MLflow at {self.uri} is reachable again after {away:.0f} s; sent the "
+                                   f"{sent} record(s) kept meanwhile", file=sys.stderr)  # through the training bar
             except Unavailable as err:
                 if self._down_since is None:
                     self._down_since = tried
                     self.outages += 1
                     self._record({"event": "mlflow_unreachable", "segment": self.segment, "during": err.what,
                                   "error": err.error[:2000], "time": self._down_since})
-                    print(f"[tracking] {err}; training goes on, figures are kept in {self.path} and sent when "
-                          f"MLflow is back (retrying every {RETRY_S:.0f} s)", file=sys.stderr, flush=True)
+                    progress.write(f"[tracking] {err}; training goes on, figures are kept in {self.path} and sent "
+                                   f"when MLflow is back (retrying every {RETRY_S:.0f} s)", file=sys.stderr)
             self._first_try.set()
             if self._sync.finished or (closing and (self._down_since is None or time.monotonic() >= self._deadline)):
                 return
