@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from configs import ConfigError
+from configs import ConfigError, progress
 from data_pipeline.artifacts import MANIFEST, fingerprint, read_record, sha256_file
 from data_pipeline.errors import DataError
 from data_pipeline.tasks import write_task_shards
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
 AR_SEARCH = ("ar_beam", "ar_greedy")
 CHUNKS = "chunks"  # <out>/chunks/chunk_000012.json while the job runs
 HYPOTHESES = "hypotheses.txt"
-PROGRESS_EVERY_S = 30.0  # a progress line at most this often when stderr is not a terminal
 
 
 @dataclass
@@ -244,12 +242,10 @@ def run(plan: DistillPlan) -> Path:
         done = plan.num_chunks - len(pending)
         print(f"[distill] rank {rank}: {len(mine)} of {len(pending)} chunks to decode ({done} done before)",
               flush=True)
-        bar = progress(len(plan.sources), examples_on_disk(plan), "distill") if rank == 0 else None
-        _decode_chunks(plan, mine, bar, torch)
+        shown = OnDisk(plan, enabled=rank == 0)
+        _decode_chunks(plan, mine, shown, torch)
         dist.barrier()
-        if bar is not None:  # every rank is done
-            bar.update(examples_on_disk(plan) - bar.n)
-            bar.close()
+        shown.close()  # every rank is done
         if rank == 0:
             _write_set(plan)
         dist.barrier()
@@ -269,8 +265,8 @@ def _start_chunks(plan: DistillPlan) -> None:
         {"fingerprint": plan.fingerprint, "chunks": plan.num_chunks, "record": plan.record()}, indent=1))
 
 
-def _decode_chunks(plan: DistillPlan, chunks: list[int], bar, torch) -> None:
-    """Decode and write `chunks`; rank 0 (`bar`) shows every rank's progress, read from the chunk files."""
+def _decode_chunks(plan: DistillPlan, chunks: list[int], shown: "OnDisk", torch) -> None:
+    """Decode and write `chunks`; rank 0 (`shown`) shows every rank's progress, read from the chunk files."""
     from finetune import decoding
     from finetune.generate import load_for_decoding
 
@@ -286,8 +282,7 @@ def _decode_chunks(plan: DistillPlan, chunks: list[int], bar, torch) -> None:
         core.write_atomically(chunk_path(plan, c), json.dumps(
             {"fingerprint": plan.fingerprint, "chunk": c, "first": rows.start, "rank": rank,
              "seconds": time.perf_counter() - start, "hypotheses": result.hypotheses}))
-        if bar is not None:
-            bar.update(examples_on_disk(plan) - bar.n)
+        shown.refresh()
 
 
 def _write_set(plan: DistillPlan) -> None:
@@ -310,39 +305,23 @@ def _write_set(plan: DistillPlan) -> None:
           f"data.distilled={plan.out}", flush=True)
 
 
-class _ProgressLines:
-    """Progress as plain lines (no terminal): examples done, rate and ETA, at most every PROGRESS_EVERY_S."""
+class OnDisk:
+    """Rank 0's display of every rank's progress (configs.progress): the examples in the chunk files on disk."""
 
-    def __init__(self, total: int, done: int, desc: str):
-        self.total, self.n, self.desc = total, done, desc
-        self.start_n, self.start = done, time.perf_counter()
-        self.shown = self.start
+    def __init__(self, plan: DistillPlan, enabled: bool):
+        self.plan, self.enabled = plan, enabled
+        self.n = examples_on_disk(plan) if enabled else 0
+        self.bar = progress.bar(len(plan.sources), desc="distill", unit="ex", initial=self.n, enabled=enabled)
 
-    def update(self, n: int) -> None:
-        self.n += n
-        if time.perf_counter() - self.shown >= PROGRESS_EVERY_S or self.n >= self.total:
-            self._line()
-
-    def _line(self) -> None:
-        self.shown = time.perf_counter()
-        rate = (self.n - self.start_n) / max(self.shown - self.start, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-        print(f"[{self.desc}] {self.n}/{self.total} examples ({100 * self.n / self.total:.1f}%), {rate:.1f} "
-              f"examples/s, eta {eta:.0f}s", flush=True)
+    def refresh(self) -> None:
+        if self.enabled:
+            now = examples_on_disk(self.plan)
+            self.bar.update(now - self.n)
+            self.n = now
 
     def close(self) -> None:
-        if self.shown == self.start:  # nothing shown yet
-            self._line()
-
-
-def progress(total: int, done: int, desc: str):
-    """Rank 0's progress display (kept in this one function so the project's shared progress helper can replace
-    it): tqdm on a terminal, plain lines otherwise. Has .n, update(k) and close()."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=done, unit="ex", desc=desc, dynamic_ncols=True)
-    return _ProgressLines(total, done, desc)
+        self.refresh()
+        self.bar.close()
 
 
 # --- the command line -------------------------------------------------------------------------------------------

@@ -242,6 +242,7 @@ def test_best_checkpoints_kept_and_averaged_under_zero3(runs):
     assert payload["step"] == max(best) and payload["export"]["final_step"] == 6
     assert read_weights(out / "final_model.pt").meta["export"]["steps"] == best
     assert_mean_of(payload["model"], [checkpoint_weights(out, s) for s in best])
+    assert "[average] 2/2 ckpt (100%)" in (runs["root"] / "best.log").read_text()  # progress off a terminal
     run_id = payload["mlflow_run_id"]
     params = client(runs["uris"]["best"]).get_run(run_id).data.params
     assert (params["export.source"], params["export.steps"], params["export.averaged"]) == \

@@ -121,7 +121,7 @@ def test_distill_on_two_ranks_resumes_after_a_kill(teacher, store, data):
     left = DISTILL_EXAMPLES // CHUNK - len(done)
     for rank, share in ((0, (left + 1) // 2), (1, left // 2)):
         assert f"[distill] rank {rank}: {share} of {left} chunks to decode ({len(done)} done before)" in log, log[-3000:]
-    assert "examples/s, eta" in log and f"{DISTILL_EXAMPLES}/{DISTILL_EXAMPLES} examples (100.0%)" in log
+    assert " ex/s, eta " in log and f"[distill] {DISTILL_EXAMPLES}/{DISTILL_EXAMPLES} ex (100%)" in log
     assert ref.wait(timeout=600) == 0, (logs / "reference.log").read_text()[-5000:]
 
     # what one uninterrupted process wrote, byte for byte

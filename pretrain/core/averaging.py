@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
+from configs import progress
 from pretrain.core.best import BestCheckpoints
 from pretrain.core.checkpoint import TAG_PATTERN, read_pointer, tag_for
 
@@ -119,7 +120,8 @@ def export_state(choice: ExportSource, final: dict[str, Any], ckpt_dir: Path,
     else the chosen checkpoint(s), averaged, in the dtypes of `final`."""
     if choice.steps == [choice.final_step]:
         return final
-    states = (final if step == choice.final_step else saved_state(ckpt_dir, step, model) for step in choice.steps)
+    states = (final if step == choice.final_step else saved_state(ckpt_dir, step, model)
+              for step in progress.iterate(choice.steps, desc="average", unit="ckpt"))
     mean = average_states(states)
     return {k: v.to(final[k].dtype) if isinstance(v, torch.Tensor) and isinstance(final.get(k), torch.Tensor) else v
             for k, v in mean.items()}
