@@ -60,7 +60,9 @@ class InitSection:
 
 @dataclass
 class ArObjectiveSection:
-    stream: str = "bang_ar"  # "bang_ar": BANG's predicting stream (what BANG pretraining trains); "ar": main stream
+    # "ar": the main stream, BART-style (what a Hugging Face export reproduces; the default by a measured comparison,
+    # BENCHMARKS.md "Which stream AR finetuning trains"); "bang_ar": BANG's predicting stream, as BANG finetunes
+    stream: str = "ar"
     label_smoothing: float = 0.1
 
 

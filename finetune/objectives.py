@@ -139,7 +139,7 @@ def ar_hidden(model, batch, stream: str) -> torch.Tensor:
 class ArObjective(Objective):
     """Next-token loss; `stream` "ar" (BART-style main stream) or "bang_ar" (BANG / JANUS predicting stream)."""
 
-    def __init__(self, stream: str = "bang_ar", label_smoothing: float = 0.1):
+    def __init__(self, stream: str, label_smoothing: float = 0.1):
         if stream not in AR_STREAMS:
             raise ValueError(f"objective.stream={stream!r}: choose one of {AR_STREAMS}")
         self.stream, self.label_smoothing = stream, label_smoothing

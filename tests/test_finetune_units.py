@@ -126,11 +126,11 @@ def test_decoding_follows_the_objective_and_the_task():
 
     obj = FinetuneObjectiveSection(name="ar")
     mode, opts = decoding.resolve(DecodeSection(), "cnndm", obj)
-    assert mode == "ar_beam" and opts.ar_logits == "bang_ar"
+    assert mode == "ar_beam" and opts.ar_logits == "ar"  # the main stream by default
     assert (opts.beam_size, opts.length_penalty, opts.min_len, opts.max_len, opts.no_repeat_ngram_size) == \
         (5, 1.2, 45, 110, 3)  # GLGE's CNN/DM decoding
-    obj.ar.stream = "ar"
-    assert decoding.resolve(DecodeSection(beam_size=2), "gigaword", obj)[1].ar_logits == "ar"
+    obj.ar.stream = "bang_ar"
+    assert decoding.resolve(DecodeSection(beam_size=2), "gigaword", obj)[1].ar_logits == "bang_ar"
     assert decoding.resolve(DecodeSection(beam_size=2), "gigaword", obj)[1].beam_size == 2
     mode, opts = decoding.resolve(DecodeSection(), "xsum", FinetuneObjectiveSection(name="bang_mixed"))
     assert mode == "ar_beam" and opts.nar_mode == "nar_causal" and opts.ar_logits == "bang_ar"
