@@ -183,8 +183,9 @@ def concatenated(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-@pytest.mark.parametrize("name,kwargs", [("ar", {}), ("nar", {"masking": "all"}), ("nar", {"exits": "all"}),
-                                         ("bang_mixed", {"nar_ratio": 1.0}), ("bang_mixed", {"nar_ratio": 0.0})])
+@pytest.mark.parametrize("name,kwargs", [("ar", {"stream": "ar"}), ("nar", {"masking": "all"}),
+                                         ("nar", {"exits": "all"}), ("bang_mixed", {"nar_ratio": 1.0}),
+                                         ("bang_mixed", {"nar_ratio": 0.0})])
 def test_losses_split_over_ranks_like_the_global_batch(model, name, kwargs):
     """What the engine relies on (DP=2 and one process agree): the loss of a global batch equals its halves'
     losses weighted by their target counts; ar, nar (all slots, length term included) and bang_mixed."""
