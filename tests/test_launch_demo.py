@@ -1,5 +1,5 @@
 """The quickstart (`make demo` = `python -m launch.demo`) end to end at its smoke size: data -> tokenizer -> shards
--> BANG + ELMER pretraining on 2 processes through the deepspeed launcher -> JANUS finetuning on Gigaword on 2
+-> BANG + ELMER pretraining on 2 processes through the deepspeed launcher -> BANG mixed AR/NAR finetuning on Gigaword on 2
 processes -> AR, NAR and semi-NAR generation -> GLGE metrics -> the MLflow comparison table, the closing screen
 (scores and speed per mode, examples side by side) and the MLflow UI command. Checked through what it leaves
 behind: the MLflow store (read back with MlflowClient), the prediction files, the plots and the closing screen.
@@ -56,7 +56,7 @@ def test_quickstart_smoke(shared_data, tmp_path):
     fine = client.get_experiment_by_name("tandem-finetune").experiment_id
     trained = client.search_runs([fine], filter_string="tags.kind = 'finetune'")
     assert len(trained) == 1 and trained[0].info.status == "FINISHED"
-    assert (trained[0].data.tags["objective"], trained[0].data.tags["task"]) == ("janus", "gigaword")
+    assert (trained[0].data.tags["objective"], trained[0].data.tags["task"]) == ("bang_mixed", "gigaword")
     assert trained[0].data.tags["pretrain_run_id"] == pre[0].info.run_id
     assert trained[0].data.tags["world_size"] == "2"
     # Both launches found their run by its launch id tag and recorded that it needed no restart.
@@ -73,7 +73,7 @@ def test_quickstart_smoke(shared_data, tmp_path):
             value = run.data.metrics[name]
             assert math.isfinite(value) and value >= 0, (name, value)
 
-    model_dir = out / "finetune" / "gigaword-janus"
+    model_dir = out / "finetune" / "gigaword-bang_mixed"
     for mode in demo.SMOKE.modes:
         predictions = model_dir / "generate" / f"valid-{mode}" / "gigaword.easy.valid"
         assert len(predictions.read_text().split("\n")) - 1 == 8  # --limit 8 in the smoke size
@@ -116,8 +116,7 @@ def test_full_settings_are_config_fields():
 
     data = load_config(REPO_ROOT / demo.DATA_CONFIG, demo.FULL.data)
     pre = load_pretrain(REPO_ROOT / demo.PRETRAIN_CONFIG, demo.FULL.pretrain)
-    fine = load_finetune(str(REPO_ROOT / demo.FINETUNE_CONFIG), ["objective.name=janus", *demo.FULL.finetune,
-                                                                 *demo.FULL.decode])
+    fine = load_finetune(str(REPO_ROOT / demo.FINETUNE_CONFIG), [*demo.FULL.finetune, *demo.FULL.decode])
     assert pre.model.preset == fine.model.preset == demo.setting(demo.FULL.pretrain, "model.preset", "") == "small"
     assert pre.model.preset in PRESETS and not pre.model.overrides and not fine.model.overrides
     assert data.tokenizer.vocab_size == int(demo.setting(demo.FULL.data, "tokenizer.vocab_size", "0"))
