@@ -50,6 +50,11 @@ class Size:
     modes: tuple[str, ...] = ("ar_beam", "nar", "semi_nar")  # decoding modes, in the order shown
     show: int = 3  # validation examples printed side by side at the end
 
+    @property
+    def objective(self) -> str:
+        """The finetuning objective the overrides name (else the task config's default, `ar`)."""
+        return setting(self.finetune, "objective.name", "ar")
+
 
 # The full size: what `make demo` runs, and what README's demo table lists (tests/test_launch_demo.py checks that
 # the table is settings_markdown(FULL)). Why these numbers, and what they do not reach yet: BENCHMARKS.md,
@@ -63,8 +68,8 @@ FULL = Size(
               "train.log_every=5", "checkpoint.every_steps=10", "eval.every_steps=10", "eval.batches=4"),
     finetune=("objective.name=bang_mixed", "model.preset=small", "task.epochs=0", "train.steps=800",
               "data.batch_size=16", "schedule.warmup_steps=80", "schedule.decay=linear", "optim.lr=1e-3",
-              "optim.betas=[0.9,0.98]", "optim.clip_grad=1.0", "train.log_every=25", "eval.every_steps=0", "eval.batches=8",
-              "valid_generation.samples=0", "checkpoint.every_steps=0"),
+              "optim.betas=[0.9,0.98]", "optim.clip_grad=1.0", "train.log_every=25", "eval.every_steps=0",
+              "eval.batches=8", "valid_generation.samples=0", "checkpoint.every_steps=0"),
     decode=(),
     decode_limit=200,
 )
@@ -72,8 +77,9 @@ SMOKE = Size(
     data=("sources.wikipedia=[]", "sources.books=[]", "shard.samples_per_shard=1000"),
     pretrain=("train.steps=6", "schedule.warmup_steps=2", "train.log_every=2", "checkpoint.every_steps=3",
               "eval.every_steps=0", "eval.batches=1"),
-    finetune=("objective.name=bang_mixed", "task.epochs=0", "train.steps=4", "schedule.warmup_steps=1", "train.log_every=2", "optim.lr=1e-3",
-              "eval.every_steps=0", "eval.batches=1", "valid_generation.samples=0", "checkpoint.every_steps=0"),
+    finetune=("objective.name=bang_mixed", "task.epochs=0", "train.steps=4", "schedule.warmup_steps=1",
+              "train.log_every=2", "optim.lr=1e-3", "eval.every_steps=0", "eval.batches=1",
+              "valid_generation.samples=0", "checkpoint.every_steps=0"),
     decode=("decode.max_len=16",),
     decode_limit=8,
     show=2,
@@ -98,7 +104,7 @@ def setting(overrides: Sequence[str], key: str, default: str) -> str:
 
 
 def finetune_folder(out: Path, size: Size) -> Path:
-    return out / "finetune" / f"{TASK}-{setting(size.finetune, 'objective.name', 'ar')}"
+    return out / "finetune" / f"{TASK}-{size.objective}"
 
 
 def generate_folders(out: Path, size: Size) -> dict[str, Path]:
@@ -111,7 +117,6 @@ def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = s
     data_list = quote_list(data)
     launch = [python, "-m", "launch", "--config", LAUNCH_CONFIG, f"run_dir={out / 'launch'}", "--"]
     pretrain_out, finetune_out = out / "pretrain", finetune_folder(out, size)
-    objective = setting(size.finetune, "objective.name", "ar")
     generate = generate_folders(out, size)
     preset = setting(size.pretrain, "model.preset", "tiny")
     steps = [
@@ -126,7 +131,7 @@ def plan(out: Path, data_root: Path, data_dir: Path, size: Size, python: str = s
               f"data.overrides={data_list}", "deepspeed.precision=fp32", *size.pretrain]),
         Step(f"finetune data: GLGE {TASK} task shards",
              [python, "-m", "finetune", "data", "--config", FINETUNE_CONFIG, f"data.overrides={data_list}"]),
-        Step(f"finetune: {objective} on {TASK}, 2 processes via the deepspeed launcher",
+        Step(f"finetune: {size.objective} on {TASK}, 2 processes via the deepspeed launcher",
              [*launch, "finetune", "--config", FINETUNE_CONFIG, "--init", str(pretrain_out / "checkpoints"),
               f"output_dir={finetune_out}", f"data.overrides={data_list}",
               "deepspeed.precision=fp32", *size.finetune]),

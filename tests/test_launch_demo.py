@@ -1,6 +1,6 @@
 """The quickstart (`make demo` = `python -m launch.demo`) end to end at its smoke size: data -> tokenizer -> shards
--> BANG + ELMER pretraining on 2 processes through the deepspeed launcher -> BANG mixed AR/NAR finetuning on Gigaword on 2
-processes -> AR, NAR and semi-NAR generation -> GLGE metrics -> the MLflow comparison table, the closing screen
+-> BANG + ELMER pretraining on 2 processes through the deepspeed launcher -> BANG mixed AR/NAR finetuning on Gigaword
+on 2 processes -> AR, NAR and semi-NAR generation -> GLGE metrics -> the MLflow comparison table, the closing screen
 (scores and speed per mode, examples side by side) and the MLflow UI command. Checked through what it leaves
 behind: the MLflow store (read back with MlflowClient), the prediction files, the plots and the closing screen.
 
