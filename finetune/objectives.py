@@ -131,7 +131,7 @@ def ar_hidden(model, batch, stream: str) -> torch.Tensor:
     tgt = batch["tgt_tokens"]
     streams = build_streams(stream, prev_tokens=batch["prev_tokens"], tgt_positions=batch["tgt_positions"],
                             tgt_mask=tgt != SPECIAL.pad)
-    hidden = model.decode(model.encode(batch["src_tokens"]), streams).hidden
+    hidden = model(batch["src_tokens"], streams).hidden
     return streams.slice(hidden, "main" if stream == "ar" else "predict0")
 
 

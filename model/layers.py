@@ -3,6 +3,10 @@
 Q/K/V and FFN-in are column-parallel (each rank holds n_heads/tp heads, d_ffn/tp units), attention-out and
 FFN-out are row-parallel (their outputs are all-reduced). The fused QKV weight is laid out per head
 ([head][q|k|v][head_dim] rows) so that megatron's contiguous row split hands every rank whole heads.
+
+At TP=1 both run as F.linear (ColumnLinear, RowLinear): its addmm adds the bias inside the GEMM, where megatron's
+forward adds it in a second pass over every output (one more read and write of each activation). At TP>1 they run
+megatron's forward, whose input-gradient all-reduce overlaps the weight-gradient GEMM.
 """
 from __future__ import annotations
 
@@ -25,15 +29,32 @@ def normal_init(std: float):
     return init
 
 
-def column(cfg: ModelConfig, d_in: int, d_out: int) -> ColumnParallelLinear:
-    return ColumnParallelLinear(d_in, d_out, config=parallel.megatron_config(), init_method=normal_init(cfg.init_std),
-                                bias=True, gather_output=False, tp_group=parallel.tp_group())
+class ColumnLinear(ColumnParallelLinear):
+    """megatron-core's column-parallel linear (gather_output=False); F.linear at TP=1 (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if parallel.tp_size() == 1:
+            return F.linear(x, self.weight, self.bias), None
+        return super().forward(x)
 
 
-def row(cfg: ModelConfig, d_in: int, d_out: int) -> RowParallelLinear:
-    return RowParallelLinear(d_in, d_out, config=parallel.megatron_config(), init_method=normal_init(cfg.init_std),
-                             bias=True, input_is_parallel=True, skip_bias_add=False,
-                             tp_group=parallel.tp_group())
+class RowLinear(RowParallelLinear):
+    """megatron-core's row-parallel linear (input_is_parallel=True); F.linear at TP=1 (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if parallel.tp_size() == 1:
+            return F.linear(x, self.weight, self.bias), None
+        return super().forward(x)
+
+
+def column(cfg: ModelConfig, d_in: int, d_out: int) -> ColumnLinear:
+    return ColumnLinear(d_in, d_out, config=parallel.megatron_config(), init_method=normal_init(cfg.init_std),
+                        bias=True, gather_output=False, tp_group=parallel.tp_group())
+
+
+def row(cfg: ModelConfig, d_in: int, d_out: int) -> RowLinear:
+    return RowLinear(d_in, d_out, config=parallel.megatron_config(), init_method=normal_init(cfg.init_std),
+                     bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=parallel.tp_group())
 
 
 @dataclass

@@ -73,13 +73,15 @@ class Seq2SeqModel(nn.Module):
 
     # --- encoder -----------------------------------------------------------------------------------------
 
-    def encode(self, src_tokens: torch.Tensor) -> Encoded:
+    def encode(self, src_tokens: torch.Tensor, tokens: torch.Tensor | None = None) -> Encoded:
+        """tokens: the source's token embeddings [B, S, D] when the caller has looked them up (forward)."""
         B, S = src_tokens.shape
         if S > self.cfg.max_source_positions:
             raise ValueError(f"source length {S} exceeds model.max_source_positions={self.cfg.max_source_positions}")
         pad_mask = src_tokens != SPECIAL.pad
         pos = torch.arange(S, device=src_tokens.device)
-        x = self.embed_input_tokens(src_tokens) + self.embed_source_positions(pos)[None]
+        tok = self.embed_input_tokens(src_tokens) if tokens is None else tokens
+        x = tok + self.embed_source_positions(pos)[None]
         x = self.dropout(self.encoder_embed_norm(x))
         mask = pad_mask[:, None, :].expand(B, S, S)
         for layer in self.encoder_layers:
@@ -88,18 +90,20 @@ class Seq2SeqModel(nn.Module):
 
     # --- decoder -----------------------------------------------------------------------------------------
 
-    def embed_decoder(self, ids: torch.Tensor, is_slot: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed_decoder(self, ids: torch.Tensor, is_slot: torch.Tensor, positions: torch.Tensor,
+                      tokens: torch.Tensor | None = None) -> torch.Tensor:
         # Position ids are not checked here (that would read device values on the host every forward): the data
         # side bounds them (pretrain.run / finetune.run validate lengths against max_target_positions, the
         # training step checks each host batch: pretrain.core.step.MicroBatch) and decoding caps its lengths.
-        tok = self.embed_input_tokens(ids)
+        tok = self.embed_input_tokens(ids) if tokens is None else tokens
         tok = torch.where(is_slot[..., None], self.slot_embed.to(tok.dtype), tok)
         x = tok + self.embed_target_positions(positions)
         return self.dropout(self.decoder_embed_norm(x))
 
     def decode(self, enc: Encoded, streams: DecoderStreams, exit_layers: torch.Tensor | None = None,
                exit_rule: ExitRule | None = None, keep_layer_states: bool = False,
-               stop_when_all_exited: bool = True, depth: int | None = None) -> DecoderOutput:
+               stop_when_all_exited: bool = True, depth: int | None = None,
+               tokens: torch.Tensor | None = None) -> DecoderOutput:
         """Run the decoder over all streams.
 
         exit_layers [B, K*T] (ELMER LPLM): row t exits at layer exit_layers[t] (1-based); its state there is the
@@ -108,9 +112,10 @@ class Seq2SeqModel(nn.Module):
         one flag per layer on the host, unless stop_when_all_exited=False (training): then every layer runs, with
         no host read, and every data-parallel rank runs the same layers (ZeRO-3 gathers parameters layer by
         layer). depth: run only that many layers (a count the host knows; rows still in at layer `depth` exit
-        there), e.g. ELMER's evaluation at a fixed exit layer, without reading anything back.
+        there), e.g. ELMER's evaluation at a fixed exit layer, without reading anything back. tokens: the token
+        embeddings of streams.ids when the caller has looked them up (forward).
         """
-        x = self.embed_decoder(streams.ids, streams.is_slot, streams.positions)
+        x = self.embed_decoder(streams.ids, streams.is_slot, streams.positions, tokens)
         cross_mask = enc.pad_mask[:, None, :].expand(x.shape[0], x.shape[1], -1)
         self_mask = self.self_attention_mask(streams, x.device)
         if exit_layers is not None:
@@ -213,4 +218,9 @@ class Seq2SeqModel(nn.Module):
         return self.length_head(pooled)
 
     def forward(self, src_tokens: torch.Tensor, streams: DecoderStreams, **kwargs) -> DecoderOutput:
-        return self.decode(self.encode(src_tokens), streams, **kwargs)
+        """encode, then decode (kwargs as decode's). The source and decoder ids are embedded in one lookup: the
+        gradient of the tied table (the step's largest tensor with the LM head's) then costs one [V, D] zero-fill,
+        scatter and sum into the head's gradient, not two."""
+        S = src_tokens.shape[1]
+        tokens = self.embed_input_tokens(torch.cat([src_tokens, streams.ids], dim=1))
+        return self.decode(self.encode(src_tokens, tokens[:, :S]), streams, tokens=tokens[:, S:], **kwargs)

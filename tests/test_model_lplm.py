@@ -163,3 +163,27 @@ def test_computation_stops_once_all_tokens_have_exited_unless_told_or_given_a_de
     assert calls == [1, 1, 0, 0] and bool((out.exit_layer == 2).all())
     calls, out = count_layer_calls(model, exit_rule=lambda layer, h: torch.zeros(h.shape[:2], dtype=torch.bool))
     assert calls == [1, 1, 1, 1] and bool((out.exit_layer == L).all())
+
+
+@pytest.mark.parametrize("mode", ["nar_bidir", "bang"])
+def test_forward_one_lookup_equals_encode_then_decode(mode):
+    """forward embeds source and decoder ids in one lookup (Seq2SeqModel.forward): the same states and the same
+    gradient of every parameter as encode then decode, with exits (ELMER) and with real decoder tokens (BANG)."""
+    model = make_model("post")
+    src, streams = batch()
+    kwargs = {"exit_layers": torch.tensor([[1, 3, 4, 2, 4, 3], [2, 4, 1, 3, 4, 4]]), "stop_when_all_exited": False}
+    if mode == "bang":
+        prev = torch.randint(6, 128, (B, T), generator=torch.Generator().manual_seed(3))
+        streams, kwargs = build_streams("bang", prev_tokens=prev, n_predict=2), {}
+    weights = torch.randn(B, streams.ids.shape[1], model.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for run in (lambda: model(src, streams, **kwargs), lambda: model.decode(model.encode(src), streams, **kwargs)):
+        model.zero_grad(set_to_none=True)
+        hidden = run().hidden
+        (hidden * weights).sum().backward()
+        runs.append((hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (one, one_grads), (two, two_grads) = runs
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-6)
+    assert one_grads.keys() == two_grads.keys() and "embed_tokens.weight" in one_grads
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(grad, two_grads[name], rtol=0, atol=1e-5, msg=name)

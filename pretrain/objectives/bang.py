@@ -52,7 +52,7 @@ class BangObjective(Objective):
         n, (B, T) = self.n_streams, tgt.shape
         streams = build_streams("bang", prev_tokens=batch["prev_tokens"], tgt_positions=batch["tgt_positions"],
                                 tgt_mask=real, n_predict=n)
-        hidden = model.decode(model.encode(batch["src_tokens"]), streams).hidden
+        hidden = model(batch["src_tokens"], streams).hidden
         predict = hidden[:, T:]  # the predicting streams follow the main stream: [B, n*T, D], stream-major rows
         stream_ids = torch.arange(n, device=tgt.device)
         trained = real[:, None] & (span[:, None] >= stream_ids[None, :, None])  # [B, n, T], predict's row order

@@ -35,8 +35,8 @@ class ElmerObjective(Objective):
         streams = build_streams("nar_bidir", tgt_positions=batch["tgt_positions"], tgt_mask=tgt != SPECIAL.pad)
         # Training reads nothing back (every layer runs; the draws include the last); evaluation at a fixed exit
         # layer runs that depth.
-        hidden = model.decode(model.encode(batch["src_tokens"]), streams, exit_layers=exit_layers,
-                              stop_when_all_exited=False, depth=depth).hidden
+        hidden = model(batch["src_tokens"], streams, exit_layers=exit_layers, stop_when_all_exited=False,
+                       depth=depth).hidden
         return model.token_loss(hidden, tgt, label_smoothing)  # [B, T]
 
     def draw_exits(self, real: torch.Tensor) -> torch.Tensor:
