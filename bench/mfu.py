@@ -6,7 +6,7 @@ steps of FLOPs / time. Ours runs the pretraining objective of the config (`--obj
 + ELMER mix, drawn per step by the data pipeline's own collator over synthetic documents); Hugging Face
 BartForConditionalGeneration (built from a BartConfig of the same shape: nothing downloaded) runs BART's own
 pretraining step, teacher-forced text infilling, on the BART/ELMER corruption of the same documents. A step is
-forward + backward + AdamW (fused on CUDA), fp32 on CPU and bf16 weights on CUDA.
+forward + backward + torch's fused AdamW (the engine's, on CPU too), fp32 on CPU and bf16 weights on CUDA.
 
 Peak: on CUDA the device's dense bf16 figure (H100 / H200: 989 TFLOP/s; table below) for `mfu`, and a large
 bf16 GEMM measured in the same run is printed beside it; on CPU the best torch.matmul throughput measured in the
@@ -166,8 +166,7 @@ def build_models(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_p
     objectives = {"bang": build("bang", n_streams=n_predict, label_smoothing=0.1),
                   "elmer": build("elmer", n_layers=cfg.n_decoder_layers, label_smoothing=0.1),
                   "ar": build("ar", stream="ar", label_smoothing=0.1)}
-    fused = device.type == "cuda"
-    opt = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True if fused else None)
+    opt = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)  # the engine's AdamW, on CPU too
            for name, m in (("ours", ours), ("hf", hf))}
     return ours, hf, objectives, opt
 

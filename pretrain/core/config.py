@@ -38,7 +38,7 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    # "torch": torch.optim.AdamW, its fused kernel on CUDA (part of torch: nothing to build). "deepspeed":
+    # "torch": torch.optim.AdamW, its fused kernel on CUDA or CPU (part of torch: nothing to build). "deepspeed":
     # DeepSpeed's FusedAdam (CPUAdam under optimizer offload), accepted only where that op was prebuilt at install
     # (DS_BUILD_FUSED_ADAM=1 / DS_BUILD_CPU_ADAM=1): otherwise DeepSpeed JIT-compiles it at the first step, which
     # needs nvcc and CUDA_HOME on every node.
@@ -219,8 +219,8 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> None:
         if not deepspeed_op_prebuilt(op):
             _fail(cfg, "optim.impl", f"'deepspeed' uses DeepSpeed's {op} op, which this DeepSpeed install does not "
                                      "have prebuilt: DeepSpeed would JIT-compile it at the first step, which needs "
-                                     "nvcc and CUDA_HOME on every node. Use optim.impl=torch (torch's fused AdamW "
-                                     f"on CUDA), or install DeepSpeed with DS_BUILD_{op.upper()}=1")
+                                     "nvcc and CUDA_HOME on every node. Use optim.impl=torch (torch's fused AdamW, "
+                                     f"shipped with torch), or install DeepSpeed with DS_BUILD_{op.upper()}=1")
     if not o.lr > 0:
         _fail(cfg, "optim.lr", f"must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
