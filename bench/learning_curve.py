@@ -31,7 +31,9 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from configs import dotlist  # noqa: E402
 from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from finetune.config import FinetuneDataSection  # noqa: E402
 from finetune.data import task_loader  # noqa: E402
@@ -41,6 +43,7 @@ from model.config import SPECIAL, ModelConfig  # noqa: E402
 from model.generation import DecodeOptions  # noqa: E402
 from model.seq2seq import Seq2SeqModel  # noqa: E402
 from pretrain import objectives  # noqa: E402
+from pretrain.core.engine import param_groups  # noqa: E402
 import finetune.objectives  # noqa: E402,F401  (registers `ar`)
 
 TASK = "gigaword"
@@ -62,15 +65,6 @@ def lead_copy_batch(batch: dict, copy_len: int) -> dict:
 
 def lead_rouge1(sources: list[str], references: list[str], words: int = 8) -> float:
     return evaluate_task(TASK, [" ".join(s.split()[:words]) for s in sources], references)["rouge1"]
-
-
-def parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,16 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     data = Path(args.data)
     tok = Tokenizer.load(data / "tokenizer")
-    overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = OmegaConf.to_container(dotlist(args.set, where="--set: "))  # typed as YAML reads them
     model = Seq2SeqModel(ModelConfig.preset(args.preset, vocab_size=tok.padded_vocab_size, **overrides))
     if args.init:
         from finetune.init_checkpoint import load_weights, read_init
         load_weights(model, read_init(args.init))
 
-    matrices = [q for q in model.parameters() if q.dim() > 1]
-    others = [q for q in model.parameters() if q.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.01), lr=args.lr, betas=(0.9, 0.98))
     warm = max(args.steps // 10, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.1, 1 - (s - warm) / (args.steps - warm + 1)))

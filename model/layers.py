@@ -29,8 +29,8 @@ def normal_init(std: float):
     return init
 
 
-class ColumnLinear(ColumnParallelLinear):
-    """megatron-core's column-parallel linear (gather_output=False); F.linear at TP=1 (module docstring)."""
+class BiasInGemmAtTp1:
+    """Mixed in before a megatron-core linear: F.linear at TP=1, megatron's forward at TP>1 (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         if parallel.tp_size() == 1:
@@ -38,13 +38,12 @@ class ColumnLinear(ColumnParallelLinear):
         return super().forward(x)
 
 
-class RowLinear(RowParallelLinear):
-    """megatron-core's row-parallel linear (input_is_parallel=True); F.linear at TP=1 (module docstring)."""
+class ColumnLinear(BiasInGemmAtTp1, ColumnParallelLinear):
+    """megatron-core's column-parallel linear (gather_output=False)."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if parallel.tp_size() == 1:
-            return F.linear(x, self.weight, self.bias), None
-        return super().forward(x)
+
+class RowLinear(BiasInGemmAtTp1, RowParallelLinear):
+    """megatron-core's row-parallel linear (input_is_parallel=True)."""
 
 
 def column(cfg: ModelConfig, d_in: int, d_out: int) -> ColumnLinear:
