@@ -18,7 +18,7 @@ from torch import nn
 from model import parallel
 from model.config import SPECIAL, ModelConfig
 from model.attention import resolve_backend, stream_block_mask
-from model.layers import DecoderLayer, EncoderLayer, KVCache, normal_init
+from model.layers import DecoderLayer, EncoderLayer, KVCache, normal_init, tied_projection
 from model.streams import DecoderStreams
 
 # Decides, after decoder layer l (1-based), which rows exit there: (l, normed hidden [B, L, D]) -> bool [B, L].
@@ -183,7 +183,7 @@ class Seq2SeqModel(nn.Module):
         """This rank's vocabulary shard of the logits, through the tied embedding."""
         if parallel.tp_size() > 1:
             hidden = copy_to_tensor_model_parallel_region(hidden)
-        return F.linear(hidden, self.embed_tokens.weight)
+        return tied_projection(hidden, self.embed_tokens.weight)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V], gathered across tensor-parallel ranks."""

@@ -187,3 +187,35 @@ def test_forward_one_lookup_equals_encode_then_decode(mode):
     assert one_grads.keys() == two_grads.keys() and "embed_tokens.weight" in one_grads
     for name, grad in one_grads.items():
         torch.testing.assert_close(grad, two_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_tied_head_gradient_is_summed_with_the_lookups_in_place():
+    """The output head shares the [V, D] table with the token lookup (model.layers.tied_projection). Its weight
+    gradient owns its storage (F.linear's is a transposed view), so autograd adds the lookup's gradient into it
+    in place: no third [V, D] tensor per step. Values and gradients equal F.linear's (1e-6)."""
+    from torch.nn import functional as F
+    from torch.profiler import profile
+
+    from model.layers import tied_projection
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(7, 16, generator=g), torch.randn(64, 16, generator=g)
+    upstream = torch.randn(7, 64, generator=g)
+    grads = []
+    for head in (tied_projection, F.linear):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = head(h, w)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), h.grad, w.grad))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+    model = make_model("post")
+    src, streams = batch()
+    V, D = model.embed_tokens.weight.shape
+    hidden = model(src, streams).hidden
+    loss = model.token_loss(hidden, torch.randint(6, V, hidden.shape[:2], generator=g)).sum()
+    with profile(record_shapes=True) as prof:
+        loss.backward()
+    table_adds = {e.key for e in prof.events() if e.input_shapes[:2] == [[V, D], [V, D]] and "add" in e.key}
+    assert table_adds == {"aten::add_"}, table_adds  # F.linear's head: {"aten::add"}, a new [V, D] tensor
