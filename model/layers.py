@@ -40,8 +40,11 @@ class _TiedProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         hidden, weight = ctx.saved_tensors
-        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1])
+        needs_hidden, needs_weight = ctx.needs_input_grad
+        grad_hidden = grad @ weight if needs_hidden else None
+        grad_weight = None
+        if needs_weight:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ hidden.reshape(-1, hidden.shape[-1])
         return grad_hidden, grad_weight
 
 

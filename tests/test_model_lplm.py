@@ -209,6 +209,9 @@ def test_tied_head_gradient_is_summed_with_the_lookups_in_place():
         grads.append((out.detach(), h.grad, w.grad))
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    frozen = hidden.clone().requires_grad_()
+    (tied_projection(frozen, weight) * upstream).sum().backward()  # a weight without a gradient: hidden's alone
+    torch.testing.assert_close(frozen.grad, grads[1][1], rtol=0, atol=1e-6)
 
     model = make_model("post")
     src, streams = batch()
