@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
