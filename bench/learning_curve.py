@@ -38,8 +38,10 @@ from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from finetune.config import FinetuneDataSection  # noqa: E402
 from finetune.data import task_loader  # noqa: E402
 from finetune.decoding import encode_sources, generate  # noqa: E402
+from finetune.lead_copy import lead_copy_batch  # noqa: E402
 from finetune.metrics import evaluate_task  # noqa: E402
-from model.config import SPECIAL, ModelConfig  # noqa: E402
+from finetune.showcase import LEAD_WORDS, lead_scores  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
 from model.generation import DecodeOptions  # noqa: E402
 from model.seq2seq import Seq2SeqModel  # noqa: E402
 from pretrain import objectives  # noqa: E402
@@ -47,24 +49,6 @@ from pretrain.core.engine import param_groups  # noqa: E402
 import finetune.objectives  # noqa: E402,F401  (registers `ar`)
 
 TASK = "gigaword"
-
-
-def lead_copy_batch(batch: dict, copy_len: int) -> dict:
-    """The same batch with each source's first copy_len tokens as its target (+ EOS): lead copying."""
-    src = batch["src_tokens"]
-    lead = src[:, :copy_len]
-    n = (lead != SPECIAL.pad).sum(1)
-    rows = torch.arange(len(n))
-    tgt = torch.cat([lead, torch.full_like(lead[:, :1], SPECIAL.pad)], 1)
-    tgt[rows, n] = SPECIAL.eos
-    real = tgt != SPECIAL.pad
-    prev = torch.cat([torch.full_like(lead[:, :1], SPECIAL.bos), lead], 1) * real
-    positions = torch.arange(1, tgt.shape[1] + 1)[None] * real
-    return dict(batch, tgt_tokens=tgt, prev_tokens=prev, tgt_positions=positions)
-
-
-def lead_rouge1(sources: list[str], references: list[str], words: int = 8) -> float:
-    return evaluate_task(TASK, [" ".join(s.split()[:words]) for s in sources], references)["rouge1"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = float(sum(s for s, _ in sums) / sum(c for _, c in sums))
         return loss, evaluate_task(TASK, out.hypotheses, references)["rouge1"], out.hypotheses
 
-    print(f"lead8_rouge1={lead_rouge1(sources, references):.2f}", flush=True)
+    print(f"lead{LEAD_WORDS}_rouge1={lead_scores(TASK, sources, references)['rouge1']:.2f}", flush=True)
     step, epoch, start = 0, 0, time.thread_time()
     model.train()
     while step < args.steps:

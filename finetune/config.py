@@ -95,16 +95,26 @@ class JanusObjectiveSection:
 
 
 @dataclass
+class LeadCopySection:
+    # Copy steps beside the objective (finetune/lead_copy.py): targets = each source's first `tokens` tokens. An aid
+    # for tiny data and budgets (the demo), outside the methods; off while both step counts are 0
+    warmup_steps: int = 0  # steps 1..warmup_steps copy
+    every: int = 0  # then every `every`-th step copies (0: none)
+    tokens: int = 16
+
+
+@dataclass
 class FinetuneObjectiveSection:
     name: str = "ar"  # ar, nar, bang_mixed or janus: one of the sections below
     ar: ArObjectiveSection = field(default_factory=ArObjectiveSection)
     nar: NarObjectiveSection = field(default_factory=NarObjectiveSection)
     bang_mixed: BangMixedObjectiveSection = field(default_factory=BangMixedObjectiveSection)
     janus: JanusObjectiveSection = field(default_factory=JanusObjectiveSection)
+    lead_copy: LeadCopySection = field(default_factory=LeadCopySection)  # with any of them
 
 
 # The finetuning objectives: one section of settings each (finetune.objectives registers one class per name).
-OBJECTIVES = tuple(f.name for f in fields(FinetuneObjectiveSection) if f.name != "name")
+OBJECTIVES = tuple(f.name for f in fields(FinetuneObjectiveSection) if f.name not in ("name", "lead_copy"))
 
 
 @dataclass

@@ -45,7 +45,7 @@ class TaskSpec:
     sacrebleu_tokenize: str = "none"  # translation only
 
 
-_ROUGE = ("rouge1", "rouge2", "rougeL")
+ROUGE = ("rouge1", "rouge2", "rougeL")
 _QG = ("rougeL", "bleu4", "meteor")
 
 TASKS: dict[str, TaskSpec] = {
@@ -54,13 +54,13 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "cnndm",
             "summary",
-            _ROUGE,
+            ROUGE,
             DecodingDefaults(beam=5, lenpen=1.2, min_len=45, max_len=110),
             cnndm_postprocess=True,
         ),
-        TaskSpec("gigaword", "summary", _ROUGE, digits_to_hash=True),
-        TaskSpec("xsum", "summary", _ROUGE),
-        TaskSpec("msnews", "summary", _ROUGE),
+        TaskSpec("gigaword", "summary", ROUGE, digits_to_hash=True),
+        TaskSpec("xsum", "summary", ROUGE),
+        TaskSpec("msnews", "summary", ROUGE),
         TaskSpec("squadqg", "qg", _QG, lowercase=True, ptb_fix=True),
         TaskSpec("msqg", "qg", _QG),  # qg/eval.py scores the raw lines
         TaskSpec("coqa", "coqa", ("f1",)),

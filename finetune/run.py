@@ -36,6 +36,7 @@ from finetune.glge_tasks import get_task
 from finetune.init_checkpoint import (FINETUNE_META, TOKENIZER_COPY, HfCheckpoint, check_tokenizer,
                                       is_hf_checkpoint, load_weights, pretrain_run_id, pretrain_step,
                                       read_hf_checkpoint, read_init)
+from finetune.lead_copy import LeadCopy
 from finetune.resolve import (build_model_config, decoding_options, load_data_config, resolve_task_data,
                               validate_task)
 from finetune.tracking import log_json_artifact
@@ -91,6 +92,9 @@ def _validate_objective(cfg: FinetuneConfig) -> None:
         core.build(o.name, **kwargs)
     except ValueError as err:  # the constructors name objective.<field>
         fail(cfg, f"objective.{o.name}", str(err))
+    for key, least in (("warmup_steps", 0), ("every", 0), ("tokens", 1)):
+        if getattr(o.lead_copy, key) < least:
+            fail(cfg, f"objective.lead_copy.{key}", f"must be >= {least}, got {getattr(o.lead_copy, key)}")
 
 
 def _check_keep_best(cfg: FinetuneConfig) -> None:
@@ -195,6 +199,9 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
         fail(cfg, "data.overrides", f"targets of up to {td.max_target_len} tokens + EOS (data config "
                                     f"tasks.max_target_len) exceed model.max_target_positions="
                                     f"{model_cfg.max_target_positions}")
+    if lead_copy_on(cfg) and cfg.objective.lead_copy.tokens + 1 > model_cfg.max_target_positions:
+        fail(cfg, "objective.lead_copy.tokens", f"{cfg.objective.lead_copy.tokens} + EOS exceed "
+                                                f"model.max_target_positions={model_cfg.max_target_positions}")
     init = hf_init or read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum, shards=shards)
     decode_mode, decode_options = decoding_options(cfg, model_cfg)
     _check_keep_best(cfg)
@@ -251,7 +258,14 @@ def build_objective(plan: Plan) -> core.Objective:
     cfg = plan.cfg
     # One random stream on every rank: bang_mixed picks AR or NAR per batch, and ZeRO-3 needs all data-parallel
     # ranks to run the same modules (parameters are gathered module by module).
-    return core.build(cfg.objective.name, **objective_kwargs(cfg, cfg.train.seed * 1000 + 7919))
+    objective = core.build(cfg.objective.name, **objective_kwargs(cfg, cfg.train.seed * 1000 + 7919))
+    if not lead_copy_on(cfg):
+        return objective
+    return LeadCopy(objective, **asdict(cfg.objective.lead_copy))
+
+
+def lead_copy_on(cfg: FinetuneConfig) -> bool:
+    return cfg.objective.lead_copy.warmup_steps > 0 or cfg.objective.lead_copy.every > 0
 
 
 def export_meta(plan: Plan, run_id: str | None) -> dict[str, Any]:

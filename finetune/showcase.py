@@ -1,8 +1,10 @@
 """`python -m finetune showcase --generation DIR [DIR ...] [--show N]`: what a person would rather look at than read
 after decoding (the closing screen of `make demo`). Per decoding mode, the scores and speed that `python -m finetune
 evaluate` logged to MLflow for those folders' task; then the first N examples side by side: source, reference and
-every mode's output, so that the numbers can be seen for what they stand for. The task's text is found as the
-generating run found it (the finetune config recorded in each folder's generation.json).
+every mode's output, so that the numbers can be seen for what they stand for. For scale, the table ends with the
+lead baseline of ROUGE-scored tasks: each source's first LEAD_WORDS words, copied, scored the same way (a headline
+is mostly its source's opening; a model below this line has not learned more than copying). The task's text is found
+as the generating run found it (the finetune config recorded in each folder's generation.json).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from finetune.compare import find_runs, table_rows
 from finetune.config import DEFAULT_EXPERIMENT, from_dict
 from finetune.data import read_split
 from finetune.generate import GENERATION_FILE
+from finetune.glge_tasks import ROUGE, get_task
+from finetune.metrics import evaluate_task
 from finetune.resolve import load_data_config, resolve_task_data
 from finetune.tracking import resolve_uri
 
@@ -27,22 +31,37 @@ MODE_LABELS = {"ar_beam": "AR beam search", "ar_greedy": "AR greedy", "nar": "NA
 SHORT = {"ar_beam": "AR beam", "ar_greedy": "AR greedy", "nar": "NAR", "semi_nar": "semi-NAR",
          "mask_predict": "mask-pred", "early_exit": "early exit"}
 WIDTH = 110
+LEAD_WORDS = 8
+LEAD_LABEL = f"lead-{LEAD_WORDS} (copied)"
 
 
-def scores_table(uri: str, experiment: str, task: str, modes: Sequence[str]) -> list[str]:
-    """Per mode: ROUGE-1/2/L, ms per example and the speedup over AR beam, from the evaluation runs."""
+def lead_scores(task: str, sources: Sequence[str], references: Sequence[str]) -> dict[str, float | None] | None:
+    """The task's metrics for each source's first LEAD_WORDS words as its output; None where the task is not scored
+    by ROUGE-1/2/L (the table's columns)."""
+    if get_task(task).metrics != ROUGE:
+        return None
+    return evaluate_task(task, [" ".join(s.split()[:LEAD_WORDS]) for s in sources], references)
+
+
+def scores_table(uri: str, experiment: str, task: str, modes: Sequence[str],
+                 lead: dict[str, float | None] | None = None) -> list[str]:
+    """Per mode: ROUGE-1/2/L, ms per example and the speedup over AR beam, from the evaluation runs; then the lead
+    baseline's ROUGE (`lead`: lead_scores) where given."""
     rows = {row["mode"]: row for row in table_rows(find_runs(uri, experiment, "evaluation", task))}
     missing = [m for m in modes if m not in rows]
     if missing:
         raise ConfigError(f"no evaluation run for mode(s) {missing} in experiment {experiment!r} at {uri}: run "
                           "`python -m finetune evaluate --generation ...` first")
-    label_width = max(len(MODE_LABELS[m]) for m in modes)
+    label_width = max(len(label) for label in [*(MODE_LABELS[m] for m in modes), LEAD_LABEL])
     lines = [f"  {'mode':<{label_width}}  ROUGE-1  ROUGE-2  ROUGE-L  ms/example  speedup"]
     for mode in modes:
         row, m = rows[mode], rows[mode]["metrics"]
         speedup = "-" if row["speedup"] is None else f"{row['speedup']:.1f}x"
         lines.append(f"  {MODE_LABELS[mode]:<{label_width}}  {m['rouge1']:7.2f}  {m['rouge2']:7.2f}  "
                      f"{m['rougeL']:7.2f}  {row['ms_per_sample']:10.1f}  {speedup:>7}")
+    if lead is not None:
+        lines.append(f"  {LEAD_LABEL:<{label_width}}  {lead['rouge1']:7.2f}  {lead['rouge2']:7.2f}  "
+                     f"{lead['rougeL']:7.2f}  {'-':>10}  {'-':>7}")
     return lines
 
 
@@ -87,8 +106,9 @@ def screen(folders: Sequence[Path], show: int, uri: str, experiment: str) -> lis
     cfg = from_dict(first["meta"]["config"])
     sources, references = read_split(resolve_task_data(cfg, load_data_config(cfg)), first["split"])
     task, examples = first["task"], first["examples"]
+    lead = lead_scores(task, sources[:examples], references[:examples])
     lines = [f"the finetuned model on the first {examples} {task} {first['split']} examples (ROUGE F1 x 100; speed: "
-             "decoding on this machine, one process):", *scores_table(uri, experiment, task, list(infos)),
+             "decoding on this machine, one process):", *scores_table(uri, experiment, task, list(infos), lead),
              "", f"the first {min(show, examples)} of them side by side:", ""]
     return lines + side_by_side(sources, references, {m: i["outputs"] for m, i in infos.items()}, show)
 

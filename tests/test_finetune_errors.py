@@ -115,6 +115,8 @@ def test_unknown_config_key_and_bad_values(capsys):
     assert train_main(["--config", GIGAWORD, "--init", "x", "task.difficulty=extreme"]) == 2
     assert "task.difficulty: must be one of ('easy', 'medium', 'medium+', 'hard'), got 'extreme'" in \
         capsys.readouterr().err
+    assert train_main(["--config", GIGAWORD, "--init", "x", "objective.lead_copy.tokens=0"]) == 2
+    assert "objective.lead_copy.tokens: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def _export(tmp_path, run_id: str, checksum: str):

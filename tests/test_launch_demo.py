@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from finetune.showcase import lead_scores
 from launch import demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,11 @@ def test_quickstart_smoke(shared_data, tmp_path):
         assert ms == round(m["ms_per_sample"], 1)
     sources = (shared_data / "glge" / "gigaword" / "valid.src").read_text().splitlines()
     references = (shared_data / "glge" / "gigaword" / "valid.tgt").read_text().splitlines()
+    # For scale, the lead baseline on the same examples, scored as the modes are (finetune.showcase.lead_scores).
+    lead = next(line for line in screen.splitlines() if line.startswith("[demo]   lead-8 (copied)  "))
+    expected = lead_scores("gigaword", sources[:8], references[:8])
+    assert tuple(float(v) for v in lead.split()[-5:-2]) == tuple(round(expected[k], 2)
+                                                                for k in ("rouge1", "rouge2", "rougeL")), lead
     side = screen[screen.index("side by side"):]
     assert "#1  source" in side and "#2  source" in side and "#3  source" not in side  # SMOKE.show == 2
     assert sources[0].split()[0] in side and references[1] in side.replace("\n[demo]", " ")
