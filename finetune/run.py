@@ -287,7 +287,12 @@ def describe(plan: Plan) -> str:
         f"distilled {plan.distilled.shard_dir} (teacher run {plan.distilled.tags()['teacher_run_id']})"
     if isinstance(plan.init, HfCheckpoint):
         init += " (Hugging Face; the model's shape from its config.json)"
-    return (f"finetune {cfg.task.name}-{cfg.task.difficulty} objective {cfg.objective.name} decode "
+    copies = cfg.objective.lead_copy
+    when = [f"steps 1-{copies.warmup_steps}"] * (copies.warmup_steps > 0) + \
+        [f"one step in {copies.every}"] * (copies.every > 0)
+    objective = cfg.objective.name + (f" + lead copy ({copies.tokens} tokens: {', then '.join(when)})"
+                                      if lead_copy_on(cfg) else "")
+    return (f"finetune {cfg.task.name}-{cfg.task.difficulty} objective {objective} decode "
             f"{plan.decode_mode} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
             f"DP {plan.data_parallel}, ZeRO-{core.zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "
             f"vocab={m.vocab_size}; init {init}; targets {targets}; {cfg.train.steps} steps ({plan.batches_per_epoch} "

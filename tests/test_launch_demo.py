@@ -42,6 +42,7 @@ def test_quickstart_smoke(shared_data, tmp_path):
     store = out / "mlflow.db"
     assert proc.stdout.rstrip().splitlines()[-1].endswith(
         f"mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1 --port 5000")
+    assert "objective bang_mixed + lead copy (16 tokens: steps 1-1, then one step in 2) decode" in log  # SMOKE's copy steps
     # Both distributed stages went through the deepspeed launcher with 2 ranks.
     assert log.count("--num_nodes 1 --num_gpus 2 --master_addr 127.0.0.1") >= 2
 
