@@ -10,7 +10,7 @@ Two probes beside plain finetuning:
   --init DIR          start from a pretraining checkpoint folder (what pretraining adds);
   --copy-steps N      train the first N steps on lead copying (each source's first --copy-len tokens as its
                       target): how much a model that has learned to copy gains, since copying the first 8 words
-                      of each source (printed as lead8_rouge1) already scores far above what the demo reaches.
+                      of each source (printed as lead8_rouge1) scores above what the demo reaches.
 
     python bench/learning_curve.py --data runs/demo/data                      # the demo's data folder
     python bench/learning_curve.py --data runs/demo/data --copy-steps 200
