@@ -43,6 +43,21 @@ def lead_copy_batch(batch: dict[str, Any], tokens: int) -> dict[str, Any]:
             "n_tokens": int(real.sum()), MARK: True}
 
 
+def enabled(section) -> bool:
+    """Whether objective.lead_copy (finetune.config.LeadCopySection) asks for any copy step."""
+    return section.warmup_steps > 0 or section.every > 0
+
+
+def schedule_text(section) -> str:
+    """The copy steps in words, for the `config ok:` line: "12 tokens: steps 1-150, then one step in 3"."""
+    when = []
+    if section.warmup_steps > 0:
+        when.append(f"steps 1-{section.warmup_steps}")
+    if section.every > 0:
+        when.append(f"one step in {section.every}")
+    return f"{section.tokens} tokens: {', then '.join(when)}"
+
+
 class LeadCopy(Objective):
     """`objective` on every step, with the batches of copy steps rewritten by lead_copy_batch: steps 1..warmup_steps,
     then every `every`-th step (0: none after the warm-up). finetune.run validates the settings."""

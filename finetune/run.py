@@ -29,14 +29,13 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.stream import open_shard_dir
 from data_pipeline.tokenizer import load_tokenizer
-from finetune import data
+from finetune import data, lead_copy
 from finetune import objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus into the core's registry)
 from finetune.config import OBJECTIVES, FinetuneConfig, fail, load
 from finetune.glge_tasks import get_task
 from finetune.init_checkpoint import (FINETUNE_META, TOKENIZER_COPY, HfCheckpoint, check_tokenizer,
                                       is_hf_checkpoint, load_weights, pretrain_run_id, pretrain_step,
                                       read_hf_checkpoint, read_init)
-from finetune.lead_copy import LeadCopy
 from finetune.resolve import (build_model_config, decoding_options, load_data_config, resolve_task_data,
                               validate_task)
 from finetune.tracking import log_json_artifact
@@ -199,8 +198,9 @@ def prepare(cfg: FinetuneConfig, world_size: int) -> Plan:
         fail(cfg, "data.overrides", f"targets of up to {td.max_target_len} tokens + EOS (data config "
                                     f"tasks.max_target_len) exceed model.max_target_positions="
                                     f"{model_cfg.max_target_positions}")
-    if lead_copy_on(cfg) and cfg.objective.lead_copy.tokens + 1 > model_cfg.max_target_positions:
-        fail(cfg, "objective.lead_copy.tokens", f"{cfg.objective.lead_copy.tokens} + EOS exceed "
+    copies = cfg.objective.lead_copy
+    if lead_copy.enabled(copies) and copies.tokens + 1 > model_cfg.max_target_positions:
+        fail(cfg, "objective.lead_copy.tokens", f"{copies.tokens} + EOS exceed "
                                                 f"model.max_target_positions={model_cfg.max_target_positions}")
     init = hf_init or read_init_checkpoint(cfg, model_cfg, tokenizer_checksum=tokenizer.checksum, shards=shards)
     decode_mode, decode_options = decoding_options(cfg, model_cfg)
@@ -259,13 +259,9 @@ def build_objective(plan: Plan) -> core.Objective:
     # One random stream on every rank: bang_mixed picks AR or NAR per batch, and ZeRO-3 needs all data-parallel
     # ranks to run the same modules (parameters are gathered module by module).
     objective = core.build(cfg.objective.name, **objective_kwargs(cfg, cfg.train.seed * 1000 + 7919))
-    if not lead_copy_on(cfg):
+    if not lead_copy.enabled(cfg.objective.lead_copy):
         return objective
-    return LeadCopy(objective, **asdict(cfg.objective.lead_copy))
-
-
-def lead_copy_on(cfg: FinetuneConfig) -> bool:
-    return cfg.objective.lead_copy.warmup_steps > 0 or cfg.objective.lead_copy.every > 0
+    return lead_copy.LeadCopy(objective, **asdict(cfg.objective.lead_copy))
 
 
 def export_meta(plan: Plan, run_id: str | None) -> dict[str, Any]:
@@ -288,10 +284,8 @@ def describe(plan: Plan) -> str:
     if isinstance(plan.init, HfCheckpoint):
         init += " (Hugging Face; the model's shape from its config.json)"
     copies = cfg.objective.lead_copy
-    when = [f"steps 1-{copies.warmup_steps}"] * (copies.warmup_steps > 0) + \
-        [f"one step in {copies.every}"] * (copies.every > 0)
-    objective = cfg.objective.name + (f" + lead copy ({copies.tokens} tokens: {', then '.join(when)})"
-                                      if lead_copy_on(cfg) else "")
+    objective = cfg.objective.name + (f" + lead copy ({lead_copy.schedule_text(copies)})"
+                                      if lead_copy.enabled(copies) else "")
     return (f"finetune {cfg.task.name}-{cfg.task.difficulty} objective {objective} decode "
             f"{plan.decode_mode} ({cfg.config_file}): world {plan.world_size} = TP {cfg.parallel.tensor_parallel} x "
             f"DP {plan.data_parallel}, ZeRO-{core.zero_stage(cfg)}; model {cfg.model.preset} d_model={m.d_model} "

@@ -52,7 +52,8 @@ def scores_table(uri: str, experiment: str, task: str, modes: Sequence[str],
     if missing:
         raise ConfigError(f"no evaluation run for mode(s) {missing} in experiment {experiment!r} at {uri}: run "
                           "`python -m finetune evaluate --generation ...` first")
-    label_width = max(len(label) for label in [*(MODE_LABELS[m] for m in modes), *([LEAD_LABEL] if lead else [])])
+    labels = [MODE_LABELS[m] for m in modes] + ([LEAD_LABEL] if lead is not None else [])
+    label_width = max(map(len, labels))
     lines = [f"  {'mode':<{label_width}}  ROUGE-1  ROUGE-2  ROUGE-L  ms/example  speedup"]
     for mode in modes:
         row, m = rows[mode], rows[mode]["metrics"]

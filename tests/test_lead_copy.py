@@ -10,7 +10,8 @@ import torch
 
 import finetune.objectives  # noqa: F401  (registers ar, nar, bang_mixed, janus)
 from data_pipeline.tasks import TaskCollator
-from finetune.lead_copy import LeadCopy, lead_copy_batch
+from finetune.config import LeadCopySection
+from finetune.lead_copy import LeadCopy, enabled, lead_copy_batch, schedule_text
 from finetune.showcase import lead_scores
 from model.config import ModelConfig
 from model.seq2seq import Seq2SeqModel
@@ -58,6 +59,11 @@ def test_copy_steps_are_the_warmup_and_every_kth_step_and_evaluation_is_never_re
     objective = LeadCopy(build("ar", stream="ar", label_smoothing=0.1), warmup_steps=3, every=4, tokens=TOKENS)
     assert [s for s in range(1, 17) if objective.is_copy_step(s)] == [1, 2, 3, 4, 8, 12, 16]
     assert [s for s in range(1, 9) if LeadCopy(objective.objective, 2, 0, TOKENS).is_copy_step(s)] == [1, 2]
+
+    assert not enabled(LeadCopySection()) and enabled(LeadCopySection(every=3))
+    assert schedule_text(LeadCopySection(warmup_steps=150, every=3, tokens=12)) == \
+        "12 tokens: steps 1-150, then one step in 3"
+    assert schedule_text(LeadCopySection(every=3)) == "16 tokens: one step in 3"
 
     srcs, tgts = sources_and_targets()
     batch = collate(srcs, tgts)
