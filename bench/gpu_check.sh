@@ -12,8 +12,10 @@
 #   bench/gpu_check.sh [SUMMARY]          GPU: install the wheels into /tmp/site, run every part
 #   bench/gpu_check.sh --cpu [SUMMARY]    the same parts on the CPU at a tiny size, with the project's venv
 #   bench/gpu_check.sh --dry-run          print each part's command and exit
-#   options: --data WORK_DIR (default .gpu_data/base), --parts p1,p2 (default all), SUMMARY default
-#            $OUT/gpu_summary.txt (or ./gpu_summary.txt without $OUT); part logs go beside it in gpu_check_logs/
+#   options: --data WORK_DIR (default .gpu_data/base), --parts p1,p2 (default all), --site DIR (install .whl/
+#            there and import from it, as the GPU mode does into /tmp/site; bench/gpu_rehearsal.sh uses it with
+#            --cpu), SUMMARY default $OUT/gpu_summary.txt (or ./gpu_summary.txt without $OUT); part logs go beside
+#            it in gpu_check_logs/
 #
 # Parts, each time-boxed (a failing or timed-out part is recorded and the next one runs; the budget of all of
 # them together is 450 s after the wheels are installed):
@@ -28,14 +30,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-mode=gpu dry_run=0 data=.gpu_data/base parts=fake_cuda,pretrain,mfu,decode,plan summary=""
+mode=gpu dry_run=0 data=.gpu_data/base parts=fake_cuda,pretrain,mfu,decode,plan summary="" site=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --cpu) mode=cpu; shift ;;
         --dry-run) dry_run=1; shift ;;
         --data) data="$2"; shift 2 ;;
         --parts) parts="$2"; shift 2 ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        --site) site="$2"; shift 2 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
         *) summary="$1"; shift ;;
     esac
@@ -97,15 +100,16 @@ mkdir -p "$logs" "$work"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
 
-if [[ "$mode" == gpu ]]; then
+[[ "$mode" == gpu ]] && site="${site:-/tmp/site}"
+if [[ -n "$site" ]]; then
     start=$SECONDS
-    if ls .whl/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    if ls .whl/*.whl > /dev/null 2>&1 && $PY -m pip install -q --no-index --no-deps --upgrade --target "$site" .whl/*.whl \
             > "$logs/setup.log" 2>&1; then
-        note "setup: ok ($((SECONDS - start)) s, $(ls .whl/*.whl | wc -l) wheels into /tmp/site)"
+        note "setup: ok ($((SECONDS - start)) s, $(ls .whl/*.whl | wc -l) wheels into $site)"
     else
         note "setup: FAILED: no .whl/ or pip could not install it (see gpu_check_logs/setup.log; bench/gpu_wheels.sh fills .whl/)"
     fi
-    export PYTHONPATH="/tmp/site:$PWD"
+    export PYTHONPATH="$site:$PWD"
 else
     export PYTHONPATH="$PWD"
 fi

@@ -87,7 +87,8 @@ def check_versions(cfg: LaunchConfig, report: Report) -> None:
         if key in pins and _base_version(installed) != _base_version(pins[key]):
             bad.append(f"{name} {installed} is installed, {path.name} pins {pins[key]}")
     if bad:
-        report.errors.append("package versions: " + "; ".join(bad) + f" (install with `pip install -c {path.name}`)")
+        report.errors.append("package versions: " + "; ".join(bad) + f" (install with `pip install -c {path.name}`, "
+                             "or launch with what is installed: preflight.versions=false)")
     else:
         report.passed.append(f"package versions match {path.name}")
 

@@ -72,6 +72,19 @@ def batch_objective(name: str, seed: int = 0) -> str:
     return ("bang", "elmer")[seed % 2] if name == "mix" else name
 
 
+# --- where backward runs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("built, gpu, devices", [(False, False, ("cuda", "meta")), (True, False, ("cuda", "meta")),
+                                                 (True, True, ("cuda", "cuda"))])
+def test_backward_runs_on_cuda_only_where_a_gpu_is(monkeypatch, built, gpu, devices):
+    # A CUDA build without a GPU (torch's default wheel on a CPU machine, as bench/gpu_rehearsal.sh runs it) fails
+    # backward over fake cuda tensors in the autograd engine ("hasPrimaryContext expects a valid device index").
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert dry_run.pass_devices() == devices
+    assert FakeDevice("cuda").can_backward is (devices[1] == "cuda")
+
+
 # --- the checks themselves fail where they must ------------------------------------------------------------
 
 def test_the_checks_catch_what_they_guard(world):

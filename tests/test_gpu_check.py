@@ -13,7 +13,8 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("OUT", "DS_ACCELERATOR")
 
 
 def test_script_parses_and_its_gpu_parts_run_the_base_config_through_the_engine():
-    assert subprocess.run(["bash", "-n", str(SCRIPT)], timeout=30).returncode == 0
+    for script in (SCRIPT, REPO_ROOT / "bench" / "gpu_rehearsal.sh"):
+        assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0, script
     proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0, proc.stderr

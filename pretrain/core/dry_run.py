@@ -21,7 +21,9 @@ What torch 2.13's CPU build needs for "cuda" fake tensors (measured):
 2. Backward over cuda tensors needs a CUDA *accelerator*: the autograd engine takes each node's stream from
    at::getAccelerator(), which a CPU build cannot provide (it asserts "opt_ready_stream && opt_parent_stream").
    So on a CPU build the forward runs on "cuda" and forward + backward run again on "meta", which, like cuda, must
-   not mix with cpu tensors, and on which every host read raises the same way. On a CUDA build both are "cuda".
+   not mix with cpu tensors, and on which every host read raises the same way. With a GPU both are "cuda"; a CUDA
+   build without one (torch's default wheel on a CPU machine) cannot run that backward either and runs as a CPU
+   build does (measured with torch 2.11.0+cu130, bench/gpu_rehearsal.sh).
 """
 from __future__ import annotations
 
@@ -55,6 +57,12 @@ _guard_pointer: int | None = None
 
 def cuda_is_built() -> bool:
     return torch.backends.cuda.is_built()
+
+
+def cuda_can_backward() -> bool:
+    """Whether autograd can run backward over (fake) cuda tensors here: it needs a CUDA build *and* a GPU (a CUDA
+    build without one fails in the engine with "hasPrimaryContext expects a valid device index")."""
+    return cuda_is_built() and torch.cuda.is_available()
 
 
 def _registry():
@@ -233,7 +241,7 @@ class FakeDevice:
     @property
     def can_backward(self) -> bool:
         """Whether autograd can run backward over this device's tensors here (module docstring, point 2)."""
-        return self.device.type != "cuda" or cuda_is_built()
+        return self.device.type != "cuda" or cuda_can_backward()
 
     def build(self, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """A module built inside the fake mode with the device as default: its parameters are fake device
@@ -279,9 +287,9 @@ def _flex_without_compile() -> Iterator[None]:
 
 
 def pass_devices() -> tuple[str, str]:
-    """(forward device, backward device): ("cuda", "cuda") on a CUDA build; ("cuda", "meta") on a CPU build,
-    whose autograd engine cannot run backward over cuda tensors (module docstring, point 2)."""
-    return ("cuda", "cuda") if cuda_is_built() else ("cuda", "meta")
+    """(forward device, backward device): ("cuda", "cuda") where a GPU is; ("cuda", "meta") elsewhere, whose
+    autograd engine cannot run backward over cuda tensors (module docstring, point 2)."""
+    return ("cuda", "cuda") if cuda_can_backward() else ("cuda", "meta")
 
 
 # --- the fake world -------------------------------------------------------------------------------------------
